@@ -1,0 +1,222 @@
+"""Readers for ControlNet training data: one indexable interface over the formats people have.
+
+``load(path_or_name)`` returns a dataset whose items are ``Example(image, condition, prompt)``
+(PIL RGB images and a string), from any of:
+
+- a Fill50K-format folder: ``prompt.json`` in JSON lines ``{"source", "target", "prompt"}`` (the
+  official ControlNet tutorial's layout; source is the condition, target the image);
+- an imagefolder with ``metadata.jsonl`` rows ``{"image", "conditioning_image", "text"}`` (the
+  columns diffusers' ``train_controlnet.py`` reads; other names through ``columns=``);
+- a Hugging Face ``datasets`` dataset: a folder written by ``save_to_disk`` or a hub name (the
+  hub needs a network or a warm cache), with the same columns;
+- a toy world: ``"toy:fill"`` or ``"toy:shapes/segmentation"`` (options ``n``, ``seed``, ``size``).
+
+Bad input fails with a message that names the file or row and the fix. Paths and JSON are checked
+when the dataset is opened; image bytes are decoded when an item is read, or all at once by
+``validate()``.
+
+Condition conversion (documented because it changes pixels): conditions are returned as RGB.
+Grayscale (``L``, ``I``, ``1``...) and palette images are converted with PIL, which replicates
+the grey level into the three channels; images with alpha (``RGBA``, ``LA``) are composited over
+black, because ControlNet conditions draw on black and a transparent pixel means "no condition".
+Target images with alpha are composited over white, as an image viewer shows them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+
+class Example(NamedTuple):
+    image: Image.Image
+    condition: Image.Image
+    prompt: str
+
+
+class DatasetError(ValueError):
+    """Bad training data; the message names the file or row and what to do about it."""
+
+
+DEFAULT_COLUMNS = {"image": "image", "condition": "conditioning_image", "prompt": "text"}
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(array))
+
+
+def to_rgb(img: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """RGB with alpha composited over ``background`` and grey levels replicated (see module doc)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16-bit or float depth maps: rescale to 0..255 rather than clip.
+        a = np.asarray(img, dtype=np.float64)
+        span = a.max() - a.min()
+        a = (a - a.min()) / span * 255 if span > 0 else np.zeros_like(a)
+        img = Image.fromarray(a.round().astype(np.uint8))
+    return img.convert("RGB")
+
+
+def open_image(path: Path, where: str, background=(0, 0, 0)) -> Image.Image:
+    """Decode an image fully, turning any failure into a DatasetError naming ``where``."""
+    if not path.is_file():
+        raise DatasetError(f"{where}: image file {path} does not exist; fix the path or remove the row")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img, background)
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise DatasetError(f"{where}: {path} is not a readable image ({e}); "
+                           "replace the file or remove the row") from e
+
+
+def _read_jsonl(path: Path, required: list[str]) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                                   "each line must be one JSON object") from e
+            if not isinstance(row, dict):
+                raise DatasetError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise DatasetError(f"{path}, line {lineno}: missing key(s) {', '.join(missing)}; "
+                                   f"each row needs {', '.join(required)}")
+            rows.append(row | {"_line": lineno})
+    if not rows:
+        raise DatasetError(f"{path} holds no rows")
+    return rows
+
+
+class PairFolder:
+    """Image/condition pairs listed in a JSON-lines file (Fill50K ``prompt.json`` or ``metadata.jsonl``)."""
+
+    def __init__(self, root: Path, index_file: str, image_key: str, condition_key: str, prompt_key: str):
+        self.root = Path(root)
+        self.index_file = self.root / index_file
+        self.keys = (image_key, condition_key, prompt_key)
+        self.rows = _read_jsonl(self.index_file, list(self.keys))
+        for row in self.rows:
+            for key in self.keys[:2]:
+                if not (self.root / row[key]).is_file():
+                    raise DatasetError(f"{self._where(row)}: {key} file {self.root / row[key]} does not "
+                                       "exist; fix the path or remove the row")
+
+    def _where(self, row: dict) -> str:
+        return f"{self.index_file}, line {row['_line']}"
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Example:
+        row = self.rows[i]
+        where = self._where(row)
+        image_key, condition_key, prompt_key = self.keys
+        image = open_image(self.root / row[image_key], where, background=(255, 255, 255))
+        condition = open_image(self.root / row[condition_key], where)
+        if condition.size != image.size:
+            raise DatasetError(f"{where}: condition {row[condition_key]} is {condition.size[0]}x"
+                               f"{condition.size[1]} but image {row[image_key]} is {image.size[0]}x"
+                               f"{image.size[1]}; resize one so they match")
+        prompt = row[prompt_key]
+        if not isinstance(prompt, str):
+            raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}")
+        return Example(image, condition, prompt)
+
+    def validate(self) -> int:
+        """Decode every item (sizes, formats); returns the count or raises on the first bad row."""
+        for i in range(len(self)):
+            self[i]
+        return len(self)
+
+
+class HFDataset:
+    """A Hugging Face ``datasets.Dataset`` with image, condition and prompt columns."""
+
+    def __init__(self, ds, columns: dict[str, str], name: str):
+        missing = [c for c in columns.values() if c not in ds.column_names]
+        if missing:
+            raise DatasetError(f"dataset {name} has no column(s) {', '.join(missing)} (it has "
+                               f"{', '.join(ds.column_names)}); pass columns={{'image': ..., "
+                               "'condition': ..., 'prompt': ...}}")
+        self.ds, self.columns, self.name = ds, columns, name
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def _image(self, value, where, background):
+        if isinstance(value, Image.Image):
+            return to_rgb(value, background)
+        if isinstance(value, str):
+            return open_image(Path(value), where, background)
+        raise DatasetError(f"{where}: expected an image, got {type(value).__name__}")
+
+    def __getitem__(self, i: int) -> Example:
+        row, c, where = self.ds[int(i)], self.columns, f"{self.name}, row {i}"
+        image = self._image(row[c["image"]], where, (255, 255, 255))
+        condition = self._image(row[c["condition"]], where, (0, 0, 0))
+        if condition.size != image.size:
+            raise DatasetError(f"{where}: condition is {condition.size} but image is {image.size}; "
+                               "resize one so they match")
+        return Example(image, condition, str(row[c["prompt"]]))
+
+    validate = PairFolder.validate
+
+
+def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, **_):
+    from .toyworld import ToyWorld
+
+    world, _, condition = spec.partition("/")
+    return ToyWorld(world, n=n, seed=seed, size=size, condition=condition or None)
+
+
+def load(path_or_name, columns: dict[str, str] | None = None, **toy_options):
+    """Open a dataset of ``Example(image, condition, prompt)``; see the module docstring for formats."""
+    columns = DEFAULT_COLUMNS | (columns or {})
+    if isinstance(path_or_name, str) and path_or_name.startswith("toy:"):
+        return _toy(path_or_name[4:], **toy_options)
+    path = Path(path_or_name)
+    if path.is_dir():
+        if (path / "prompt.json").is_file():
+            return PairFolder(path, "prompt.json", "target", "source", "prompt")
+        if (path / "metadata.jsonl").is_file():
+            return PairFolder(path, "metadata.jsonl", columns["image"], columns["condition"], columns["prompt"])
+        if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+            import datasets
+
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"]
+            return HFDataset(ds, columns, str(path))
+        raise DatasetError(f"{path} is not a dataset folder: expected prompt.json (Fill50K), "
+                           "metadata.jsonl (imagefolder) or a datasets.save_to_disk folder")
+    if path.exists():
+        raise DatasetError(f"{path} is a file; pass the folder that holds prompt.json or metadata.jsonl")
+    if isinstance(path_or_name, str) and "/" in path_or_name and not path_or_name.startswith((".", "/")):
+        try:
+            import datasets
+        except ImportError as e:
+            raise DatasetError(f"{path_or_name!r} looks like a hub dataset; install the 'datasets' package "
+                               "(pip install 'cnkit[hf]')") from e
+        try:
+            ds = datasets.load_dataset(path_or_name, split="train")
+        except Exception as e:  # offline, unknown name, no permission: all say the same to a user
+            raise DatasetError(f"could not load hub dataset {path_or_name!r} ({type(e).__name__}: {e}); "
+                               "offline, download it once with datasets.load_dataset(...).save_to_disk(folder) "
+                               "and pass the folder") from e
+        return HFDataset(ds, columns, path_or_name)
+    raise DatasetError(f"no dataset at {path_or_name!r}: not a folder, a 'toy:fill' world or a hub name")

@@ -1,0 +1,277 @@
+"""The toy world: synthetic image/condition/prompt triples with exact ground truth.
+
+ControlNet papers measure condition fidelity with downloaded evaluators (segmenters, edge and
+depth estimators). The toy world replaces them with geometry we drew ourselves, so every metric
+of the kit is exact and offline. Two worlds:
+
+- ``fill``: the Fill50K task of the official ControlNet tutorial. The condition is a circle's
+  outline; the image is the same circle filled with one named colour on a background of another;
+  the prompt reads ``"{fill} circle with {background} background"`` as in Fill50K's prompt.json.
+- ``shapes``: one to three circles, squares and triangles in named colours on a named background,
+  drawn back to front. Condition maps: ``outline`` (scribble-like), ``segmentation`` (a colour per
+  class), ``depth`` (by layer order, nearer is brighter, as MiDaS draws it) and ``edges`` (Canny
+  through controlnet-aux, the annotator users apply to real photos).
+
+Every sample is a pure function of ``(world, seed, index, size)``: sample 7 is the same whether or
+not samples 0..6 were drawn, at any image size (geometry is drawn in relative units). Pixels are
+drawn analytically at pixel centres (no anti-aliasing), so masks are exact and PNG round trips are
+bit-exact.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+# Named colours (CSS values). Single words, so prompts stay whole-word tokens for the tiny CLIP.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (255, 0, 0),
+    "green": (0, 128, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "white": (255, 255, 255),
+    "black": (0, 0, 0),
+    "orange": (255, 165, 0),
+    "purple": (128, 0, 128),
+}
+COLOUR_NAMES = tuple(PALETTE)
+SHAPE_KINDS = ("circle", "square", "triangle")
+
+# Segmentation colours per class (index 0 is the background), distinct from one another.
+SEGMENTATION_COLOURS: dict[str, tuple[int, int, int]] = {
+    "background": (0, 0, 0),
+    "circle": (230, 25, 75),
+    "square": (60, 180, 75),
+    "triangle": (0, 130, 200),
+}
+MAX_SHAPES = 3
+WORLDS = ("fill", "shapes")
+CONDITIONS = {"fill": ("outline",), "shapes": ("outline", "segmentation", "depth", "edges")}
+
+# Every word a toy-world prompt can use; the tiny tokenizer gives each a whole-word token.
+VOCABULARY = (
+    *COLOUR_NAMES,
+    *SHAPE_KINDS,
+    "circle", "with", "background", "on", "and", ",",
+    # The paper's "insufficient" prompt (Fig. 8) and other words experiments use.
+    "a", "high", "-", "quality", "detailed", "professional", "image", "photo", "of",
+)  # fmt: skip
+
+
+@dataclass
+class Sample:
+    """One toy-world example. Arrays are HxWx3 uint8 RGB; ``truth`` is JSON-serialisable."""
+
+    image: np.ndarray
+    conditions: dict[str, np.ndarray]
+    prompt: str
+    truth: dict
+    masks: dict[str, np.ndarray] = field(default_factory=dict)  # boolean HxW, exact
+
+
+def _rng(world: str, seed: int, index: int) -> np.random.Generator:
+    # One independent stream per (world, seed, index): random access without drawing the prefix.
+    return np.random.default_rng([WORLDS.index(world), int(seed), int(index)])
+
+
+def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+    # Pixel centres in relative units 0..1, so geometry does not depend on the image size.
+    c = (np.arange(size) + 0.5) / size
+    return np.meshgrid(c, c, indexing="xy")
+
+
+def _outline_half_width(size: int) -> float:
+    # About two pixels at 64 px, four at 512 px: visible, still thin like Fill50K's outlines.
+    return max(0.8, size / 256) / size
+
+
+def _shape_geometry(kind: str, cx: float, cy: float, r: float, x: np.ndarray, y: np.ndarray):
+    """Signed distance-like field: negative inside, zero on the boundary (relative units)."""
+    if kind == "circle":
+        return np.hypot(x - cx, y - cy) - r
+    if kind == "square":
+        return np.maximum(np.abs(x - cx), np.abs(y - cy)) - r * 0.85
+    if kind == "triangle":
+        # Upward triangle inscribed in the circle of radius r: three half-plane distances.
+        verts = [(cx + r * np.cos(a), cy - r * np.sin(a)) for a in np.deg2rad([90, 210, 330])]
+        d = None
+        for (x0, y0), (x1, y1) in zip(verts, verts[1:] + verts[:1]):
+            nx, ny = y1 - y0, -(x1 - x0)  # outward normal for counter-clockwise screen order
+            n = np.hypot(nx, ny)
+            di = ((x - x0) * nx + (y - y0) * ny) / n
+            d = di if d is None else np.maximum(d, di)
+        return d
+    raise ValueError(f"unknown shape kind {kind!r}; known: {', '.join(SHAPE_KINDS)}")
+
+
+def _paint(mask: np.ndarray, colour: tuple[int, int, int], out: np.ndarray) -> None:
+    out[mask] = np.asarray(colour, dtype=np.uint8)
+
+
+def _fill(seed: int, index: int, size: int) -> Sample:
+    rng = _rng("fill", seed, index)
+    fill, background = rng.choice(len(COLOUR_NAMES), size=2, replace=False)
+    fill, background = COLOUR_NAMES[fill], COLOUR_NAMES[background]
+    r = rng.uniform(0.12, 0.35)
+    cx, cy = rng.uniform(r + 0.04, 1 - r - 0.04, size=2)
+    x, y = _grid(size)
+    d = _shape_geometry("circle", cx, cy, r, x, y)
+    disc = d <= 0
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = PALETTE[background]
+    _paint(disc, PALETTE[fill], image)
+    outline = np.zeros_like(image)
+    _paint(np.abs(d) <= _outline_half_width(size), (255, 255, 255), outline)
+    truth = {"world": "fill", "fill": fill, "background": background, "centre": [cx, cy], "radius": r}
+    return Sample(image, {"outline": outline}, f"{fill} circle with {background} background", truth,
+                  {"disc": disc})
+
+
+def _shapes_prompt(shapes: list[dict], background: str) -> str:
+    parts = [f"{s['colour']} {s['kind']}" for s in shapes]
+    listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    return f"{listed} on {background} background"
+
+
+def _shapes(seed: int, index: int, size: int) -> Sample:
+    rng = _rng("shapes", seed, index)
+    n = int(rng.integers(1, MAX_SHAPES + 1))
+    colours = rng.choice(len(COLOUR_NAMES), size=n + 1, replace=False)
+    background = COLOUR_NAMES[colours[0]]
+    x, y = _grid(size)
+    # Rejection-sample placements so every shape keeps most of its area visible (countable).
+    for _attempt in range(100):
+        shapes, fields = [], []
+        for i in range(n):
+            kind = SHAPE_KINDS[int(rng.integers(len(SHAPE_KINDS)))]
+            r = rng.uniform(0.12, 0.22)
+            cx, cy = rng.uniform(r + 0.03, 1 - r - 0.03, size=2)
+            shapes.append({"kind": kind, "colour": COLOUR_NAMES[colours[i + 1]], "centre": [cx, cy],
+                           "radius": r, "layer": i})
+            fields.append(_shape_geometry(kind, cx, cy, r, x, y))
+        full = [f <= 0 for f in fields]
+        visible = [m & ~np.any(full[i + 1:], axis=0) if i + 1 < n else m for i, m in enumerate(full)]
+        if all(v.sum() >= 0.6 * max(m.sum(), 1) for v, m in zip(visible, full)):
+            break
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = PALETTE[background]
+    seg = np.empty_like(image)
+    seg[:] = SEGMENTATION_COLOURS["background"]
+    depth = np.zeros_like(image)
+    outline = np.zeros_like(image)
+    hw = _outline_half_width(size)
+    class_masks = {k: np.zeros((size, size), bool) for k in SHAPE_KINDS}
+    for s, f, m, v in zip(shapes, fields, full, visible):  # back to front
+        _paint(m, PALETTE[s["colour"]], image)
+        _paint(m, SEGMENTATION_COLOURS[s["kind"]], seg)
+        level = round(255 * (s["layer"] + 1) / MAX_SHAPES)  # fixed scale: comparable across scenes
+        _paint(m, (level, level, level), depth)
+        _paint(m, (0, 0, 0), outline)  # a nearer shape hides the outlines behind it
+        _paint(np.abs(f) <= hw, (255, 255, 255), outline)
+        class_masks[s["kind"]] |= v
+    masks = {f"shape{i}": v for i, v in enumerate(visible)} | class_masks
+    truth = {"world": "shapes", "background": background, "shapes": shapes}
+    conditions = {"outline": outline, "segmentation": seg, "depth": depth}
+    conditions["edges"] = canny(image)
+    return Sample(image, conditions, _shapes_prompt(shapes, background), truth, masks)
+
+
+def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
+    """Canny edges through controlnet-aux, at the image's own resolution (HxWx3 uint8)."""
+    from controlnet_aux import CannyDetector  # imported lazily: it pulls in OpenCV
+
+    size = image.shape[0]
+    out = CannyDetector()(image, low_threshold=low, high_threshold=high, detect_resolution=size,
+                          image_resolution=size, output_type="np")
+    return np.ascontiguousarray(out[:, :, :3])
+
+
+def sample(world: str, index: int, seed: int = 0, size: int = 64) -> Sample:
+    """Draw sample ``index`` of ``world`` (``"fill"`` or ``"shapes"``) at ``size`` x ``size``."""
+    if world not in WORLDS:
+        raise ValueError(f"unknown toy world {world!r}; known worlds: {', '.join(WORLDS)}")
+    if int(size) != size or size < 16:
+        raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
+    return (_fill if world == "fill" else _shapes)(int(seed), int(index), int(size))
+
+
+class ToyWorld:
+    """An indexable toy-world dataset of (image, condition, prompt), like ``cnkit.datasets`` returns.
+
+    ``condition`` names the map (``outline`` for fill; ``outline``, ``segmentation``, ``depth`` or
+    ``edges`` for shapes). ``offset`` shifts the indices, so train and validation splits of one
+    seed never share a sample: ``ToyWorld("fill", n=32, offset=10**6)``.
+    """
+
+    def __init__(self, world: str = "fill", n: int = 1000, seed: int = 0, size: int = 64,
+                 condition: str | None = None, offset: int = 0):
+        if world not in WORLDS:
+            raise ValueError(f"unknown toy world {world!r}; known worlds: {', '.join(WORLDS)}")
+        condition = condition or CONDITIONS[world][0]
+        if condition not in CONDITIONS[world]:
+            raise ValueError(f"world {world!r} has no condition {condition!r}; "
+                             f"it has: {', '.join(CONDITIONS[world])}")
+        self.world, self.n, self.seed, self.size = world, int(n), int(seed), int(size)
+        self.condition, self.offset = condition, int(offset)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def sample(self, i: int) -> Sample:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for a toy world of {self.n} samples")
+        return sample(self.world, self.offset + (i % self.n), self.seed, self.size)
+
+    def __getitem__(self, i: int):
+        from .datasets import Example, to_pil
+
+        s = self.sample(i)
+        return Example(to_pil(s.image), to_pil(s.conditions[self.condition]), s.prompt)
+
+
+def _save_png(array: np.ndarray, path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def export_fill50k(path, n: int, size: int = 64, seed: int = 0, world: str = "fill",
+                   condition: str | None = None) -> Path:
+    """Write the official Fill50K layout: ``source/i.png``, ``target/i.png`` and ``prompt.json``
+    (JSON lines ``{"source", "target", "prompt"}``). ``truth.jsonl`` beside it keeps the exact
+    geometry for metrics; readers of the official format ignore it."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data = ToyWorld(world, n, seed, size, condition)
+    with open(path / "prompt.json", "w") as f, open(path / "truth.jsonl", "w") as t:
+        for i in range(n):
+            s = data.sample(i)
+            _save_png(s.conditions[data.condition], path / "source" / f"{i}.png")
+            _save_png(s.image, path / "target" / f"{i}.png")
+            f.write(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png",
+                                "prompt": s.prompt}) + "\n")
+            t.write(json.dumps(s.truth) + "\n")
+    return path
+
+
+def export_imagefolder(path, n: int, size: int = 64, seed: int = 0, world: str = "fill",
+                       condition: str | None = None) -> Path:
+    """Write ``metadata.jsonl`` rows ``{"image", "conditioning_image", "text"}`` (the column names
+    diffusers' ``train_controlnet.py`` reads) with ``images/`` and ``conditioning_images/``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    data = ToyWorld(world, n, seed, size, condition)
+    with open(path / "metadata.jsonl", "w") as f, open(path / "truth.jsonl", "w") as t:
+        for i in range(n):
+            s = data.sample(i)
+            _save_png(s.image, path / "images" / f"{i}.png")
+            _save_png(s.conditions[data.condition], path / "conditioning_images" / f"{i}.png")
+            f.write(json.dumps({"image": f"images/{i}.png",
+                                "conditioning_image": f"conditioning_images/{i}.png",
+                                "text": s.prompt}) + "\n")
+            t.write(json.dumps(s.truth) + "\n")
+    return path
