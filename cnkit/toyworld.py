@@ -99,7 +99,7 @@ def _shape_geometry(kind: str, cx: float, cy: float, r: float, x: np.ndarray, y:
         verts = [(cx + r * np.cos(a), cy - r * np.sin(a)) for a in np.deg2rad([90, 210, 330])]
         d = None
         for (x0, y0), (x1, y1) in zip(verts, verts[1:] + verts[:1]):
-            nx, ny = y1 - y0, -(x1 - x0)  # outward normal for counter-clockwise screen order
+            nx, ny = -(y1 - y0), x1 - x0  # outward normal: y points down on screen
             n = np.hypot(nx, ny)
             di = ((x - x0) * nx + (y - y0) * ny) / n
             d = di if d is None else np.maximum(d, di)
@@ -181,7 +181,11 @@ def _shapes(seed: int, index: int, size: int) -> Sample:
 
 def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Canny edges through controlnet-aux, at the image's own resolution (HxWx3 uint8)."""
-    from controlnet_aux import CannyDetector  # imported lazily: it pulls in OpenCV
+    import warnings
+
+    with warnings.catch_warnings():  # controlnet-aux imports all its annotators, each with warnings
+        warnings.simplefilter("ignore")
+        from controlnet_aux import CannyDetector  # lazily: it pulls in OpenCV, timm and more
 
     size = image.shape[0]
     out = CannyDetector()(image, low_threshold=low, high_threshold=high, detect_resolution=size,

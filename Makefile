@@ -1,0 +1,46 @@
+# The README's commands. Everything they need is set up here, on a machine with only Python 3.11.
+#   make figures   set up, then run every notebook at the full profile into reports/ (the main job)
+#   make test      set up, then ruff, the unit tests, every notebook by papermill (smoke), nbval
+#   make lab       set up, then JupyterLab on the kit
+#   make pretrain  rebuild data/tiny-sd by running the pretraining notebook (about an hour of CPU)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.cnkit-installed
+export HF_HUB_OFFLINE := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: setup figures test lint unit notebooks nbval lab clean
+
+setup: $(STAMP)
+
+# pyproject.toml is the one list of dependencies; the venv is rebuilt when it changes.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip setuptools wheel
+	$(PY) -m pip install --quiet -e ".[hf]"
+	$(PY) -m ipykernel install --sys-prefix --name cnkit --display-name "Python (cnkit)" >/dev/null
+	touch $(STAMP)
+
+figures: setup
+	$(PY) -m cnkit.report --profile full
+
+test: lint unit nbval
+
+lint: setup
+	$(VENV)/bin/ruff check cnkit tests bench
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+# nbval reruns each notebook cell by cell in its own folder; --nbval-lax checks that cells run
+# (outputs are stripped in git, so there is nothing to compare them with).
+nbval: setup
+	CNKIT_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
+
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+clean:
+	rm -rf reports notebooks/outputs .pytest_cache

@@ -1,0 +1,117 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cnkit import datasets
+from cnkit.datasets import DatasetError
+
+
+def _fill50k(tmp_path, rows=2, size=(32, 32)):
+    """A Fill50K-format folder written by hand, as a user's own data would be."""
+    (tmp_path / "source").mkdir()
+    (tmp_path / "target").mkdir()
+    lines = []
+    for i in range(rows):
+        Image.new("RGB", size, (0, 0, 0)).save(tmp_path / "source" / f"{i}.png")
+        Image.new("RGB", size, (200, 10, 10)).save(tmp_path / "target" / f"{i}.png")
+        lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png",
+                                 "prompt": f"pale golden rod circle with old lace background {i}"}))
+    (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_reads_a_users_fill50k_folder(tmp_path):
+    ds = datasets.load(_fill50k(tmp_path))
+    image, condition, prompt = ds[1]
+    assert image.size == condition.size == (32, 32)
+    assert prompt.endswith("background 1")
+    assert ds.validate() == 2
+
+
+def test_malformed_json_line_is_named(tmp_path):
+    root = _fill50k(tmp_path)
+    with open(root / "prompt.json", "a") as f:
+        f.write('{"source": "source/0.png", "target": \n')
+    with pytest.raises(DatasetError, match=r"prompt.json, line 3: malformed JSON"):
+        datasets.load(root)
+
+
+def test_missing_key_and_missing_file_are_named(tmp_path):
+    root = _fill50k(tmp_path)
+    (root / "prompt.json").write_text(json.dumps({"source": "source/0.png", "target": "target/0.png"}) + "\n")
+    with pytest.raises(DatasetError, match=r"line 1: missing key\(s\) prompt"):
+        datasets.load(root)
+    (root / "prompt.json").write_text(json.dumps({"source": "source/9.png", "target": "target/0.png",
+                                                  "prompt": "x"}) + "\n")
+    with pytest.raises(DatasetError, match=r"line 1: source file .*9.png does not exist"):
+        datasets.load(root)
+
+
+def test_corrupt_image_is_named(tmp_path):
+    root = _fill50k(tmp_path)
+    (root / "target" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    ds = datasets.load(root)
+    ds[0]
+    with pytest.raises(DatasetError, match=r"line 2: .*1.png is not a readable image"):
+        ds[1]
+    with pytest.raises(DatasetError, match="1.png"):
+        ds.validate()
+
+
+def test_size_mismatch_is_named(tmp_path):
+    root = _fill50k(tmp_path)
+    Image.new("RGB", (16, 16)).save(root / "source" / "0.png")
+    with pytest.raises(DatasetError, match=r"line 1: condition source/0.png is 16x16 but image target/0.png is 32x32"):
+        datasets.load(root)[0]
+
+
+def test_grayscale_and_rgba_conditions_are_converted(tmp_path):
+    root = _fill50k(tmp_path)
+    Image.new("L", (32, 32), 128).save(root / "source" / "0.png")
+    rgba = Image.new("RGBA", (32, 32), (255, 255, 255, 0))
+    rgba.putpixel((3, 3), (255, 255, 255, 255))
+    rgba.save(root / "source" / "1.png")
+    ds = datasets.load(root)
+    grey = np.asarray(ds[0].condition)
+    assert ds[0].condition.mode == "RGB" and np.all(grey == 128)
+    alpha = np.asarray(ds[1].condition)
+    assert ds[1].condition.mode == "RGB"
+    assert np.all(alpha[3, 3] == 255) and alpha.sum() == 3 * 255  # transparent -> black
+
+
+def test_imagefolder_with_custom_columns(tmp_path):
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "img" / "a.png")
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(tmp_path / "img" / "a_c.png")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file": "img/a.png", "cond": "img/a_c.png",
+                                                         "caption": "hello"}) + "\n")
+    with pytest.raises(DatasetError, match="missing key"):
+        datasets.load(tmp_path)
+    ds = datasets.load(tmp_path, columns={"image": "file", "condition": "cond", "prompt": "caption"})
+    assert ds[0].prompt == "hello" and np.asarray(ds[0].image)[0, 0].tolist() == [1, 2, 3]
+
+
+def test_hugging_face_dataset_from_disk(tmp_path):
+    hf = pytest.importorskip("datasets")
+    imgs = [Image.new("RGB", (8, 8), (i, 0, 0)) for i in range(3)]
+    conds = [Image.new("L", (8, 8), 255) for _ in range(3)]
+    ds = hf.Dataset.from_dict({"image": imgs, "conditioning_image": conds, "text": ["a", "b", "c"]},
+                              features=hf.Features({"image": hf.Image(), "conditioning_image": hf.Image(),
+                                                    "text": hf.Value("string")}))
+    ds.save_to_disk(tmp_path / "hf")
+    loaded = datasets.load(tmp_path / "hf")
+    assert len(loaded) == 3 and loaded[2].prompt == "c"
+    assert loaded[2].condition.mode == "RGB" and np.asarray(loaded[2].image)[0, 0, 0] == 2
+    with pytest.raises(DatasetError, match="no column"):
+        datasets.load(tmp_path / "hf", columns={"prompt": "caption"})
+
+
+def test_toy_world_by_name_and_unknown_paths(tmp_path):
+    ds = datasets.load("toy:shapes/segmentation", n=3, seed=1)
+    assert len(ds) == 3 and ds[0].condition.mode == "RGB"
+    with pytest.raises(DatasetError, match="not a dataset folder"):
+        datasets.load(tmp_path)
+    with pytest.raises(DatasetError, match="could not load hub dataset"):
+        datasets.load("nobody/no-such-dataset-offline")

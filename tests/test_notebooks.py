@@ -1,0 +1,39 @@
+"""Every notebook under notebooks/ is a test: papermill runs it with the smoke profile and the files
+it declares in its metadata (``metadata.cnkit.outputs``) must appear. New notebooks are picked up
+without editing this file."""
+
+import json
+import re
+from pathlib import Path
+
+import papermill as pm
+import pytest
+
+NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_follows_the_conventions(path):
+    nb = json.loads(path.read_text())
+    assert not [c for c in nb["cells"] if c.get("outputs")], "commit notebooks with outputs stripped"
+    tagged = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, "exactly one cell tagged 'parameters'"
+    lines = [ln for ln in "".join(tagged[0]["source"]).splitlines() if ln.strip() and not ln.startswith("#")]
+    for line in lines:
+        assert re.match(r"^\w+: \w+ = .+  # .+", line), f"typed literal with a comment: {line!r}"
+    names = {ln.split(":")[0] for ln in lines}
+    assert {"profile", "out_dir", "seed"} <= names
+    assert nb["metadata"].get("cnkit", {}).get("outputs"), "declare the files it writes in metadata.cnkit.outputs"
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_runs_with_the_smoke_profile(path, tmp_path):
+    out_dir = tmp_path / "out"
+    pm.execute_notebook(str(path), str(tmp_path / path.name), parameters={"profile": "smoke",
+                        "out_dir": str(out_dir)}, cwd=str(path.parent), progress_bar=False,
+                        kernel_name="python3")
+    expected = json.loads(path.read_text())["metadata"]["cnkit"]["outputs"]
+    for name in expected:
+        f = out_dir / name
+        assert f.is_file() and f.stat().st_size > 0, f"{path.name} did not write {name}"
