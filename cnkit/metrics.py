@@ -1,0 +1,208 @@
+"""Measurements on generated images, using the toy world's exact ground truth instead of
+downloaded evaluators.
+
+Base quality (is the pretrained model any good?):
+
+- ``analyse_fill(image)``: the background colour is read from the border, the foreground is every
+  pixel far from it (so the fill colour is not trusted to find the disc); the image passes as
+  "one disc" when exactly one sizeable foreground region exists and it overlaps the disc of the
+  same area at its centroid with IoU >= 0.8. Colours are the nearest palette names of the
+  border's and the region's median colours.
+- ``analyse_shapes(image, truth)``: pixels are labelled with their nearest palette colour; each
+  prompted colour must form exactly one sizeable region, no unprompted colour may, and each region's
+  kind (circle, square, triangle) is the template that fits it best, pixels of other shapes being
+  ignored (they may hide part of it).
+
+``evaluate_base(pipe, ...)`` generates fixed-seed images from held-out prompts and reports rates.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from . import toyworld
+
+_PALETTE_NAMES = toyworld.COLOUR_NAMES
+_PALETTE = np.array([toyworld.PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)
+
+
+def nearest_colour(rgb) -> str:
+    d = ((_PALETTE - np.asarray(rgb, dtype=np.float32)) ** 2).sum(-1)
+    return _PALETTE_NAMES[int(d.argmin())]
+
+
+def _border(image: np.ndarray, width: int = 2) -> np.ndarray:
+    return np.concatenate([image[:width].reshape(-1, 3), image[-width:].reshape(-1, 3),
+                           image[:, :width].reshape(-1, 3), image[:, -width:].reshape(-1, 3)])
+
+
+def foreground_mask(image: np.ndarray, threshold: float = 60.0) -> np.ndarray:
+    """Pixels whose colour is far (RGB distance) from the border's median colour."""
+    bg = np.median(_border(image), axis=0)
+    return np.sqrt(((image.astype(np.float32) - bg) ** 2).sum(-1)) > threshold
+
+
+def _regions(mask: np.ndarray, min_area: int) -> list[np.ndarray]:
+    labels, n = ndimage.label(mask)
+    areas = ndimage.sum(mask, labels, range(1, n + 1))
+    return [labels == i + 1 for i, a in enumerate(areas) if a >= min_area]
+
+
+def disc_of(mask: np.ndarray) -> np.ndarray:
+    """The disc with the region's area, centred on its centroid."""
+    h, w = mask.shape
+    yy, xx = np.mgrid[:h, :w]
+    cy, cx = yy[mask].mean(), xx[mask].mean()
+    r = np.sqrt(mask.sum() / np.pi)
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r**2
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def analyse_fill(image: np.ndarray) -> dict:
+    size = image.shape[0]
+    min_area = max(4, int(0.004 * size * size))  # ~16 px at 64: smaller blobs are speckle
+    regions = _regions(foreground_mask(image), min_area)
+    out = {"regions": len(regions), "background": nearest_colour(np.median(_border(image), axis=0))}
+    if regions:
+        main = max(regions, key=lambda m: m.sum())
+        inner = ndimage.binary_erosion(main, iterations=1)
+        pixels = image[inner if inner.sum() >= 4 else main]
+        out["fill"] = nearest_colour(np.median(pixels, axis=0))
+        out["disc_iou"] = iou(main, disc_of(main))
+    out["one_disc"] = len(regions) == 1 and out.get("disc_iou", 0) >= 0.8
+    return out
+
+
+def _params_grid(cx, cy, r):
+    cx, cy, r = np.meshgrid(cx, cy, r, indexing="ij")
+    return np.stack([cx.ravel(), cy.ravel(), r.ravel()], 1)
+
+
+def _template_masks(kind: str, params: np.ndarray, size: int) -> np.ndarray:
+    x, y = toyworld._grid(size)
+    cx, cy, r = (params[:, i].reshape(-1, 1, 1) for i in range(3))
+    return (toyworld._shape_geometry(kind, cx, cy, r, x, y) <= 0).reshape(len(params), -1).astype(np.float32)
+
+
+_COARSE = _params_grid(np.linspace(0.08, 0.92, 22), np.linspace(0.08, 0.92, 22), np.linspace(0.09, 0.27, 10))
+_TEMPLATE_CACHE: dict[int, dict] = {}
+
+
+def _best_fit(masks: np.ndarray, target: np.ndarray, keep: np.ndarray) -> tuple[int, float]:
+    inter = masks @ target
+    union = masks @ keep - inter + target.sum()  # |T ∩ keep| + |R| - |T ∩ R|
+    iou_ = inter / np.maximum(union, 1)
+    return int(iou_.argmax()), float(iou_.max())
+
+
+def classify_shape(region: np.ndarray, ignore: np.ndarray) -> tuple[str, float]:
+    """The kind whose best-placed template has the highest IoU with ``region`` (``ignore`` pixels
+    excluded from both: another shape may cover them). Templates are placed on a coarse grid of
+    centres and radii, then refined around the best coarse placement."""
+    size = region.shape[0]
+    if size not in _TEMPLATE_CACHE:
+        _TEMPLATE_CACHE[size] = {k: _template_masks(k, _COARSE, size) for k in toyworld.SHAPE_KINDS}
+    keep = (~ignore).reshape(-1).astype(np.float32)
+    target = (region & ~ignore).reshape(-1).astype(np.float32)
+    best = ("circle", -1.0)
+    for kind, masks in _TEMPLATE_CACHE[size].items():
+        cx, cy, r = _COARSE[_best_fit(masks, target, keep)[0]]
+        fine = _params_grid(cx + np.linspace(-0.03, 0.03, 7), cy + np.linspace(-0.03, 0.03, 7),
+                            r + np.linspace(-0.02, 0.02, 9))
+        score = _best_fit(_template_masks(kind, fine, size), target, keep)[1]
+        if score > best[1]:
+            best = (kind, score)
+    return best
+
+
+def analyse_shapes(image: np.ndarray, truth: dict) -> dict:
+    """Compare an image with the prompted scene (``truth`` of a shapes sample)."""
+    size = image.shape[0]
+    labels = ((image.astype(np.float32)[:, :, None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)
+    background = nearest_colour(np.median(_border(image), axis=0))
+    min_area = max(4, int(0.006 * size * size))  # ~25 px at 64; the smallest visible shape is ~45
+    found = {}
+    for ci, name in enumerate(_PALETTE_NAMES):
+        if name == background:
+            continue
+        regions = _regions(labels == ci, min_area)
+        if regions:
+            found[name] = regions
+    wanted = {s["colour"]: s["kind"] for s in truth["shapes"]}
+    colours_ok = background == truth["background"] and set(found) == set(wanted) and all(
+        len(r) == 1 for r in found.values())
+    kinds = {}
+    if colours_ok:
+        shapes_mask = np.any([r[0] for r in found.values()], axis=0)
+        for name, (region,) in found.items():
+            kinds[name] = classify_shape(region, shapes_mask & ~region)[0]
+    kinds_ok = colours_ok and all(kinds[c] == k for c, k in wanted.items())
+    return {"background": background, "found": {c: len(r) for c, r in found.items()},
+            "kinds": kinds, "colours_ok": bool(colours_ok), "correct": bool(kinds_ok)}
+
+
+def held_out_prompts(n: int, seed: int = 0, exclude_fill_pairs=(), exclude_prompts=frozenset()):
+    """``n`` fill samples drawn from the held-out colour pairs and ``n`` shapes samples whose prompts
+    are not in ``exclude_prompts``; a fixed function of ``seed``."""
+    fills = []
+    pairs = list(exclude_fill_pairs)
+    rng = np.random.default_rng([7, seed])
+    for i in range(n):  # held-out pairs in turn, a fresh geometry each
+        fill, bg = pairs[i % len(pairs)]
+        fills.append({"world": "fill", "fill": fill, "background": bg, "seed": int(rng.integers(2**31)),
+                      "prompt": f"{fill} circle with {bg} background"})
+    shapes, i = [], 0
+    while len(shapes) < n:
+        s = toyworld.sample("shapes", 10**8 + i, seed=seed)
+        i += 1
+        if s.prompt not in exclude_prompts:
+            shapes.append({"world": "shapes", "truth": s.truth, "seed": int(rng.integers(2**31)),
+                           "prompt": s.prompt})
+    return fills, shapes
+
+
+def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 5.0,
+             batch: int = 32) -> np.ndarray:
+    """uint8 images, one fixed seed per prompt (same image whatever the batching)."""
+    import torch
+
+    images = []
+    for i in range(0, len(prompts), batch):
+        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
+        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                   output_type="np")
+        images.append((out.images * 255).round().astype(np.uint8))
+    return np.concatenate(images)
+
+
+def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: float = 5.0,
+                  held_out_fill_pairs=(), train_prompts=frozenset(), batch: int = 32) -> dict:
+    """Base-model quality on ``n`` fill and ``n`` shapes generations from held-out prompts."""
+    fills, shapes = held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
+    fill_images = generate(pipe, [f["prompt"] for f in fills], [f["seed"] for f in fills], steps, guidance, batch)
+    shape_images = generate(pipe, [s["prompt"] for s in shapes], [s["seed"] for s in shapes], steps, guidance,
+                            batch)
+    per_fill = []
+    for f, img in zip(fills, fill_images):
+        a = analyse_fill(img)
+        per_fill.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
+                         "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
+    per_shapes = []
+    for s, img in zip(shapes, shape_images):
+        a = analyse_shapes(img, s["truth"])
+        per_shapes.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
+                           "colours_ok": a["colours_ok"]})
+    rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
+    return {
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
+        "fill": {"one_disc": rate(per_fill, "one_disc"), "fill_colour": rate(per_fill, "fill_ok"),
+                 "background_colour": rate(per_fill, "background_ok")},
+        "shapes": {"correct": rate(per_shapes, "correct"), "colours_and_counts": rate(per_shapes, "colours_ok")},
+        "per_image": {"fill": per_fill, "shapes": per_shapes},
+        "images": {"fill": fill_images, "shapes": shape_images},
+    }
