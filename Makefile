@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.cnkit-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup figures test lint unit notebooks nbval lab clean
+.PHONY: setup figures test lint unit notebooks nbval lab pretrain clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ nbval: setup
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
+
+# Rebuilds the embedded default from scratch (resumes when interrupted) and publishes it with its card.
+pretrain: setup
+	mkdir -p reports/pretrain
+	$(VENV)/bin/papermill notebooks/01_pretrain_tiny_sd.ipynb reports/pretrain/01_pretrain_tiny_sd.ipynb \
+		--cwd notebooks -p profile full -p out_dir $(CURDIR)/reports/pretrain/run -p publish_to $(CURDIR)/data/tiny-sd
 
 clean:
 	rm -rf reports notebooks/outputs .pytest_cache
