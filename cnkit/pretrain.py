@@ -291,6 +291,23 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
     return ema
 
 
+# Settings that do not change the result; a resumed run may differ in them.
+_RESUMABLE_DIFFERENCES = {"checkpoint_every", "num_threads", "out_dir"}
+
+
+def _check_same_recipe(path: Path, cfg: PretrainConfig) -> None:
+    """Resuming from checkpoints of another recipe would silently mix two runs: refuse instead."""
+    if not path.is_file():
+        return
+    before = json.loads(path.read_text())
+    changed = {k: (before.get(k), v) for k, v in asdict(cfg).items()
+               if k not in _RESUMABLE_DIFFERENCES and before.get(k) != v}
+    if changed:
+        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
+        raise ValueError(f"{path.parent} holds a pretraining run with another recipe ({diff}); pass a new "
+                         "out_dir, or delete that folder to start over")
+
+
 def pretrain(cfg: PretrainConfig, tiny_config: TinySDConfig | None = None, log=print):
     """Run (or resume) all three stages; returns the pipeline with EMA weights, saved to
     ``out_dir/pipeline`` as a stock diffusers folder, and a dict of what was measured."""
@@ -300,6 +317,7 @@ def pretrain(cfg: PretrainConfig, tiny_config: TinySDConfig | None = None, log=p
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    _check_same_recipe(out / "pretrain_config.json", cfg)
     (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1))
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     timings, t0 = {}, time.perf_counter()
