@@ -177,11 +177,11 @@ class HFDataset:
     validate = PairFolder.validate
 
 
-def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, **_):
+def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 0):
     from .toyworld import ToyWorld
 
     world, _, condition = spec.partition("/")
-    return ToyWorld(world, n=n, seed=seed, size=size, condition=condition or None)
+    return ToyWorld(world, n=n, seed=seed, size=size, condition=condition or None, offset=offset)
 
 
 def load(path_or_name, columns: dict[str, str] | None = None, **toy_options):
@@ -189,6 +189,7 @@ def load(path_or_name, columns: dict[str, str] | None = None, **toy_options):
     columns = DEFAULT_COLUMNS | (columns or {})
     if isinstance(path_or_name, str) and path_or_name.startswith("toy:"):
         return _toy(path_or_name[4:], **toy_options)
+    # Options of toy worlds mean nothing for a folder of files: a folder is read whole.
     path = Path(path_or_name)
     if path.is_dir():
         if (path / "prompt.json").is_file():

@@ -206,3 +206,73 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
         "per_image": {"fill": per_fill, "shapes": per_shapes},
         "images": {"fill": fill_images, "shapes": shape_images},
     }
+
+
+# --- condition fidelity (ControlNet training) -----------------------------------------------
+
+
+def condition_disc(condition: np.ndarray) -> np.ndarray:
+    """The disc an outline condition encloses (any Fill50K-style outline: light lines on dark)."""
+    lines = np.asarray(condition)[..., :3].max(-1) > 127
+    return ndimage.binary_fill_holes(lines)
+
+
+def disc_iou(image: np.ndarray, condition) -> float:
+    """IoU between the generated image's main foreground region (found against the border's colour,
+    never by trusting the fill colour) and the disc the condition's outline encloses."""
+    size = image.shape[0]
+    regions = _regions(foreground_mask(image), max(4, int(0.004 * size * size)))
+    if not regions:
+        return 0.0
+    main = ndimage.binary_fill_holes(max(regions, key=lambda m: m.sum()))
+    return iou(main, condition_disc(condition))
+
+
+def canny_edges(image: np.ndarray) -> np.ndarray:
+    return toyworld.canny(np.ascontiguousarray(image))[..., 0] > 127
+
+
+def edge_f1(image: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> float:
+    """F1 of Canny edges of ``image`` against those of ``reference`` (ControlNet++'s Canny metric),
+    an edge pixel counting as matched within ``tolerance`` pixels."""
+    a, b = canny_edges(image), canny_edges(reference)
+    if not a.any() and not b.any():
+        return 1.0
+    grow = lambda m: ndimage.binary_dilation(m, iterations=tolerance) if tolerance else m
+    precision = (a & grow(b)).sum() / max(a.sum(), 1)
+    recall = (b & grow(a)).sum() / max(b.sum(), 1)
+    return float(2 * precision * recall / max(precision + recall, 1e-9))
+
+
+def fidelity_metric_for(dataset: str):
+    """(name, fn(generated uint8 image, item with .condition and .image)) for a training dataset."""
+    if "shapes" in dataset:
+        return "edge_f1", lambda img, item: edge_f1(img, np.asarray(item.image))
+    return "disc_iou", lambda img, item: disc_iou(img, item.condition)
+
+
+def convergence(steps, fidelity, threshold: float) -> dict:
+    """When fidelity rose and how abruptly, from the raw series (never smoothed).
+
+    ``converged_at_step``: the first validated step from which fidelity stays >= ``threshold`` to the
+    end (None if it never does). ``abruptness``: the steps between the first crossing of 10% and of
+    90% of the gain (final - initial), as a fraction of the run's length; small means sudden.
+    """
+    steps, fidelity = np.asarray(steps, float), np.asarray(fidelity, float)
+    initial, final = float(fidelity[0]), float(fidelity[-1])
+    above = fidelity >= threshold
+    converged = None
+    for i in range(len(steps)):
+        if above[i:].all():
+            converged = int(steps[i])
+            break
+    out = {"fidelity_initial": initial, "fidelity_final": final, "fidelity_max": float(fidelity.max()),
+           "threshold": threshold, "converged_at_step": converged, "abruptness": None,
+           "step_10pct": None, "step_90pct": None}
+    gain = final - initial
+    if gain > 0:
+        lo = steps[np.argmax(fidelity >= initial + 0.1 * gain)]
+        hi = steps[np.argmax(fidelity >= initial + 0.9 * gain)]
+        span = steps[-1] - steps[0]
+        out.update(step_10pct=int(lo), step_90pct=int(hi), abruptness=float((hi - lo) / span) if span else None)
+    return out

@@ -162,8 +162,7 @@ def train_vae(cfg: PretrainConfig, vae, images: np.ndarray, accelerator, log) ->
         return {}
     vae.train()
     model, opt = accelerator.prepare(vae, opt)
-    x_all = _to_tensor(images)
-    size = x_all.shape[-1]
+    size = images.shape[1]
     bar = tqdm(range(start, cfg.vae_steps), desc="vae", initial=start, total=cfg.vae_steps,
                disable=not accelerator.is_main_process)
     for step in bar:
@@ -171,7 +170,7 @@ def train_vae(cfg: PretrainConfig, vae, images: np.ndarray, accelerator, log) ->
         lr = cfg.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))  # cosine to 0
         for group in opt.param_groups:
             group["lr"] = lr
-        x = x_all[torch.randint(len(x_all), (cfg.vae_batch_size,), generator=g)]
+        x = _to_tensor(images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g).numpy()])
         if cfg.vae_crop and cfg.vae_crop < size:
             oy, ox = torch.randint(0, size - cfg.vae_crop + 1, (2,), generator=g).tolist()
             x = x[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
@@ -202,10 +201,9 @@ def encode_latents(cfg: PretrainConfig, vae, images: np.ndarray, batch: int = 25
         cached = load_file(path)
         if len(cached["mean"]) == len(images):
             return cached
-    x = _to_tensor(images)
     means, stds = [], []
-    for i in tqdm(range(0, len(x), batch), desc="encode latents"):
-        post = vae.encode(x[i:i + batch]).latent_dist
+    for i in tqdm(range(0, len(images), batch), desc="encode latents"):
+        post = vae.encode(_to_tensor(images[i:i + batch])).latent_dist  # float32 per batch: 4x less memory
         means.append(post.mean)
         stds.append(post.std)
     cached = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}

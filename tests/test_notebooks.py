@@ -8,6 +8,7 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
+from diffusers import StableDiffusionPipeline
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -33,7 +34,10 @@ def test_notebook_runs_with_the_smoke_profile(path, tmp_path):
     pm.execute_notebook(str(path), str(tmp_path / path.name), parameters={"profile": "smoke",
                         "out_dir": str(out_dir)}, cwd=str(path.parent), progress_bar=False,
                         kernel_name="python3")
-    expected = json.loads(path.read_text())["metadata"]["cnkit"]["outputs"]
-    for name in expected:
+    meta = json.loads(path.read_text())["metadata"]["cnkit"]
+    for name in meta["outputs"]:
         f = out_dir / name
         assert f.is_file() and f.stat().st_size > 0, f"{path.name} did not write {name}"
+    for folder in meta.get("pipelines", []):  # diffusers folders it writes must load with the stock class
+        pipe = StableDiffusionPipeline.from_pretrained(out_dir / folder, local_files_only=True)
+        assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 64
