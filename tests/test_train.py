@@ -105,7 +105,7 @@ def test_resumed_run_matches_an_uninterrupted_one(base_dir, tmp_path, monkeypatc
             assert float(x[key]) == pytest.approx(float(y[key]), rel=1e-5, abs=1e-9), (x["step"], key)
     a = ControlNetModel.from_pretrained(tmp_path / "a" / "checkpoint").state_dict()
     b = ControlNetModel.from_pretrained(tmp_path / "b" / "checkpoint").state_dict()
-    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(base_dir, tmp_path, monkeypatch):
