@@ -74,7 +74,7 @@ def training_set(cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
     """Images (N x H x W x 3 uint8) and prompts of both worlds, fill's held-out pairs skipped."""
     held_out = set(HELD_OUT_FILL_PAIRS)
     images, prompts, i = [], [], 0
-    while sum(1 for p in prompts if "circle with" in p) < cfg.n_fill:
+    while len(prompts) < cfg.n_fill:
         s = toyworld.sample("fill", i, seed=cfg.seed)
         i += 1
         if (s.truth["fill"], s.truth["background"]) not in held_out:
