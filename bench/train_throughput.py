@@ -67,13 +67,14 @@ def run_reference(base: str, steps: int, batch: int) -> dict:
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
     from cnkit.controlnets import condition_encoder_channels
+    from cnkit.tiny import vae_scale_factor
     from cnkit.toyworld import ToyWorld
 
     pipe = StableDiffusionPipeline.from_pretrained(base)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     for m in (vae, text_encoder, unet):
         m.requires_grad_(False)
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_scale_factor(vae)
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=condition_encoder_channels(factor))
     controlnet.train()

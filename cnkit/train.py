@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from . import params as _params
 from .controlnets import VARIANTS, make_controlnet
+from .tiny import vae_scale_factor
 
 
 @dataclass
@@ -99,10 +100,6 @@ def load_base(base: str, device=None):
         pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def vae_scale_factor(pipe) -> int:
-    return 2 ** (len(pipe.vae.config.block_out_channels) - 1)
 
 
 class EncodedDataset:
@@ -207,8 +204,8 @@ class Trainer:
         self.step = 0
         self.loss_history: list[tuple[int, float]] = []
         self.pipe = load_base(cfg.base, device=self.accelerator.device)
-        self.resolution = cfg.resolution or self.pipe.unet.config.sample_size * vae_scale_factor(self.pipe)
-        self.controlnet = make_controlnet(self.pipe.unet, cfg.variant, vae_scale_factor=vae_scale_factor(self.pipe),
+        self.resolution = cfg.resolution or self.pipe.unet.config.sample_size * vae_scale_factor(self.pipe.vae)
+        self.controlnet = make_controlnet(self.pipe.unet, cfg.variant, vae_scale_factor=vae_scale_factor(self.pipe.vae),
                                           seed=cfg.seed)
         from diffusers import DDPMScheduler
 

@@ -10,6 +10,8 @@ import papermill as pm
 import pytest
 from diffusers import StableDiffusionPipeline
 
+from cnkit.tiny import vae_scale_factor
+
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
 
@@ -40,4 +42,4 @@ def test_notebook_runs_with_the_smoke_profile(path, tmp_path):
         assert f.is_file() and f.stat().st_size > 0, f"{path.name} did not write {name}"
     for folder in meta.get("pipelines", []):  # diffusers folders it writes must load with the stock class
         pipe = StableDiffusionPipeline.from_pretrained(out_dir / folder, local_files_only=True)
-        assert pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1) == 64
+        assert pipe.unet.config.sample_size * vae_scale_factor(pipe.vae) == 64

@@ -43,9 +43,8 @@ def test_card_records_the_bars(shipped):
     assert ev["settings"]["n"] >= 256 and ev["settings"]["steps"] <= 30
     assert data["stats"]["vae_psnr_db"] >= 30
     assert min(ev["fill"].values()) >= 0.95
-    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met yet: the card records
-    # the measured figure and issue 3 stays open until a longer recipe reaches it.
-    assert 0 <= ev["shapes"]["correct"] <= 1
+    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met yet (3.5% as shipped);
+    # issue 3 stays open, and its assertion belongs here once a longer recipe reaches it.
 
 
 def test_draws_the_prompted_circle(shipped):
