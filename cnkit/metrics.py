@@ -246,11 +246,69 @@ def edge_f1(image: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> flo
     return float(2 * precision * recall / max(precision + recall, 1e-9))
 
 
-def fidelity_metric_for(dataset: str):
-    """(name, fn(generated uint8 image, item with .condition and .image)) for a training dataset."""
+SEGMENTATION_CLASSES = ("background", *toyworld.SHAPE_KINDS)
+
+
+def truth_segmentation(sample) -> np.ndarray:
+    """Class index per pixel (0 background, then circle, square, triangle) of a shapes sample."""
+    seg = np.zeros(sample.image.shape[:2], np.int64)
+    for ci, kind in enumerate(SEGMENTATION_CLASSES[1:], start=1):
+        seg[sample.masks[kind]] = ci
+    return seg
+
+
+def redetect_segmentation(image: np.ndarray, sample) -> np.ndarray:
+    """Segmentation re-detected from a generated shapes image by colour clustering (Table 2's
+    protocol with exact geometry in place of a trained segmenter): pixels are clustered by nearest
+    palette colour, the border's cluster is background, and each ground-truth shape claims the
+    non-background cluster that overlaps it most (greedily, best overlap first), so colours are
+    never trusted to be the prompted ones. Unclaimed clusters count as background."""
+    labels = ((image.astype(np.float32)[:, :, None, :] - _PALETTE) ** 2).sum(-1).argmin(-1)
+    background = _PALETTE_NAMES.index(nearest_colour(np.median(_border(image), axis=0)))
+    shapes = sample.truth["shapes"]
+    overlaps = []
+    for i in range(len(shapes)):
+        visible = sample.masks[f"shape{i}"]
+        for c in range(len(_PALETTE_NAMES)):
+            if c != background:
+                overlaps.append((int((visible & (labels == c)).sum()), i, c))
+    pred = np.zeros(labels.shape, np.int64)
+    taken_shapes, taken_colours = set(), set()
+    for overlap, i, c in sorted(overlaps, reverse=True):
+        if overlap == 0 or i in taken_shapes or c in taken_colours:
+            continue
+        taken_shapes.add(i)
+        taken_colours.add(c)
+        pred[labels == c] = SEGMENTATION_CLASSES.index(shapes[i]["kind"])
+    return pred
+
+
+def segmentation_miou(image: np.ndarray, sample) -> float:
+    """Mean IoU over the classes present in the truth or the re-detected segmentation."""
+    truth, pred = truth_segmentation(sample), redetect_segmentation(image, sample)
+    present = [c for c in range(len(SEGMENTATION_CLASSES)) if (truth == c).any() or (pred == c).any()]
+    return float(np.mean([iou(truth == c, pred == c) for c in present]))
+
+
+def fidelity_metrics_for(dataset: str, with_truth: bool = True) -> dict:
+    """Every condition-fidelity metric for a training dataset's items, the primary one first:
+    ``{name: fn(generated uint8 image, item)}``. Items have ``.condition`` and ``.image``; toy items
+    also ``.sample`` (the exact ground truth, which ``miou`` needs: ``with_truth``)."""
     if "shapes" in dataset:
-        return "edge_f1", lambda img, item: edge_f1(img, np.asarray(item.image))
-    return "disc_iou", lambda img, item: disc_iou(img, item.condition)
+        edges = lambda img, item: edge_f1(img, np.asarray(item.image))
+        miou = lambda img, item: segmentation_miou(img, item.sample)
+        if not with_truth:
+            return {"edge_f1": edges}
+        if dataset.endswith("segmentation"):
+            return {"miou": miou, "edge_f1": edges}
+        return {"edge_f1": edges, "miou": miou}
+    return {"disc_iou": lambda img, item: disc_iou(img, item.condition)}
+
+
+def fidelity_metric_for(dataset: str, with_truth: bool = True):
+    """(name, fn) of the primary fidelity metric of ``fidelity_metrics_for``."""
+    name, fn = next(iter(fidelity_metrics_for(dataset, with_truth).items()))
+    return name, fn
 
 
 def convergence(steps, fidelity, threshold: float) -> dict:

@@ -118,14 +118,17 @@ class ZeroConvTelemetry:
         self.table.append(rows)
 
 
-VALIDATION_FIELDS = ["step", "samples_seen", "metric", "fidelity", "fidelity_min", "fidelity_max", "loss", "seconds"]
+# fidelity is the primary metric (named in "metric"); edge_f1 and miou are filled for the shapes world.
+# seconds: this validation's cost; elapsed_s: wall time since the run (this process) started.
+VALIDATION_FIELDS = ["step", "samples_seen", "metric", "fidelity", "fidelity_min", "fidelity_max", "edge_f1", "miou",
+                     "loss", "seconds", "elapsed_s"]
 
 
 class Validation:
     """Fixed-seed generations on held-out conditions, their fidelity, and a grid per validation."""
 
-    def __init__(self, n: int = 32, steps: int = 20, guidance: float = 3.0, batch: int = 32, every: int | None = None,
-                 prompt: str | None = None):
+    def __init__(self, n: int | None = None, steps: int = 20, guidance: float = 3.0, batch: int = 32,
+                 every: int | None = None, prompt: str | None = None):
         self.n, self.steps, self.guidance, self.batch, self.every = n, steps, guidance, batch, every
         self.prompt = prompt  # None: each item's own prompt; "" tests the condition alone
 
@@ -136,14 +139,15 @@ class Validation:
         return self
 
     def on_train_start(self, trainer) -> None:
-        from .metrics import fidelity_metric_for
+        from .metrics import fidelity_metrics_for
 
         self.every = self.every if self.every is not None else trainer.cfg.validate_every
         self.table = _Table(trainer.out / "validation.csv", VALIDATION_FIELDS)
         (trainer.out / "samples").mkdir(exist_ok=True)
         # Held-out conditions: toy worlds draw past the training range; folders use their last items.
-        self.items = held_out_items(trainer, self.n)
-        self.metric_name, self.metric = fidelity_metric_for(trainer.cfg.dataset)
+        self.items = held_out_items(trainer.cfg, trainer.resolution, self.n or trainer.cfg.validation_size)
+        self.metrics = fidelity_metrics_for(trainer.cfg.dataset, with_truth=hasattr(self.items[0], "sample"))
+        self.metric_name = next(iter(self.metrics))
         if trainer.accelerator.is_main_process:
             self.table.start(trainer.step)
             if trainer.step == 0 and self.every:
@@ -185,7 +189,8 @@ class Validation:
 
         start = time.perf_counter()
         images = self.generate(trainer)
-        scores = [self.metric(img, it) for img, it in zip(images, self.items)]
+        scores = {name: [fn(img, it) for img, it in zip(images, self.items)] for name, fn in self.metrics.items()}
+        primary = scores[self.metric_name]
         k = min(8, len(images))
         fig = image_grid([[np.asarray(it.condition) for it in self.items[:k]], list(images[:k])], cell=1.0)
         fig.savefig(trainer.out / "samples" / f"step-{trainer.step:06d}.png", dpi=100, bbox_inches="tight")
@@ -194,21 +199,23 @@ class Validation:
         plt.close(fig)
         loss = getattr(trainer, "last_loss", float("nan"))
         self.table.append([{"step": trainer.step, "samples_seen": trainer.samples_seen, "metric": self.metric_name,
-                            "fidelity": float(np.mean(scores)), "fidelity_min": float(np.min(scores)),
-                            "fidelity_max": float(np.max(scores)), "loss": loss,
-                            "seconds": time.perf_counter() - start}])
+                            "fidelity": float(np.mean(primary)), "fidelity_min": float(np.min(primary)),
+                            "fidelity_max": float(np.max(primary)),
+                            **{k: float(np.mean(scores[k])) if k in scores else "" for k in ("edge_f1", "miou")},
+                            "loss": loss, "seconds": time.perf_counter() - start,
+                            "elapsed_s": time.perf_counter() - trainer.started}])
 
 
-def held_out_items(trainer, n: int) -> list:
+def held_out_items(cfg, resolution: int, n: int) -> list:
+    """``n`` conditions a run of ``cfg`` (a TrainConfig) never trains on, at ``resolution``."""
     from .datasets import load
 
-    cfg = trainer.cfg
     if cfg.dataset.startswith("toy:"):
         # Indices past every training index of the same seed: conditions the net never saw.
-        ds = load(cfg.dataset, n=n, seed=cfg.seed, size=trainer.resolution, offset=10**7)
+        ds = load(cfg.dataset, n=n, seed=cfg.seed, size=resolution, offset=10**7)
         return [_ToyItem(ds, i) for i in range(n)]
-    ds = load(cfg.dataset)
-    return [ds[i] for i in range(max(0, len(ds) - n), len(ds))]
+    ds = load(cfg.dataset)  # the last validation_size items, which training leaves out (train.open_dataset)
+    return [ds[i] for i in range(len(ds) - min(n, cfg.validation_size), len(ds))]
 
 
 class _ToyItem:

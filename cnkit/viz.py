@@ -46,3 +46,103 @@ def connections_figure(rows: list[dict]):
     ax.legend(handles, labels, fontsize=7, title="latent size", title_fontsize=7, loc="upper left")
     fig.tight_layout()
     return fig
+
+
+def _latent_colours(sizes):
+    sizes = sorted(set(sizes), reverse=True)
+    return dict(zip(sizes, plt.cm.viridis(np.linspace(0.1, 0.9, len(sizes)))))
+
+
+def _by_connection(telemetry: dict, field: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, str]]:
+    """{connection: (steps, values, latent size, name)} from a telemetry table's columns."""
+    conn = np.asarray(telemetry["connection"], int)
+    steps, values = np.asarray(telemetry["step"]), np.asarray(telemetry[field], float)
+    out = {}
+    for c in sorted(set(conn)):
+        m = conn == c
+        first = int(np.argmax(m))
+        out[c] = (steps[m], values[m], int(telemetry["latent_size"][first]), telemetry["name"][first])
+    return out
+
+
+def growth_curves(telemetry: dict, fields=("weight_mean_abs", "residual_rms")):
+    """Per-connection curves against optimizer step, one panel per field, coloured by latent size;
+    the condition encoder's last convolution is dashed."""
+    fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields), 3.4), squeeze=False)
+    series = _by_connection(telemetry, fields[0])
+    colours = _latent_colours(s[2] for s in series.values())
+    for ax, field in zip(axes[0], fields):
+        for _c, (steps, values, size, name) in _by_connection(telemetry, field).items():
+            encoder = "cond_embedding" in name or "conditioning" in name
+            ax.plot(steps, values, color="k" if encoder else colours.get(size), lw=1, ls="--" if encoder else "-",
+                    label=None)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(field)
+        ax.set_yscale("symlog", linthresh=1e-6)
+    handles = [plt.Line2D([], [], color=colours[s]) for s in colours] + [plt.Line2D([], [], color="k", ls="--")]
+    axes[0][-1].legend(handles, [f"{s}x{s} latent" for s in colours] + ["condition encoder out"], fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def growth_heatmap(telemetry: dict, field: str = "residual_rms"):
+    """Connection-by-step heatmap of ``field`` (log colour scale; zeros drawn at the floor)."""
+    from matplotlib.colors import LogNorm
+
+    series = _by_connection(telemetry, field)
+    steps = series[min(series)][0]
+    grid = np.array([v for _, v, _, _ in series.values()])
+    positive = grid[grid > 0]
+    floor = positive.min() if positive.size else 1e-12
+    fig, ax = plt.subplots(figsize=(8, 3.6))
+    im = ax.imshow(np.maximum(grid, floor), aspect="auto", interpolation="nearest", cmap="magma",
+                   norm=LogNorm(vmin=floor, vmax=max(grid.max(), floor * 10)),
+                   extent=(steps[0] - 0.5, steps[-1] + 0.5, len(series) - 0.5, -0.5))
+    ax.set_yticks(range(len(series)))
+    ax.set_yticklabels([f"{c} ({s[2]}px)" for c, s in series.items()], fontsize=7)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("connection (latent size)")
+    fig.colorbar(im, ax=ax, label=field)
+    fig.tight_layout()
+    return fig
+
+
+def growth_by_latent_size(telemetry: dict, field: str = "residual_rms", step: int | None = None):
+    """``field`` of each connection at ``step`` (default: the last) against its latent size."""
+    series = _by_connection(telemetry, field)
+    fig, ax = plt.subplots(figsize=(4.6, 3.4))
+    colours = _latent_colours(s[2] for s in series.values())
+    for c, (steps, values, size, name) in series.items():
+        i = -1 if step is None else int(np.searchsorted(steps, step))
+        encoder = "cond_embedding" in name or "conditioning" in name
+        ax.scatter(size, values[i], color="k" if encoder else colours[size], marker="x" if encoder else "o")
+        ax.annotate(str(c), (size, values[i]), fontsize=6, xytext=(3, 0), textcoords="offset points")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("latent size of the connection (px)")
+    ax.set_ylabel(f"{field} at step {int(steps[-1]) if step is None else step}")
+    fig.tight_layout()
+    return fig
+
+
+def convergence_figure(runs: list[dict], threshold: float, metric: str):
+    """Fidelity against optimizer step per run (raw validation points, detected step marked by a
+    vertical line) and the raw per-step training loss beside it. ``runs``: dicts with label,
+    steps, fidelity, converged_at_step, loss_steps, loss."""
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 3.6))
+    for k, r in enumerate(runs):
+        colour = plt.cm.tab10(k)
+        ax.plot(r["steps"], r["fidelity"], "o-", ms=3, color=colour, label=r["label"])
+        if r.get("converged_at_step") is not None:
+            ax.axvline(r["converged_at_step"], color=colour, ls=":", lw=1.2)
+        ax_loss.plot(r["loss_steps"], r["loss"], color=colour, lw=0.5, alpha=0.8, label=r["label"])
+    ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(f"condition fidelity ({metric})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, title="dotted: converged at", title_fontsize=7)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("optimizer step")
+    ax_loss.set_ylabel("training loss (raw, per step)")
+    fig.tight_layout()
+    return fig

@@ -39,3 +39,32 @@ def test_shape_kinds_are_told_apart():
         x, y = toyworld._grid(64)
         region = toyworld._shape_geometry(kind, 0.5, 0.5, 0.2, x, y) <= 0
         assert metrics.classify_shape(region, np.zeros_like(region))[0] == kind
+
+
+def test_segmentation_redetected_from_the_ground_truth_image_is_exact():
+    for i in range(20):
+        s = toyworld.sample("shapes", i)
+        assert metrics.segmentation_miou(s.image, s) == 1.0
+        # Colours are not trusted: the same scene with every shape recoloured still scores 1.
+        recoloured = s.image.copy()
+        used = {sh["colour"] for sh in s.truth["shapes"]} | {s.truth["background"]}
+        spare = [c for c in toyworld.COLOUR_NAMES if c not in used]
+        for k, _sh in enumerate(s.truth["shapes"]):
+            recoloured[s.masks[f"shape{k}"]] = toyworld.PALETTE[spare[k]]
+        assert metrics.segmentation_miou(recoloured, s) == 1.0
+
+
+def test_segmentation_miou_falls_when_shapes_are_missing_or_moved():
+    s = toyworld.sample("shapes", 3)
+    blank = np.empty_like(s.image)
+    blank[:] = toyworld.PALETTE[s.truth["background"]]
+    assert metrics.segmentation_miou(blank, s) < 0.5  # background right, every shape class missing
+    other = toyworld.sample("shapes", 4)
+    assert metrics.segmentation_miou(other.image, s) < 0.8
+
+
+def test_fidelity_metrics_per_dataset():
+    assert list(metrics.fidelity_metrics_for("toy:fill")) == ["disc_iou"]
+    assert list(metrics.fidelity_metrics_for("toy:shapes/segmentation")) == ["miou", "edge_f1"]
+    assert list(metrics.fidelity_metrics_for("toy:shapes/edges")) == ["edge_f1", "miou"]
+    assert list(metrics.fidelity_metrics_for("my-shapes-folder", with_truth=False)) == ["edge_f1"]

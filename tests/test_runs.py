@@ -1,0 +1,90 @@
+"""Runs kept by configuration (cnkit.runs), folder hold-out, and two CPU processes under Accelerate."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import ControlNetModel
+
+from cnkit import runs, toyworld
+from cnkit.train import TrainConfig, open_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_pipe):
+    path = tmp_path_factory.mktemp("base")
+    tiny_pipe.save_pretrained(path)
+    return path
+
+
+def _cfg(base_dir, **kw):
+    return TrainConfig(**(dict(base=str(base_dir), steps=2, batch_size=2, n_train=8, checkpoint_every=2,
+                               learning_rate=1e-3, validate_every=1, validation_size=2) | kw))
+
+
+def test_a_run_is_trained_once_and_read_back(base_dir, tmp_path):
+    logs = []
+    run = runs.train(_cfg(base_dir), tmp_path, log=logs.append)
+    assert "training into" in logs[0]
+    report = run.convergence
+    for key in ("metric", "fidelity_initial", "fidelity_final", "converged_at_step", "abruptness", "wall_time_s",
+                "samples_seen", "threshold"):
+        assert key in report
+    assert report["metric"] == "disc_iou" and report["validated_steps"] == [0, 1, 2]
+    assert report["samples_seen"] == 4 and report["wall_time_s"] > report["train_loop_s"] > 0
+    assert ControlNetModel.from_pretrained(run.checkpoint).config.block_out_channels == [32, 64, 64, 64]
+    assert len(run.telemetry()["step"]) == 3 * 14 and run.sample_grid(2).is_file()
+    again = runs.train(_cfg(base_dir), tmp_path, log=logs.append)
+    assert again.folder == run.folder and "not retrained" in logs[-1]
+    other = runs.train(_cfg(base_dir, seed=1), tmp_path, log=logs.append)
+    assert other.folder != run.folder and "training into" in logs[-1]
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one encoding per (dataset, seed)
+
+
+def test_shapes_validation_records_edge_f1_and_miou(base_dir, tmp_path):
+    run = runs.train(_cfg(base_dir, dataset="toy:shapes/segmentation", steps=1), tmp_path)
+    val = run.validation()
+    assert val["metric"] == ["miou", "miou"] and val["fidelity"] == val["miou"]
+    assert all(0 <= v <= 1 for v in val["edge_f1"] + val["miou"])
+
+
+def test_a_folder_trains_on_all_but_its_validation_items(base_dir, tmp_path):
+    folder = tmp_path / "fill"
+    toyworld.export_fill50k(folder, n=10, seed=0, size=64)
+    cfg = _cfg(base_dir, dataset=str(folder), validation_size=3)
+    train_part = open_dataset(cfg, 64)
+    assert len(train_part) == 7
+    with pytest.raises(IndexError):
+        train_part[7]
+    from cnkit.datasets import load
+    from cnkit.telemetry import held_out_items
+
+    everything = load(str(folder))
+    held = held_out_items(cfg, 64, 3)
+    assert [h.prompt for h in held] == [everything[i].prompt for i in (7, 8, 9)]
+    with pytest.raises(ValueError, match="validation_size"):
+        open_dataset(_cfg(base_dir, dataset=str(folder), validation_size=10), 64)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_accelerate_launch(base_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: two CPU processes
+    joined by gloo, each drawing its own batches, one gradient."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "cnkit.train", f"--base={base_dir}", "--steps=3", "--batch_size=2", "--n_train=8",
+           "--validate_every=0", "--checkpoint_every=3", f"--out_dir={out}"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
+    assert result["samples_seen"] == 3 * 2 * 2  # steps x batch x processes
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 3
+    ControlNetModel.from_pretrained(out / "checkpoint")
