@@ -212,7 +212,7 @@ def held_out_items(cfg, resolution: int, n: int) -> list:
 
     if cfg.dataset.startswith("toy:"):
         # Indices past every training index of the same seed: conditions the net never saw.
-        ds = load(cfg.dataset, n=n, seed=cfg.seed, size=resolution, offset=10**7)
+        ds = load(cfg.dataset, n=n, seed=cfg.data_seed, size=resolution, offset=10**7)
         return [_ToyItem(ds, i) for i in range(n)]
     ds = load(cfg.dataset)  # the last validation_size items, which training leaves out (train.open_dataset)
     return [ds[i] for i in range(len(ds) - min(n, cfg.validation_size), len(ds))]

@@ -37,6 +37,10 @@ from . import params as _params
 from .controlnets import VARIANTS, make_controlnet
 from .tiny import vae_scale_factor
 
+# How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
+# puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
+TIMESTEP_SAMPLING = ("uniform", "cubic")
+
 
 @dataclass
 class TrainConfig:
@@ -48,8 +52,10 @@ class TrainConfig:
     gradient_accumulation: int = 1  # micro-batches per optimizer step
     learning_rate: float = 1e-5  # the paper's AdamW rate
     prompt_dropout: float = 0.5  # share of prompts replaced by "" (the paper: 50%)
+    timestep_sampling: str = "uniform"  # uniform (the paper) or cubic (T2I-Adapter: more high-noise steps)
     mixed_precision: str = "no"  # no, fp16, bf16 (Accelerate)
-    seed: int = 0
+    seed: int = 0  # the ControlNet's initialisation, batch order, noise, timesteps and dropped prompts
+    data_seed: int = 0  # which toy-world items are drawn (training and held out); fixed across training seeds
     validate_every: int = 100  # optimizer steps between validations; 0 turns validation off
     checkpoint_every: int = 500  # optimizer steps between checkpoints
     out_dir: str = "runs/controlnet"
@@ -75,6 +81,9 @@ class TrainConfig:
             raise ValueError(f"unknown variant {self.variant!r}; known variants: {', '.join(VARIANTS)}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.timestep_sampling not in TIMESTEP_SAMPLING:
+            raise ValueError(f"timestep_sampling must be one of {', '.join(TIMESTEP_SAMPLING)}, "
+                             f"got {self.timestep_sampling!r}")
         if self.validate_every < 0:
             raise ValueError(f"parameter validate_every must be 0 (off) or more, got {self.validate_every}")
 
@@ -160,7 +169,7 @@ def open_dataset(cfg: TrainConfig, resolution: int):
     from .datasets import load
 
     if is_toy(cfg.dataset):
-        return load(cfg.dataset, n=cfg.n_train, seed=cfg.seed, size=resolution)
+        return load(cfg.dataset, n=cfg.n_train, seed=cfg.data_seed, size=resolution)
     ds = load(cfg.dataset)
     if len(ds) <= cfg.validation_size:
         raise ValueError(f"dataset {cfg.dataset!r} has {len(ds)} items; training keeps the last validation_size="
@@ -203,7 +212,7 @@ def cached_encoding(cfg: TrainConfig, pipe, resolution: int, cache_dir: Path) ->
     from safetensors.torch import load_file, save_file
 
     held_out = 0 if is_toy(cfg.dataset) else cfg.validation_size  # a folder's training part depends on it
-    key = hashlib.sha256(json.dumps([str(_params.repo_path(cfg.base)), cfg.dataset, cfg.n_train, cfg.seed,
+    key = hashlib.sha256(json.dumps([str(_params.repo_path(cfg.base)), cfg.dataset, cfg.n_train, cfg.data_seed,
                                      resolution, held_out]).encode()).hexdigest()[:16]
     path = cache_dir / f"encoded-{key}.safetensors"
     if path.is_file():
@@ -322,7 +331,11 @@ class Trainer:
         z0 = data.latent_mean[idx] + data.latent_std[idx] * torch.randn(data.latent_mean[idx].shape, generator=g)
         z0 = z0 * self.pipe.vae.config.scaling_factor
         noise = torch.randn(z0.shape, generator=g)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (cfg.batch_size,), generator=g)
+        n_t = self.noise_scheduler.config.num_train_timesteps
+        if cfg.timestep_sampling == "cubic":
+            t = ((1 - torch.rand(cfg.batch_size, generator=g) ** 3) * n_t).long().clamp_(max=n_t - 1)
+        else:
+            t = torch.randint(0, n_t, (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.prompt_dropout
         text = torch.where(drop[:, None, None], data.empty_embed, data.prompt_embeds[data.prompt_ids[idx]])
         return {"noisy": self.noise_scheduler.add_noise(z0, noise, t), "noise": noise, "t": t, "text": text,

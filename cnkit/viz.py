@@ -128,10 +128,10 @@ def growth_by_latent_size(telemetry: dict, field: str = "residual_rms", step: in
 def convergence_figure(runs: list[dict], threshold: float, metric: str):
     """Fidelity against optimizer step per run (raw validation points, detected step marked by a
     vertical line) and the raw per-step training loss beside it. ``runs``: dicts with label,
-    steps, fidelity, converged_at_step, loss_steps, loss."""
+    steps, fidelity, converged_at_step, loss_steps, loss, and optionally colour."""
     fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 3.6))
     for k, r in enumerate(runs):
-        colour = plt.cm.tab10(k)
+        colour = r.get("colour", plt.cm.tab10(k))
         ax.plot(r["steps"], r["fidelity"], "o-", ms=3, color=colour, label=r["label"])
         if r.get("converged_at_step") is not None:
             ax.axvline(r["converged_at_step"], color=colour, ls=":", lw=1.2)

@@ -43,3 +43,21 @@ def test_notebook_runs_with_the_smoke_profile(path, tmp_path):
     for folder in meta.get("pipelines", []):  # diffusers folders it writes must load with the stock class
         pipe = StableDiffusionPipeline.from_pretrained(out_dir / folder, local_files_only=True)
         assert pipe.unet.config.sample_size * vae_scale_factor(pipe.vae) == 64
+
+
+def _parameters(path: Path) -> dict:
+    import ast
+
+    nb = json.loads(path.read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
+    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
+            if isinstance(node, ast.AnnAssign)}
+
+
+def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
+    from cnkit.runs import RECIPE
+
+    for stem in ("02_train_controlnet", "03_zero_conv_growth", "04_sudden_convergence"):
+        found = _parameters(NOTEBOOKS[0].parent / f"{stem}.ipynb")
+        assert {k: found[k] for k in RECIPE if k in found} == {k: RECIPE[k] for k in RECIPE if k in found}, stem
+        assert {"base", "dataset", "variant", "steps", "batch_size", "learning_rate", "seed"} <= set(found)

@@ -43,7 +43,9 @@ def test_a_run_is_trained_once_and_read_back(base_dir, tmp_path):
     assert again.folder == run.folder and "not retrained" in logs[-1]
     other = runs.train(_cfg(base_dir, seed=1), tmp_path, log=logs.append)
     assert other.folder != run.folder and "training into" in logs[-1]
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # one encoding per (dataset, seed)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # seeds share the data's encoding
+    runs.train(_cfg(base_dir, data_seed=1), tmp_path, log=logs.append)
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
 
 
 def test_shapes_validation_records_edge_f1_and_miou(base_dir, tmp_path):
