@@ -8,7 +8,7 @@ from diffusers import ControlNetModel
 
 from cnkit import metrics
 from cnkit.telemetry import ZeroConvTelemetry
-from cnkit.train import TrainConfig, Trainer
+from cnkit.train import TrainConfig, Trainer, cached_encoding
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,16 @@ def test_disc_iou_finds_the_disc_without_trusting_colours():
     other = toyworld.sample("fill", 4)
     assert metrics.disc_iou(other.image, s.conditions["outline"]) < 0.5
     assert metrics.disc_iou(np.full((64, 64, 3), 128, np.uint8), s.conditions["outline"]) == 0.0
+
+
+def test_cubic_timestep_sampling_favours_high_noise(base_dir, tmp_path):
+    with pytest.raises(ValueError, match="timestep_sampling must be one of uniform, cubic"):
+        TrainConfig(timestep_sampling="logit")
+    means = {}
+    for sampling in ("uniform", "cubic"):
+        tr = Trainer(_cfg(base_dir, tmp_path / sampling, timestep_sampling=sampling, batch_size=512))
+        tr.data = cached_encoding(tr.cfg, tr.pipe, tr.resolution, tmp_path / "cache")
+        t = tr._micro_batch(tr.data, 0)["t"].float()
+        assert 0 <= t.min() and t.max() <= 999
+        means[sampling] = float(t.mean())
+    assert abs(means["uniform"] - 500) < 40 and abs(means["cubic"] - 750) < 30  # E[1 - u^3] = 3/4
