@@ -26,6 +26,7 @@ def test_notebook_follows_the_conventions(path):
         assert re.match(r"^\w+: \w+ = .+  # .+", line), f"typed literal with a comment: {line!r}"
     names = {ln.split(":")[0] for ln in lines}
     assert {"profile", "out_dir", "seed"} <= names
+    assert set(pm.inspect_notebook(str(path))) == names, "papermill must parse every parameter line"
     assert nb["metadata"].get("cnkit", {}).get("outputs"), "declare the files it writes in metadata.cnkit.outputs"
 
 
