@@ -105,7 +105,9 @@ class ControlNetLiteModel(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 4, block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
                  layers_per_block: int = 2, conditioning_channels: int = 3,
-                 conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256)):
+                 conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
+                 global_pool_conditions: bool = False):
+        # global_pool_conditions: read by diffusers' ControlNet pipelines from every net's config.
         super().__init__()
         c0 = block_out_channels[0]
         self.conv_in = nn.Conv2d(in_channels, c0, 3, padding=1)

@@ -165,7 +165,11 @@ class Validation:
         from diffusers import StableDiffusionControlNetPipeline
 
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
-        pipe = StableDiffusionControlNetPipeline(**trainer.pipe.components, controlnet=net)
+        # diffusers' pipeline knows ControlNetModel by class; other nets (lite) go in as a one-net list.
+        from diffusers import ControlNetModel
+
+        single = isinstance(net, ControlNetModel)
+        pipe = StableDiffusionControlNetPipeline(**trainer.pipe.components, controlnet=net if single else [net])
         pipe.set_progress_bar_config(disable=True)
         was_training = net.training
         net.eval()
@@ -174,8 +178,11 @@ class Validation:
             chunk = self.items[i:i + self.batch]
             prompts = [self.prompt if self.prompt is not None else it.prompt for it in chunk]
             gens = [torch.Generator().manual_seed(1000 + i + k) for k in range(len(chunk))]
-            images = pipe(prompts, image=[it.condition for it in chunk], num_inference_steps=self.steps,
-                          guidance_scale=self.guidance, generator=gens, output_type="np").images
+            conditions = [it.condition for it in chunk]
+            # A multi-net pipeline takes one list per batch item, with one condition per net.
+            images = pipe(prompts, image=conditions if single else [[c] for c in conditions],
+                          num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
+                          output_type="np").images
             out.append((images * 255).round().astype(np.uint8))
         net.train(was_training)
         return np.concatenate(out)

@@ -90,3 +90,10 @@ def test_two_cpu_processes_under_accelerate_launch(base_dir, tmp_path):
     state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
     assert state["num_processes"] == 2 and state["step"] == 3
     ControlNetModel.from_pretrained(out / "checkpoint")
+
+
+@pytest.mark.parametrize("variant", ["gaussian", "lite"])
+def test_ablation_variants_train_validate_and_load_back(base_dir, tmp_path, variant):
+    run = runs.train(_cfg(base_dir, variant=variant, steps=1), tmp_path)
+    assert len(run.validation()["fidelity"]) == 2
+    assert type(run.controlnet()).__name__ == ("ControlNetLiteModel" if variant == "lite" else "ControlNetModel")
