@@ -1,0 +1,113 @@
+"""The ControlNets shipped in ``data/controlnets/``: trained by the kit's recipe on the embedded base,
+measured, and written as stock diffusers ControlNet folders with a card each.
+
+    python -m cnkit.shipped [--only fill-outline ...] [--runs-dir runs/shipped]     (make controlnets)
+
+Training goes through ``cnkit.runs`` (cached by configuration, resumable). Every figure on a card is
+measured here on held-out conditions, through ``cnkit.generate`` (diffusers' pipeline), fixed seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .runs import RECIPE
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "data" / "controlnets"
+
+# name -> (what it learns, training overrides of the recipe, how it is evaluated)
+SHIPPED = {
+    "fill-outline": {
+        "about": "Fill50K's task: a circle outline -> a filled disc where the outline is.",
+        "train": {"dataset": "toy:fill"},
+        "eval": {"dataset": "toy:fill", "prompt": "", "metric": "disc_iou", "bar": 0.8},
+    },
+    "shapes-segmentation": {
+        "about": "shapes world: a segmentation map (a colour per shape class) -> those shapes there.",
+        "train": {"dataset": "toy:shapes/segmentation", "steps": 800, "validate_every": 50},
+        "eval": {"dataset": "toy:shapes/segmentation", "prompt": None, "metric": "miou", "bar": 0.7},
+    },
+    "shapes-outline": {
+        "about": "shapes world: outlines (scribble-like) -> shapes with those edges.",
+        "train": {"dataset": "toy:shapes/outline", "steps": 800, "validate_every": 50},
+        "eval": {"dataset": "toy:shapes/outline", "prompt": None, "metric": "edge_f1", "bar": 0.7},
+    },
+}
+N_EVAL = 64
+
+
+def train_config(name: str):
+    from .train import TrainConfig
+
+    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **SHIPPED[name]["train"]})
+
+
+def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
+    from .card import hardware, write_card
+    from .generate import load_pipeline
+    from .metrics import evaluate_controlnet
+    from .runs import train
+
+    spec = SHIPPED[name]
+    cfg = train_config(name)
+    start = time.perf_counter()
+    run = train(cfg, runs_dir, log=log)
+    folder = out_root / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for f in ("config.json", "diffusion_pytorch_model.safetensors"):  # the stock ControlNet folder only
+        shutil.copy(run.checkpoint / f, folder / f)
+    pipe = load_pipeline(cfg.base)
+    ev = spec["eval"]
+    measured = evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"])
+    report = run.convergence
+    data = {"name": name, "about": spec["about"], "base": cfg.base, "config": report["config"],
+            "training": {k: report[k] for k in ("steps", "samples_seen", "wall_time_s", "converged_at_step",
+                                                 "fidelity_final", "metric")},
+            "evaluation": {k: v for k, v in measured.items() if k != "per_item"},
+            "bar": {"metric": ev["metric"], "at_least": ev["bar"], "met": measured[ev["metric"]] >= ev["bar"]},
+            "hardware": hardware(), "build_seconds": time.perf_counter() - start,
+            "rebuild": f"make controlnets  (python -m cnkit.shipped --only {name})"}
+    prompt = "the empty prompt" if ev["prompt"] == "" else "each scene's own prompt"
+    sections = {
+        "What it does": spec["about"],
+        "Recipe": (f"cnkit.train on `{cfg.base}`, dataset `{cfg.dataset}` ({cfg.n_train} items, data seed "
+                   f"{cfg.data_seed}), variant `{cfg.variant}`, {cfg.steps} optimizer steps at batch {cfg.batch_size}, "
+                   f"AdamW {cfg.learning_rate:g}, {cfg.timestep_sampling} timestep sampling, "
+                   f"{cfg.prompt_dropout:.0%} empty prompts, seed {cfg.seed}."),
+        "Measured": (f"On {N_EVAL} held-out conditions with {prompt}, DDIM {measured['steps']} steps, guidance "
+                     f"{measured['guidance']}: " + ", ".join(
+                         f"{k} {measured[k]:.3f}" for k in measured if isinstance(measured[k], float)
+                         and k not in ("guidance",)) + f". Bar: {ev['metric']} >= {ev['bar']}: "
+                     + ("met." if data["bar"]["met"] else "NOT met.")),
+        "Rebuild": f"`{data['rebuild']}`; training wall time {report['wall_time_s'] / 60:.1f} min on {hardware()}.",
+        "Load": f"`ControlNetModel.from_pretrained(\"data/controlnets/{name}\")`",
+    }
+    write_card(folder, f"cnkit ControlNet: {name}", sections, data)
+    log(json.dumps({"name": name, **data["evaluation"], "bar_met": data["bar"]["met"]}))
+    return data
+
+
+def main(argv=None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
+    # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
+    ap.add_argument("--runs-dir", default=str(ROOT / "reports" / "full" / "runs"))
+    args = ap.parse_args(argv)
+    for name in args.only or SHIPPED:
+        build(name, Path(args.runs_dir))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""cnkit.generate: control units over diffusers' pipeline; equal to diffusers where only its features are used."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
+
+from cnkit import generate as G
+from cnkit import toyworld
+from cnkit.controlnets import make_controlnet
+
+KW = dict(steps=3, guidance=4.0, seed=7)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_pipe):
+    pipe = tiny_pipe
+    pipe.set_progress_bar_config(disable=True)
+    # Gaussian-initialised nets: their residuals are not zero, so every weighting shows.
+    nets = [make_controlnet(pipe.unet, "gaussian", vae_scale_factor=4, seed=s).eval() for s in (1, 2)]
+    conds = [toyworld.sample("shapes", i).conditions["segmentation"] for i in (1, 2)]
+    return pipe, nets, conds
+
+
+def _diffusers(pipe, controlnet, image, prompt="red circle", negative=""):
+    p = StableDiffusionControlNetPipeline(**{**pipe.components,
+                                             "scheduler": DDIMScheduler.from_config(pipe.scheduler.config)},
+                                          controlnet=controlnet)
+    p.set_progress_bar_config(disable=True)
+    return p(prompt, negative_prompt=negative, image=image, num_inference_steps=KW["steps"],
+             guidance_scale=KW["guidance"], generator=[torch.Generator().manual_seed(KW["seed"])], height=64,
+             width=64, output_type="np").images[0]
+
+
+def _ours(pipe, units, **kw):
+    return np.asarray(G.generate(pipe, "red circle", units, **(KW | kw)).images[0]).astype(np.float32) / 255
+
+
+def test_one_unit_equals_a_plain_diffusers_call(parts):
+    pipe, (net, _), (cond, _) = parts
+    from PIL import Image
+
+    expected = _diffusers(pipe, net, Image.fromarray(cond))
+    ours = _ours(pipe, [G.ControlUnit(net, cond)])
+    assert np.abs(ours - (expected * 255).round() / 255).max() == 0
+
+
+def test_two_units_equal_diffusers_multicontrolnet(parts):
+    pipe, nets, conds = parts
+    from PIL import Image
+
+    expected = _diffusers(pipe, list(nets), [Image.fromarray(c) for c in conds])
+    ours = _ours(pipe, [G.ControlUnit(n, c) for n, c in zip(nets, conds)])
+    assert np.abs(ours - (expected * 255).round() / 255).max() == 0
+
+
+def test_unit_weights_of_one_change_nothing_and_modes_change_the_image(parts):
+    pipe, (net, _), (cond, _) = parts
+    plain = _ours(pipe, [G.ControlUnit(net, cond)])
+    assert np.array_equal(plain, _ours(pipe, [G.ControlUnit(net, cond, connection_weights=[1.0] * 13)]))
+    prompt_first = _ours(pipe, [G.ControlUnit(net, cond, mode="prompt")])
+    control_first = _ours(pipe, [G.ControlUnit(net, cond, mode="controlnet")])
+    assert not np.array_equal(plain, prompt_first) and not np.array_equal(prompt_first, control_first)
+    # Without guidance there is no unconditional branch: "controlnet" is then the soft weights alone.
+    assert np.array_equal(_ours(pipe, [G.ControlUnit(net, cond, mode="prompt")], guidance=1.0),
+                          _ours(pipe, [G.ControlUnit(net, cond, mode="controlnet")], guidance=1.0))
+
+
+def test_zero_connection_weights_and_zero_scale_give_the_base_image(parts):
+    pipe, (net, _), (cond, _) = parts
+    base = np.asarray(G.generate(pipe, "red circle", [], **KW).images[0]).astype(np.float32) / 255
+    assert np.array_equal(base, _ours(pipe, [G.ControlUnit(net, cond, connection_weights=[0.0] * 13)]))
+    assert np.array_equal(base, _ours(pipe, [G.ControlUnit(net, cond, scale=0)]))
+
+
+def test_cfg_weighting_forms():
+    sd = [64, 64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8][1:]  # SD 1.5's 13 connections
+    assert G.resolution_weights(sd) == [64 / h for h in sd]
+    assert np.allclose(G.soft_weights(13), G.logspace_weights(13), atol=2e-3)
+    assert G.soft_weights(13)[-1] == 1.0 and abs(G.soft_weights(13)[0] - 0.825**12) < 1e-12
+
+
+def test_connection_latent_sizes_follow_the_unet(tiny_pipe):
+    assert G.connection_latent_sizes(tiny_pipe.unet) == [16, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 2]
+
+
+def test_cfg_weighting_puts_control_in_the_conditional_branch_only(parts):
+    pipe, (net, _), (cond, _) = parts
+    plain = _ours(pipe, [G.ControlUnit(net, cond)])
+    images = {form: _ours(pipe, [G.ControlUnit(net, cond)], cfg_weighting=form) for form in G.CFG_WEIGHTINGS}
+    assert not np.array_equal(images["paper"], plain) and not np.array_equal(images["paper"], images["0.825"])
+    assert np.abs(images["0.825"] - images["logspace"]).max() < 0.05  # the two forms agree within 2e-3
+    with pytest.raises(ValueError, match="unknown cfg_weighting 'linear'"):
+        G.generate(pipe, "x", [G.ControlUnit(net, cond)], cfg_weighting="linear", **KW)
+
+
+def test_conditions_of_another_size_are_fitted_and_reported(parts):
+    pipe, (net, _), _ = parts
+    wide = toyworld.sample("fill", 3, size=96).conditions["outline"][:48]  # 96 wide, 48 high
+    for mode in G.RESIZE_MODES:
+        out = G.generate(pipe, "red circle", [G.ControlUnit(net, wide, resize_mode=mode)], **KW)
+        assert out.conditions[0].size == (64, 64) and f"96x48 fitted to 64x64 by {mode}" in out.notes[0]
+    fitted, note = G.fit_condition(np.zeros((64, 64, 3), np.uint8), 64, 64)
+    assert note is None and fitted.size == (64, 64)
+
+
+def test_annotated_sources_previews_and_clear_errors(parts):
+    pipe, (net, _), _ = parts
+    sample = toyworld.sample("shapes", 5)
+    seen = []
+    out = G.generate(pipe, "", [G.ControlUnit(net, sample, annotator="toy_segmentation")],
+                     on_step=lambda i, n, latents: seen.append((i, n, tuple(latents.shape))), **KW)
+    assert np.array_equal(np.asarray(out.conditions[0]), sample.conditions["segmentation"])
+    assert [s[:2] for s in seen] == [(1, 3), (2, 3), (3, 3)] and seen[0][2][1:] == (4, 16, 16)
+    with pytest.raises(ValueError, match="toy-world sample is a source"):
+        G.generate(pipe, "", [G.ControlUnit(net, sample)], **KW)
+    with pytest.raises(ValueError, match="unknown control mode 'strong'"):
+        G.ControlUnit(net, sample, mode="strong")
+    with pytest.raises(ValueError, match="start .* must be below its end"):
+        G.ControlUnit(net, sample, start=0.8, end=0.2)
+    with pytest.raises(ValueError, match="connection_weights has 3 values; this ControlNet has 13"):
+        G.generate(pipe, "", [G.ControlUnit(net, sample, annotator="toy_segmentation",
+                                            connection_weights=[1, 1, 1])], **KW)
+    with pytest.raises(ValueError, match="uint8"):
+        G.generate(pipe, "", [G.ControlUnit(net, np.zeros((64, 64, 3), np.float32))], **KW)
+    with pytest.raises(FileNotFoundError, match="could not load the ControlNet 'nobody/nothing'"):
+        G.generate(pipe, "", [G.ControlUnit("nobody/nothing", sample.image)], **KW)
