@@ -53,7 +53,8 @@ def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False) -
     import papermill as pm
 
     out_dir = run_dir / path.stem
-    parameters = {"profile": profile, "out_dir": str(out_dir)}
+    meta = json.loads(path.read_text()).get("metadata", {}).get("cnkit", {})
+    parameters = {**meta.get("headless_parameters", {}), "profile": profile, "out_dir": str(out_dir)}
     stamp_file, stamp = out_dir / ".cnkit-stamp", _stamp(path, parameters)
     if not force and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return "cached", 0.0

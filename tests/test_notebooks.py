@@ -34,10 +34,11 @@ def test_notebook_follows_the_conventions(path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_with_the_smoke_profile(path, tmp_path):
     out_dir = tmp_path / "out"
-    pm.execute_notebook(str(path), str(tmp_path / path.name), parameters={"profile": "smoke",
-                        "out_dir": str(out_dir)}, cwd=str(path.parent), progress_bar=False,
-                        kernel_name="python3")
     meta = json.loads(path.read_text())["metadata"]["cnkit"]
+    # headless_parameters: what a notebook needs to run without a person (the playground's interactive=False).
+    parameters = {**meta.get("headless_parameters", {}), "profile": "smoke", "out_dir": str(out_dir)}
+    pm.execute_notebook(str(path), str(tmp_path / path.name), parameters=parameters, cwd=str(path.parent),
+                        progress_bar=False, kernel_name="python3")
     for name in meta["outputs"]:
         f = out_dir / name
         assert f.is_file() and f.stat().st_size > 0, f"{path.name} did not write {name}"
