@@ -3,6 +3,7 @@
 #   make test      set up, then ruff, the unit tests, every notebook by papermill (smoke), nbval
 #   make lab       set up, then JupyterLab on the kit
 #   make pretrain  rebuild data/tiny-sd by running the pretraining notebook (about an hour of CPU)
+#   make controlnets  rebuild data/controlnets (the shipped ControlNets, trained and measured; ~40 min of CPU)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.cnkit-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup figures test lint unit notebooks nbval lab pretrain clean
+.PHONY: setup figures test lint unit notebooks nbval lab pretrain controlnets clean
 
 setup: $(STAMP)
 
@@ -50,3 +51,7 @@ pretrain: setup
 
 clean:
 	rm -rf reports notebooks/outputs .pytest_cache
+
+# Trains (or reuses make figures' runs of) the shipped ControlNets, measures them and writes their cards.
+controlnets: setup
+	$(PY) -m cnkit.shipped

@@ -30,12 +30,12 @@ SHIPPED = {
     },
     "shapes-segmentation": {
         "about": "shapes world: a segmentation map (a colour per shape class) -> those shapes there.",
-        "train": {"dataset": "toy:shapes/segmentation", "steps": 800, "validate_every": 50},
+        "train": {"dataset": "toy:shapes/segmentation", "steps": 800, "validate_every": 50, "n_train": 5000},
         "eval": {"dataset": "toy:shapes/segmentation", "prompt": None, "metric": "miou", "bar": 0.7},
     },
     "shapes-outline": {
         "about": "shapes world: outlines (scribble-like) -> shapes with those edges.",
-        "train": {"dataset": "toy:shapes/outline", "steps": 800, "validate_every": 50},
+        "train": {"dataset": "toy:shapes/outline", "steps": 800, "validate_every": 50, "n_train": 5000},
         "eval": {"dataset": "toy:shapes/outline", "prompt": None, "metric": "edge_f1", "bar": 0.7},
     },
 }
@@ -71,7 +71,9 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     data = {"name": name, "about": spec["about"], "base": cfg.base, "config": report["config"],
             "training": {k: report[k] for k in ("steps", "samples_seen", "wall_time_s", "converged_at_step",
                                                  "fidelity_final", "metric")},
-            "evaluation": {k: v for k, v in measured.items() if k != "per_item"},
+            "evaluation": {**{k: v for k, v in measured.items() if k != "per_item"},
+                           # per held-out item, in order, so a test can reproduce a prefix of them
+                           "per_item": {ev["metric"]: [round(x, 4) for x in measured["per_item"][ev["metric"]]]}},
             "bar": {"metric": ev["metric"], "at_least": ev["bar"], "met": measured[ev["metric"]] >= ev["bar"]},
             "hardware": hardware(), "build_seconds": time.perf_counter() - start,
             "rebuild": f"make controlnets  (python -m cnkit.shipped --only {name})"}
@@ -95,6 +97,38 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     return data
 
 
+def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
+    """Both shapes nets in one call on scenes built for it; the result goes in data/controlnets/README.md."""
+    from .card import hardware
+    from .generate import load_pipeline
+    from .metrics import evaluate_composition
+
+    pipe = load_pipeline(RECIPE["base"])
+    result = evaluate_composition(pipe, str(out_root / "shapes-segmentation"), str(out_root / "shapes-outline"), n=n)
+    summary = {k: v for k, v in result.items() if k != "per_item"}
+    lines = ["# ControlNets shipped with cnkit", "",
+             "Trained by `make controlnets` (`python -m cnkit.shipped`) on `data/tiny-sd`; each folder is a stock "
+             "diffusers ControlNet with its own card.", "", "| name | what it does | measured |", "|---|---|---|"]
+    for name, spec in SHIPPED.items():
+        card = out_root / name / "README.md"
+        if card.is_file():
+            from .card import card_data
+
+            ev = card_data(out_root / name)["evaluation"]
+            metric = spec["eval"]["metric"]
+            lines.append(f"| `{name}` | {spec['about']} | {metric} {ev[metric]:.3f} |")
+    lines += ["", "## Composition", "",
+              f"`shapes-segmentation` and `shapes-outline` in one `cnkit.generate` call on {n} held-out two-shape "
+              "scenes: the segmentation net gets one shape's segmentation map, the outline net the other shape's "
+              "outline; each condition is scored where it speaks (the other shape's area painted out): "
+              f"segmentation mIoU {summary['segmentation_miou']:.3f}, outline edge F1 {summary['outline_edge_f1']:.3f} "
+              f"(bar: 0.7 each). DDIM {summary['steps']} steps, guidance {summary['guidance']}, each scene's prompt; "
+              f"{hardware()}.", "", "```json", json.dumps(summary, indent=1), "```", ""]
+    (out_root / "README.md").write_text("\n".join(lines))
+    log(json.dumps(summary))
+    return summary
+
+
 def main(argv=None) -> int:
     import os
 
@@ -106,6 +140,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     for name in args.only or SHIPPED:
         build(name, Path(args.runs_dir))
+    if all((OUT / name / "README.md").is_file() for name in ("shapes-segmentation", "shapes-outline")):
+        compose()
     return 0
 
 
