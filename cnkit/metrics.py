@@ -396,7 +396,7 @@ def _only_shape(sample, k: int):
     mask = sample.masks[f"shape{k}"]
     masks = {"shape0": mask} | {kind: mask if kind == shape["kind"] else np.zeros_like(mask)
                                 for kind in toyworld.SHAPE_KINDS}
-    return SimpleNamespace(truth={**sample.truth, "shapes": [shape]}, masks=masks)
+    return SimpleNamespace(image=sample.image, truth={**sample.truth, "shapes": [shape]}, masks=masks)
 
 
 def composition_conditions(sample) -> tuple[np.ndarray, np.ndarray]:

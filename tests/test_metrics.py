@@ -68,3 +68,17 @@ def test_fidelity_metrics_per_dataset():
     assert list(metrics.fidelity_metrics_for("toy:shapes/segmentation")) == ["miou", "edge_f1"]
     assert list(metrics.fidelity_metrics_for("toy:shapes/edges")) == ["edge_f1", "miou"]
     assert list(metrics.fidelity_metrics_for("my-shapes-folder", with_truth=False)) == ["edge_f1"]
+
+
+def test_composition_scenes_split_two_shapes_between_two_conditions():
+    scenes = metrics.composition_scenes(4)
+    for s in scenes:
+        assert len(s.truth["shapes"]) == 2
+        seg, outline = metrics.composition_conditions(s)
+        assert seg[s.masks["shape0"]].any() and not seg[s.masks["shape1"]].any()
+        assert outline.any() and not outline[s.masks["shape0"]].any()
+        assert metrics.composition_fidelity(s.image, s) == {"segmentation_miou": 1.0, "outline_edge_f1": 1.0}
+    blank = np.empty_like(scenes[0].image)
+    blank[:] = toyworld.PALETTE[scenes[0].truth["background"]]
+    low = metrics.composition_fidelity(blank, scenes[0])
+    assert low["segmentation_miou"] < 0.6 and low["outline_edge_f1"] < 0.1
