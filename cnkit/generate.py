@@ -298,7 +298,7 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
                   num_inference_steps=steps, guidance_scale=guidance, generator=gens, height=size, width=size,
                   callback_on_step_end=callback)
     if not units:
-        plain = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched})
+        plain = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
         plain.set_progress_bar_config(disable=True)
         return Generation(plain(**common).images, [], [], settings)
 
@@ -322,7 +322,9 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
     for n in nets:
         if isinstance(n, UnitControlNet):
             n.cfg_active = guidance > 1  # diffusers batches [unconditional, conditional] when guidance > 1
-    control = StableDiffusionControlNetPipeline(**{**pipe.components, "scheduler": sched}, controlnet=list(nets))
+    # The base's components carry requires_safety_checker in its config; the kit's tiny base has none to require.
+    control = StableDiffusionControlNetPipeline(**{**pipe.components, "scheduler": sched}, controlnet=list(nets),
+                                                requires_safety_checker=False)
     control.set_progress_bar_config(disable=True)
     out = control(image=[list(conditions) for _ in range(num_images)],
                   controlnet_conditioning_scale=[u.scale for u in units],

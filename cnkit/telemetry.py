@@ -169,7 +169,8 @@ class Validation:
         from diffusers import ControlNetModel
 
         single = isinstance(net, ControlNetModel)
-        pipe = StableDiffusionControlNetPipeline(**trainer.pipe.components, controlnet=net if single else [net])
+        pipe = StableDiffusionControlNetPipeline(**trainer.pipe.components, controlnet=net if single else [net],
+                                                 requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         was_training = net.training
         net.eval()
