@@ -33,6 +33,10 @@ SHIPPED = {
         "train": {"dataset": "toy:shapes/segmentation", "steps": 800, "validate_every": 50, "n_train": 5000},
         "eval": {"dataset": "toy:shapes/segmentation", "prompt": None, "metric": "miou", "bar": 0.7},
     },
+}
+# Defined and buildable (--only shapes-outline), not shipped yet: with shapes-segmentation it makes the
+# composition pair (compose()); it was not trained in the session that shipped the two above.
+NOT_YET_SHIPPED = {
     "shapes-outline": {
         "about": "shapes world: outlines (scribble-like) -> shapes with those edges.",
         "train": {"dataset": "toy:shapes/outline", "steps": 800, "validate_every": 50, "n_train": 5000},
@@ -45,7 +49,7 @@ N_EVAL = 64
 def train_config(name: str):
     from .train import TrainConfig
 
-    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **SHIPPED[name]["train"]})
+    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **{**SHIPPED, **NOT_YET_SHIPPED}[name]["train"]})
 
 
 def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
@@ -54,7 +58,7 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     from .metrics import evaluate_controlnet
     from .runs import train
 
-    spec = SHIPPED[name]
+    spec = {**SHIPPED, **NOT_YET_SHIPPED}[name]
     cfg = train_config(name)
     start = time.perf_counter()
     run = train(cfg, runs_dir, log=log)
@@ -109,7 +113,7 @@ def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
     lines = ["# ControlNets shipped with cnkit", "",
              "Trained by `make controlnets` (`python -m cnkit.shipped`) on `data/tiny-sd`; each folder is a stock "
              "diffusers ControlNet with its own card.", "", "| name | what it does | measured |", "|---|---|---|"]
-    for name, spec in SHIPPED.items():
+    for name, spec in {**SHIPPED, **NOT_YET_SHIPPED}.items():
         card = out_root / name / "README.md"
         if card.is_file():
             from .card import card_data
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
+    ap.add_argument("--only", nargs="*", choices=[*SHIPPED, *NOT_YET_SHIPPED])
     # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
     ap.add_argument("--runs-dir", default=str(ROOT / "reports" / "full" / "runs"))
     args = ap.parse_args(argv)
