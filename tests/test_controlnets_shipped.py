@@ -31,6 +31,14 @@ def test_fill_net_places_the_disc_where_an_unseen_outline_says_with_an_empty_pro
     assert data["evaluation"]["prompt"] == "" and data["evaluation"]["disc_iou"] >= 0.8
 
 
+def test_two_nets_composed_in_one_call_satisfy_both_conditions():
+    text = (OUT / "README.md").read_text()
+    import json
+
+    summary = json.loads(text.split("```json", 1)[1].split("```", 1)[0])
+    assert summary["n"] >= 32 and summary["segmentation_miou"] >= 0.7 and summary["outline_edge_f1"] >= 0.7
+
+
 @pytest.mark.slow
 def test_fill_net_card_figures_reproduce_on_a_fixed_sample():
     from cnkit.generate import load_pipeline
