@@ -130,16 +130,17 @@ def info_for(name: str) -> AnnotatorInfo:
     return REGISTRY[name]
 
 
-def _as_array(source) -> np.ndarray:
+def as_rgb(source, what: str = "a source image") -> np.ndarray:
+    """``source`` (PIL or array, HxW / HxWx3 / HxWx4 uint8) as a contiguous HxWx3 uint8 array."""
     if isinstance(source, Image.Image):
         source = np.asarray(source.convert("RGB"))
     array = np.asarray(source)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise AnnotatorError(f"a source image must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+        raise AnnotatorError(f"{what} must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
     if array.dtype != np.uint8:
-        raise AnnotatorError(f"a source image must be uint8 (0..255), got {array.dtype}: convert it first")
+        raise AnnotatorError(f"{what} must be uint8 (0..255), got {array.dtype}: convert it first")
     return np.ascontiguousarray(array[:, :, :3])
 
 
@@ -161,7 +162,7 @@ def annotate(name: str, source, weights: str | None = None, **settings) -> np.nd
             raise AnnotatorError(f"the {source.truth['world']!r} world has no {kind!r} map; it has: "
                                  f"{', '.join(source.conditions)}")
         return source.conditions[kind]
-    image = source.image if isinstance(source, toyworld.Sample) else _as_array(source)
+    image = source.image if isinstance(source, toyworld.Sample) else as_rgb(source)
     det = detector(name, weights)
     size = image.shape[0]
     import inspect

@@ -191,14 +191,7 @@ def unit_condition(unit: ControlUnit) -> np.ndarray:
     if isinstance(unit.image, toyworld.Sample):
         raise ValueError("a toy-world sample is a source: give the unit an annotator (toy_outline, "
                          "toy_segmentation, toy_depth, toy_edges, canny, ...)")
-    array = np.asarray(unit.image.convert("RGB") if isinstance(unit.image, Image.Image) else unit.image)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise ValueError(f"a condition image must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise ValueError(f"a condition image must be uint8 (0..255), got {array.dtype}")
-    return array[:, :, :3]
+    return annotators.as_rgb(unit.image, "a condition image")
 
 
 # --- loading ------------------------------------------------------------------------------

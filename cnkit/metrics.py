@@ -345,9 +345,10 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
     through cnkit.generate (diffusers' pipeline). Returns every metric's mean and per-item values."""
     from types import SimpleNamespace
 
-    from .generate import ControlUnit, generate
+    from .generate import ControlUnit, generate, load_controlnet
     from .telemetry import held_out_items
 
+    controlnet = load_controlnet(controlnet)  # once, not once per image
     cfg = SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     items = held_out_items(cfg, size, n)
@@ -423,8 +424,9 @@ def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, promp
     """Two nets in one call (cnkit.generate): the segmentation net gets shape 0's segmentation map, the
     outline net shape 1's outline, on ``n`` held-out two-shape scenes; each condition's fidelity where
     it speaks (``composition_fidelity``). ``prompt`` None: each scene's own prompt."""
-    from .generate import ControlUnit, generate
+    from .generate import ControlUnit, generate, load_controlnet
 
+    segmentation_net, outline_net = load_controlnet(segmentation_net), load_controlnet(outline_net)
     rows = []
     for k, scene in enumerate(composition_scenes(n, data_seed)):
         seg, outline = composition_conditions(scene)

@@ -100,12 +100,9 @@ class Run:
         return self.folder / "samples" / f"step-{int(step):06d}.png"
 
     def controlnet(self):
-        from diffusers import ControlNetModel
+        from .generate import load_controlnet
 
-        from .controlnets import ControlNetLiteModel
-
-        cls = ControlNetLiteModel if self.config["variant"] == "lite" else ControlNetModel
-        return cls.from_pretrained(self.checkpoint)
+        return load_controlnet(self.checkpoint)
 
 
 def is_finished(folder: Path, cfg: TrainConfig) -> bool:

@@ -40,14 +40,13 @@ SHIPPED = {
         "eval": {"dataset": "toy:shapes/outline", "prompt": None, "metric": "edge_f1", "bar": 0.7},
     },
 }
-NOT_YET_SHIPPED: dict = {}  # defined here and buildable with --only before they are shipped
 N_EVAL = 64
 
 
 def train_config(name: str):
     from .train import TrainConfig
 
-    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **{**SHIPPED, **NOT_YET_SHIPPED}[name]["train"]})
+    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **SHIPPED[name]["train"]})
 
 
 def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
@@ -56,7 +55,7 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     from .metrics import evaluate_controlnet
     from .runs import train
 
-    spec = {**SHIPPED, **NOT_YET_SHIPPED}[name]
+    spec = SHIPPED[name]
     cfg = train_config(name)
     start = time.perf_counter()
     run = train(cfg, runs_dir, log=log)
@@ -111,7 +110,7 @@ def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
     lines = ["# ControlNets shipped with cnkit", "",
              "Trained by `make controlnets` (`python -m cnkit.shipped`) on `data/tiny-sd`; each folder is a stock "
              "diffusers ControlNet with its own card.", "", "| name | what it does | measured |", "|---|---|---|"]
-    for name, spec in {**SHIPPED, **NOT_YET_SHIPPED}.items():
+    for name, spec in SHIPPED.items():
         card = out_root / name / "README.md"
         if card.is_file():
             from .card import card_data
@@ -136,7 +135,7 @@ def main(argv=None) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", nargs="*", choices=[*SHIPPED, *NOT_YET_SHIPPED])
+    ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
     # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
     ap.add_argument("--runs-dir", default=str(ROOT / "reports" / "full" / "runs"))
     args = ap.parse_args(argv)
