@@ -29,9 +29,8 @@ def _config(overrides: dict, smoke: bool):
     from .train import TrainConfig
 
     cfg = {**RECIPE, "checkpoint_every": 200, **overrides}  # checkpoints as notebooks 02-04 keep them
-    if smoke:  # the same code in seconds: a few steps on a few items
-        cfg.update(steps=2, batch_size=4, validate_every=1, checkpoint_every=1, validation_size=2,
-                   n_train=min(cfg["n_train"], 64))
+    if smoke:  # the same code in seconds: a few steps on a few items (as notebook 04's smoke runs, so shared)
+        cfg.update(steps=4, batch_size=4, validate_every=2, validation_size=4, n_train=min(cfg["n_train"], 64))
     return TrainConfig(**cfg)
 
 

@@ -17,7 +17,7 @@ unconditional half of the classifier-free-guidance batch:
 ``cfg_weighting`` applies the paper's CFG resolution weighting (Fig. 5) to every unit: the condition
 goes into the conditional branch only, each connection weighted by ``"paper"``: w_i = H / h_i (H the
 largest latent size, 64 for SD 1.5, h_i the connection's), ``"0.825"``: 0.825 ** (12 - i), or
-``"logspace"``: diffusers' torch.logspace(-1, 0, 13).
+``"logspace"``: diffusers' torch.logspace(-1, 0, 13); ``"flat"`` (for comparison) weights them all 1.
 
 A unit that only uses what diffusers has (balanced mode, no connection weights, no CFG weighting) is
 passed to diffusers unwrapped, so its images equal a plain diffusers call with the same seed.
@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 CONTROL_MODES = ("balanced", "prompt", "controlnet")
-CFG_WEIGHTINGS = ("paper", "0.825", "logspace")
+CFG_WEIGHTINGS = ("paper", "0.825", "logspace", "flat")
 RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
 
 
@@ -97,6 +97,8 @@ def cfg_weights(form: str, latent_sizes: list[int]) -> list[float]:
         return soft_weights(len(latent_sizes))
     if form == "logspace":
         return logspace_weights(len(latent_sizes))
+    if form == "flat":  # the conditional branch only, every connection at 1 (what the weightings correct)
+        return [1.0] * len(latent_sizes)
     raise ValueError(f"unknown CFG weighting {form!r}; known: {', '.join(CFG_WEIGHTINGS)} or None")
 
 
@@ -241,6 +243,37 @@ def load_pipeline(base):
 # --- generation ---------------------------------------------------------------------------
 
 
+def _unit_net(controlnet, mode: str, connection_weights, latent_sizes: list[int], guidance: float,
+              cfg_weighting: str | None):
+    """A unit's net as it goes into MultiControlNetModel: as it is when only diffusers' features are
+    used, else wrapped (UnitControlNet) with its connection weights and branch."""
+    net = load_controlnet(controlnet)
+    weights = None if connection_weights is None else list(connection_weights)
+    conditional_only = mode == "controlnet" or cfg_weighting is not None
+    for extra in ([soft_weights(len(latent_sizes))] if mode != "balanced" else []) + (
+            [cfg_weights(cfg_weighting, latent_sizes)] if cfg_weighting else []):
+        weights = [a * b for a, b in zip(weights or [1.0] * len(extra), extra)]
+    if weights is None and not conditional_only:
+        return net  # only what diffusers has: passed to it as it is
+    wrapped = UnitControlNet(net, weights, conditional_only)
+    wrapped.cfg_active = guidance > 1  # diffusers batches [unconditional, conditional] when guidance > 1
+    return wrapped
+
+
+def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guidance: float,
+                      cfg_weighting: str | None):
+    """diffusers' pipeline over ``nets``: (controlnet, mode, connection_weights) per unit."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    sizes = connection_latent_sizes(pipe.unet, latent_size)
+    nets = [_unit_net(*n, sizes, guidance, cfg_weighting) for n in nets]
+    # The base's components carry requires_safety_checker in its config; the kit's tiny base has none to require.
+    control = StableDiffusionControlNetPipeline(**{**pipe.components, "scheduler": scheduler}, controlnet=nets,
+                                                requires_safety_checker=False)
+    control.set_progress_bar_config(disable=True)
+    return control
+
+
 @dataclass
 class Generation:
     images: list[Image.Image]
@@ -256,7 +289,6 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
     total, latents)`` is called after every denoising step (diffusers' ``callback_on_step_end``)."""
     from diffusers import (
         DDIMScheduler,
-        StableDiffusionControlNetPipeline,
         StableDiffusionPipeline,
         UniPCMultistepScheduler,
     )
@@ -295,32 +327,49 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
         plain.set_progress_bar_config(disable=True)
         return Generation(plain(**common).images, [], [], settings)
 
-    notes, conditions, nets = [], [], []
-    sizes = connection_latent_sizes(pipe.unet, size // factor)
+    notes, conditions = [], []
     for k, unit in enumerate(units):
         cond, note = fit_condition(unit_condition(unit), size, size, unit.resize_mode)
         if note:
             notes.append(f"unit {k + 1}: {note}")
         conditions.append(cond)
-        net = load_controlnet(unit.controlnet)
-        weights = None if unit.connection_weights is None else list(unit.connection_weights)
-        conditional_only = unit.mode == "controlnet" or cfg_weighting is not None
-        for extra in ([soft_weights(len(sizes))] if unit.mode != "balanced" else []) + (
-                [cfg_weights(cfg_weighting, sizes)] if cfg_weighting else []):
-            weights = [a * b for a, b in zip(weights or [1.0] * len(extra), extra)]
-        if weights is None and not conditional_only:
-            nets.append(net)  # only what diffusers has: passed to it as it is
-        else:
-            nets.append(UnitControlNet(net, weights, conditional_only))
-    for n in nets:
-        if isinstance(n, UnitControlNet):
-            n.cfg_active = guidance > 1  # diffusers batches [unconditional, conditional] when guidance > 1
-    # The base's components carry requires_safety_checker in its config; the kit's tiny base has none to require.
-    control = StableDiffusionControlNetPipeline(**{**pipe.components, "scheduler": sched}, controlnet=list(nets),
-                                                requires_safety_checker=False)
-    control.set_progress_bar_config(disable=True)
+    nets = [(u.controlnet, u.mode, u.connection_weights) for u in units]
+    control = _control_pipeline(pipe, sched, nets, size // factor, guidance, cfg_weighting)
     out = control(image=[list(conditions) for _ in range(num_images)],
                   controlnet_conditioning_scale=[u.scale for u in units],
                   control_guidance_start=[u.start for u in units], control_guidance_end=[u.end for u in units],
                   **common)
     return Generation(out.images, conditions, notes, settings)
+
+
+def generate_many(base, prompts: list[str], conditions: list[list], controlnets: list, seeds: list[int],
+                  negative_prompt: str = "", steps: int = 20, guidance: float = 3.0,
+                  cfg_weighting: str | None = None, mode: str = "balanced", batch: int = 32) -> np.ndarray:
+    """One image per item, batched (evaluations): item k has its own prompt, one condition per net
+    (``conditions[k][u]``, fitted to the base's size by crop_and_resize) and its own seed; every net
+    at scale 1 over the whole denoising, in ``mode``. Returns uint8 images. An image depends on its own
+    item and seed only, up to float round-off between batch sizes."""
+    from diffusers import DDIMScheduler
+
+    if not (len(prompts) == len(conditions) == len(seeds)):
+        raise ValueError(f"prompts ({len(prompts)}), conditions ({len(conditions)}) and seeds ({len(seeds)}) "
+                         "must have one entry per image")
+    pipe = load_pipeline(base)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    sched = DDIMScheduler.from_config(pipe.scheduler.config)
+    if mode not in CONTROL_MODES:
+        raise ValueError(f"unknown control mode {mode!r}; known: {', '.join(CONTROL_MODES)}")
+    if cfg_weighting is not None and cfg_weighting not in CFG_WEIGHTINGS:
+        raise ValueError(f"unknown cfg_weighting {cfg_weighting!r}; known: {', '.join(CFG_WEIGHTINGS)} or None")
+    nets = [(net, mode, None) for net in controlnets]
+    control = _control_pipeline(pipe, sched, nets, size // pipe.vae_scale_factor, guidance, cfg_weighting)
+    out = []
+    for i in range(0, len(prompts), batch):
+        j = min(i + batch, len(prompts))
+        images = [[fit_condition(c, size, size)[0] for c in item] for item in conditions[i:j]]
+        result = control(prompts[i:j], image=images, negative_prompt=[negative_prompt] * (j - i),
+                         num_inference_steps=steps, guidance_scale=guidance,
+                         generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
+                         height=size, width=size, output_type="np").images
+        out.append((result * 255).round().astype(np.uint8))
+    return np.concatenate(out)

@@ -208,6 +208,23 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
     }
 
 
+# --- image statistics (over-saturation, Fig. 5) --------------------------------------------------
+
+
+def saturation(image: np.ndarray) -> float:
+    """Mean HSV saturation, (max - min) / max per pixel, 0 for black; 0..1."""
+    x = np.asarray(image, np.float32)
+    hi, lo = x.max(axis=-1), x.min(axis=-1)
+    return float(np.mean(np.where(hi > 0, (hi - lo) / np.maximum(hi, 1e-6), 0.0)))
+
+
+def off_palette(image: np.ndarray) -> float:
+    """Mean RGB distance of each pixel to its nearest toy-world palette colour (0..441): the toy world
+    draws palette colours only, so colour drift and over-saturation artefacts raise it."""
+    x = np.asarray(image, np.float32).reshape(-1, 1, 3)
+    return float(np.sqrt(((x - _PALETTE[None]) ** 2).sum(-1)).min(axis=1).mean())
+
+
 # --- condition fidelity (ControlNet training) -----------------------------------------------
 
 
@@ -345,21 +362,17 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
     through cnkit.generate (diffusers' pipeline). Returns every metric's mean and per-item values."""
     from types import SimpleNamespace
 
-    from .generate import ControlUnit, generate, load_controlnet
+    from .generate import generate_many
     from .telemetry import held_out_items
 
-    controlnet = load_controlnet(controlnet)  # once, not once per image
     cfg = SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     items = held_out_items(cfg, size, n)
     metrics = fidelity_metrics_for(dataset)
-    scores = {name: [] for name in metrics}
-    for k, item in enumerate(items):
-        text = item.prompt if prompt is None else prompt
-        image = np.asarray(generate(pipe, text, [ControlUnit(controlnet, np.asarray(item.condition))], steps=steps,
-                                    guidance=guidance, seed=1000 + k).images[0])
-        for name, fn in metrics.items():
-            scores[name].append(float(fn(image, item)))
+    prompts = [item.prompt if prompt is None else prompt for item in items]
+    images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items], [controlnet],
+                           [1000 + k for k in range(len(items))], steps=steps, guidance=guidance)
+    scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in metrics.items()}
     return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
             "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
             "per_item": scores}
@@ -424,16 +437,14 @@ def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, promp
     """Two nets in one call (cnkit.generate): the segmentation net gets shape 0's segmentation map, the
     outline net shape 1's outline, on ``n`` held-out two-shape scenes; each condition's fidelity where
     it speaks (``composition_fidelity``). ``prompt`` None: each scene's own prompt."""
-    from .generate import ControlUnit, generate, load_controlnet
+    from .generate import generate_many
 
-    segmentation_net, outline_net = load_controlnet(segmentation_net), load_controlnet(outline_net)
-    rows = []
-    for k, scene in enumerate(composition_scenes(n, data_seed)):
-        seg, outline = composition_conditions(scene)
-        units = [ControlUnit(segmentation_net, seg), ControlUnit(outline_net, outline)]
-        text = scene.prompt if prompt is None else prompt
-        image = np.asarray(generate(pipe, text, units, steps=steps, guidance=guidance, seed=2000 + k).images[0])
-        rows.append(composition_fidelity(image, scene))
+    scenes = composition_scenes(n, data_seed)
+    prompts = [scene.prompt if prompt is None else prompt for scene in scenes]
+    images = generate_many(pipe, prompts, [list(composition_conditions(scene)) for scene in scenes],
+                           [segmentation_net, outline_net], [2000 + k for k in range(n)], steps=steps,
+                           guidance=guidance)
+    rows = [composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
     return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
             **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
             "per_item": rows}

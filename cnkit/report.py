@@ -66,20 +66,64 @@ def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False) -
     return "ran", time.perf_counter() - start
 
 
-def write_index(run_dir: Path, paths: list[Path], timings: dict[str, float]) -> Path:
-    lines = [f"# cnkit report: {run_dir.name}", ""]
+def _checks(checks: dict) -> str:
+    return "; ".join(f"{name}: {'yes' if ok else 'no'}" for name, ok in checks.items())
+
+
+def write_index(run_dir: Path, paths: list[Path]) -> Path:
+    from .card import hardware
+
+    lines = [f"# cnkit report: {run_dir.name}", "",
+             f"Notebooks run by `make figures` on {hardware()}; each section: the paper's claim, what the kit "
+             "measured, whether it held, the key figures and tables. Times are each notebook's last full run "
+             "(training runs shared between notebooks count where they were first trained).", ""]
+    recorded = {}
     for path in paths:
         nb = json.loads(path.read_text())
         meta = nb["metadata"].get("cnkit", {})
         out_dir = run_dir / path.stem
+        executed = out_dir / path.name  # papermill records its run's duration in the executed copy
+        if executed.is_file():
+            duration = json.loads(executed.read_text())["metadata"].get("papermill", {}).get("duration")
+            if duration:
+                recorded[path.stem] = float(duration)
         lines += [f"## {_title(nb, path.stem)}", "", f"Notebook: [{path.name}]({path.stem}/{path.name})"
-                  + (f", {timings[path.stem]:.0f} s" if timings.get(path.stem) else ""), ""]
-        for name in meta.get("outputs", []):
-            if name.endswith(".png") and (out_dir / name).is_file():
+                  + (f", {recorded[path.stem] / 60:.1f} min" if path.stem in recorded else ""), ""]
+        summary_file = out_dir / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        if "paper_claim" in summary:  # the paper's claim, the kit's measurement, and whether it held
+            held = {True: "**yes**", False: "**no**", None: "not decided"}[summary.get("held")]
+            lines += [f"- **Paper:** {summary['paper_claim']}", f"- **Kit (measured):** {summary['kit_result']}",
+                      f"- **Held:** {held}" + (f" ({_checks(summary['checks'])})" if summary.get("checks") else ""),
+                      ""]
+        for name in meta.get("key_figures", []) or [n for n in meta.get("outputs", []) if n.endswith(".png")]:
+            if (out_dir / name).is_file():
                 lines += [f"![{name}]({path.stem}/{name})", ""]
-        summary = out_dir / "summary.json"
-        if summary.is_file():
-            lines += ["```json", summary.read_text()[:3000], "```", ""]
+        for name in meta.get("outputs", []):
+            if name.endswith(".md") and (out_dir / name).is_file():
+                lines += [(out_dir / name).read_text(), ""]
+        others = [n for n in meta.get("outputs", []) if n.endswith(".png") and n not in meta.get("key_figures", [])]
+        if others and meta.get("key_figures"):
+            lines += ["More figures: " + ", ".join(f"[{n}]({path.stem}/{n})" for n in others), ""]
+        if summary:
+            lines += ["<details><summary>summary.json</summary>", "", "```json",
+                      json.dumps(summary, indent=1)[:4000], "```", "</details>", ""]
+    from .experiments import all_configs
+    from .runs import run_folder
+    from .shipped import SHIPPED, train_config
+
+    # Runs only `make controlnets` trains (it shares runs/), not counted as the figures' cost.
+    shipped = ({run_folder(train_config(name), run_dir / "runs").name for name in SHIPPED}
+               - {run_folder(c, run_dir / "runs").name for c in all_configs()})
+    trained = [json.loads(f.read_text()) for f in sorted((run_dir / "runs").glob("*/convergence.json"))
+               if f.parent.name not in shipped]
+    train_s = sum(c["wall_time_s"] for c in trained if not c.get("resumed"))
+    lines[2:2] = [
+        f"Notebooks' last runs: {sum(recorded.values()) / 60:.0f} min ("
+        + ", ".join(f"{k[:2]} {v / 60:.1f}" for k, v in recorded.items()) + "); training runs they share "
+        f"({len(trained)} in `runs/`, each trained once, wall times from their convergence.json): "
+        f"{train_s / 60:.0f} min. From scratch, `make figures` costs about the sum: "
+        f"{(sum(recorded.values()) + train_s) / 60:.0f} min.", ""]
     index = run_dir / "index.md"
     index.write_text("\n".join(lines))
     return index
@@ -117,7 +161,7 @@ def main(argv=None) -> int:
             return 1
         timings[path.stem] = seconds
         print(f"{status} in {seconds:.0f} s" if status == "ran" else status, flush=True)
-    index = write_index(run_dir, paths, timings)
+    index = write_index(run_dir, paths)
     copied = copy_key_figures(run_dir, paths, ROOT / "docs") if args.profile == "full" else []
     print(f"report: {index.relative_to(ROOT)}; {len(copied)} figures copied to docs/; "
           f"{time.perf_counter() - total:.0f} s in all")

@@ -146,3 +146,63 @@ def convergence_figure(runs: list[dict], threshold: float, metric: str):
     ax_loss.set_ylabel("training loss (raw, per step)")
     fig.tight_layout()
     return fig
+
+
+def spread_curves(groups: dict[str, list[tuple[list, list]]], threshold: float | None, metric: str,
+                  xlabel: str = "optimizer step"):
+    """One line per group: the mean over its runs (seeds) of fidelity against step, with the band from
+    the lowest to the highest run and every run's raw points. ``groups``: label -> [(steps, fidelity)]."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for k, (label, series) in enumerate(groups.items()):
+        colour = plt.cm.tab10(k)
+        steps = np.asarray(series[0][0], float)
+        ys = np.array([np.asarray(f, float)[: len(steps)] for _, f in series])
+        ax.fill_between(steps, ys.min(0), ys.max(0), color=colour, alpha=0.15, lw=0)
+        ax.plot(steps, ys.mean(0), "-", color=colour, label=f"{label} (mean of {len(series)}, band: min-max)")
+        for y in ys:
+            ax.plot(steps, y, ".", color=colour, ms=2.5, alpha=0.6)
+    if threshold is not None:
+        ax.axhline(threshold, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(f"condition fidelity ({metric})")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def grouped_bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: str = "", ylim=(0, 1)):
+    """Bars of the mean per (category, group), every seed's value as a dot on its bar.
+    ``values``: group (e.g. variant) -> category (e.g. prompt setting) -> one value per seed."""
+    groups = list(values)
+    categories = list(next(iter(values.values())))
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(categories), 3.4))
+    for g, group in enumerate(groups):
+        x = np.arange(len(categories)) + (g - (len(groups) - 1) / 2) * width
+        means = [np.mean(values[group][c]) if values[group][c] else np.nan for c in categories]
+        ax.bar(x, means, width * 0.9, color=plt.cm.tab10(g), label=group, alpha=0.8)
+        for xi, c in zip(x, categories):
+            ax.plot([xi] * len(values[group][c]), values[group][c], "k.", ms=3)
+    ax.set_xticks(np.arange(len(categories)), categories, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if ylim:
+        ax.set_ylim(*ylim)
+    if title:
+        ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def markdown_table(header: list[str], rows: list[list]) -> str:
+    """A markdown table; floats with 3 decimals."""
+    cell = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]) + "\n"
+
+
+def spread(values) -> str:
+    """'mean (min-max over n)' of per-seed values, for tables."""
+    v = np.asarray(values, float)
+    return f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f}, n={len(v)})" if len(v) > 1 else f"{v.mean():.3f} (n=1)"

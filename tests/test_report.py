@@ -1,0 +1,48 @@
+"""`make figures` (cnkit.report): notebooks run once per source and parameters, and the index puts the
+paper's claim, the kit's measurement and the verdict beside each notebook's figures and tables."""
+
+import json
+
+import nbformat
+
+from cnkit import report
+
+
+def _notebook(path, body: str, outputs, key_figures=()):
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile: str = "auto"  # profile\nout_dir: str = "out"  # where')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# 99 · A test notebook"), params, nbformat.v4.new_code_cell(body)]
+    nb.metadata = {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"},
+                   "cnkit": {"outputs": list(outputs), "key_figures": list(key_figures)}}
+    nbformat.write(nb, path)
+    return path
+
+
+def test_a_notebook_runs_once_per_source_and_parameters(tmp_path):
+    body = ("from pathlib import Path\nimport json\nout = Path(out_dir); out.mkdir(parents=True, exist_ok=True)\n"
+            "(out / 'summary.json').write_text(json.dumps({'profile': profile}))")
+    path = _notebook(tmp_path / "99_test.ipynb", body, ["summary.json"])
+    run_dir = tmp_path / "reports"
+    assert report.run_notebook(path, run_dir, "smoke")[0] == "ran"
+    assert json.loads((run_dir / "99_test" / "summary.json").read_text()) == {"profile": "smoke"}
+    assert report.run_notebook(path, run_dir, "smoke")[0] == "cached"  # an interrupted make figures resumes
+    assert report.run_notebook(path, run_dir, "full")[0] == "ran"  # other parameters: run again
+
+
+def test_the_index_shows_claim_measurement_verdict_figures_and_tables(tmp_path):
+    path = _notebook(tmp_path / "99_test.ipynb", "pass", ["fig.png", "extra.png", "table.md", "summary.json"],
+                     key_figures=["fig.png"])
+    out = tmp_path / "reports" / "99_test"
+    out.mkdir(parents=True)
+    (out / "fig.png").write_bytes(b"png")
+    (out / "extra.png").write_bytes(b"png")
+    (out / "table.md").write_text("| a | b |\n|---|---|\n| 1 | 2 |\n")
+    (out / "summary.json").write_text(json.dumps({"paper_claim": "X beats Y", "kit_result": "X 0.5, Y 0.6",
+                                                  "held": False, "checks": {"X > Y": False}}))
+    text = report.write_index(tmp_path / "reports", [path]).read_text()
+    assert "## 99 · A test notebook" in text
+    assert "**Paper:** X beats Y" in text and "**Kit (measured):** X 0.5, Y 0.6" in text
+    assert "**Held:** **no** (X > Y: no)" in text
+    assert "![fig.png](99_test/fig.png)" in text and "[extra.png](99_test/extra.png)" in text
+    assert "| 1 | 2 |" in text
