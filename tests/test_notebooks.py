@@ -63,3 +63,26 @@ def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
         found = _parameters(NOTEBOOKS[0].parent / f"{stem}.ipynb")
         assert {k: found[k] for k in RECIPE if k in found} == {k: RECIPE[k] for k in RECIPE if k in found}, stem
         assert {"base", "dataset", "variant", "steps", "batch_size", "learning_rate", "seed"} <= set(found)
+
+
+def test_figure_notebooks_share_runs_through_cnkit_experiments():
+    """The ablation's zero runs are notebook 04's (same configuration, so cnkit.runs trains them once), and
+    notebooks 06-09 default to the budgets cnkit.experiments trains ahead of them."""
+    from cnkit import experiments
+    from cnkit.runs import RECIPE, run_key
+    from cnkit.train import TrainConfig
+
+    nb04 = _parameters(NOTEBOOKS[0].parent / "04_sudden_convergence.ipynb")
+    for seed in experiments.SEEDS:
+        # what notebook 04 builds from its defaults (its configs cell), for each of its seeds
+        cfg = TrainConfig(**{**RECIPE, **{k: nb04[k] for k in RECIPE if k in nb04}, "seed": seed,
+                             "checkpoint_every": min(200, nb04["steps"])})
+        assert run_key(cfg) == run_key(experiments.ablation("zero", seed))
+    nb06 = _parameters(NOTEBOOKS[0].parent / "06_ablation_architectures.ipynb")
+    assert tuple(nb06["variants"]) == experiments.VARIANTS and nb06["steps"] == RECIPE["steps"]
+    nb08 = _parameters(NOTEBOOKS[0].parent / "08_dataset_size.ipynb")
+    assert tuple(nb08["sizes"]) == experiments.DATASET_SIZES and nb08["steps"] == experiments.SHORT["steps"]
+    nb09 = _parameters(NOTEBOOKS[0].parent / "09_composition_and_reconstruction.ipynb")
+    assert nb09["steps"] == experiments.SHORT["steps"]
+    for nb in (nb06, nb08, nb09):
+        assert nb["n_seeds"] >= 3 and nb["seed"] == experiments.SEEDS[0]
