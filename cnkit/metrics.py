@@ -356,10 +356,11 @@ def convergence(steps, fidelity, threshold: float) -> dict:
 
 
 def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str | None = "", data_seed: int = 0,
-                        steps: int = 20, guidance: float = 3.0) -> dict:
+                        steps: int = 20, guidance: float = 3.0, cfg_weighting: str | None = None) -> dict:
     """Condition fidelity of ``controlnet`` on ``n`` held-out toy conditions (indices past any training
     index), with ``prompt`` ("" by default: the condition alone; None: each item's own prompt), fixed seeds,
-    through cnkit.generate (diffusers' pipeline). Returns every metric's mean and per-item values."""
+    through cnkit.generate (diffusers' pipeline; ``cfg_weighting`` as there). Returns every metric's mean
+    and per-item values."""
     from types import SimpleNamespace
 
     from .generate import generate_many
@@ -371,9 +372,11 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
     metrics = fidelity_metrics_for(dataset)
     prompts = [item.prompt if prompt is None else prompt for item in items]
     images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items], [controlnet],
-                           [1000 + k for k in range(len(items))], steps=steps, guidance=guidance)
+                           [1000 + k for k in range(len(items))], steps=steps, guidance=guidance,
+                           cfg_weighting=cfg_weighting)
     scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in metrics.items()}
     return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
+            "cfg_weighting": cfg_weighting,
             "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
             "per_item": scores}
 

@@ -24,11 +24,13 @@ def test_shipped_controlnet_matches_its_card_and_loads(name):
     assert data["evaluation"]["n"] >= 64 and data["config"]["dataset"] == SHIPPED[name]["train"]["dataset"]
 
 
-@pytest.mark.xfail(strict=True, reason="issue 5's bar (disc IoU >= 0.8 with an empty prompt) is not met yet: the "
-                   "shipped 600-step recipe run measures 0.708 (0.93 with prompts); strict, so meeting it turns red")
 def test_fill_net_places_the_disc_where_an_unseen_outline_says_with_an_empty_prompt():
     data = card_data(OUT / "fill-outline")
-    assert data["evaluation"]["prompt"] == "" and data["evaluation"]["disc_iou"] >= 0.8
+    ev = data["evaluation"]
+    assert ev["prompt"] == "" and ev["n"] >= 64 and ev["disc_iou"] >= 0.8
+    # Measured with the condition in the conditional CFG branch only (an empty prompt makes both branches the
+    # same, so a condition in both cancels guidance); the plain placement is on the card too.
+    assert ev["cfg_weighting"] == "flat" and "condition in both CFG branches" in data["also_measured"]
 
 
 def test_two_nets_composed_in_one_call_satisfy_both_conditions():
@@ -44,8 +46,10 @@ def test_fill_net_card_figures_reproduce_on_a_fixed_sample():
     from cnkit.generate import load_pipeline
     from cnkit.metrics import evaluate_controlnet
 
-    recorded = card_data(OUT / "fill-outline")["evaluation"]["per_item"]["disc_iou"][:8]
-    small = evaluate_controlnet(load_pipeline("data/tiny-sd"), str(OUT / "fill-outline"), "toy:fill", n=8, prompt="")
+    ev = card_data(OUT / "fill-outline")["evaluation"]
+    recorded = ev["per_item"]["disc_iou"][:8]
+    small = evaluate_controlnet(load_pipeline("data/tiny-sd"), str(OUT / "fill-outline"), "toy:fill", n=8, prompt="",
+                                cfg_weighting=ev["cfg_weighting"])
     again = small["per_item"]["disc_iou"]
     # Same items, seeds and pipeline: equal up to float round-off across machines (<= 1 image may flip).
     assert sum(abs(a - b) > 0.02 for a, b in zip(again, recorded)) <= 1, (again, recorded)
