@@ -73,9 +73,10 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     ev = spec["eval"]
     measured = evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"],
                                    cfg_weighting=ev.get("cfg_weighting"))
-    also = {label: {k: v for k, v in evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"],
-                                                         **settings).items() if k != "per_item"}
-            for label, settings in ev.get("also", {}).items()}
+    also = {}
+    for label, settings in ev.get("also", {}).items():  # the same items and seeds, other settings
+        m = evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"], **settings)
+        also[label] = {k: v for k, v in m.items() if k != "per_item"}
     report = run.convergence
     data = {"name": name, "about": spec["about"], "base": cfg.base, "config": report["config"],
             "training": {k: report[k] for k in ("steps", "samples_seen", "wall_time_s", "converged_at_step",
