@@ -14,11 +14,10 @@ returns numbers and the images they were measured on, so a notebook's table and 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 
 from . import metrics, toyworld
+from .telemetry import held_out_toy as held_out
 
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # The paper's insufficient prompt (Fig. 8); the tiny tokenizer has a token for each of its words.
@@ -32,13 +31,6 @@ CFG_FORMS = {
     "resolution weighting (0.825 form)": (True, "0.825"),
     "resolution weighting (logspace form)": (True, "logspace"),
 }
-
-
-def held_out(dataset: str, n: int, size: int, data_seed: int = 0) -> list:
-    """``n`` held-out items of a toy dataset (never trained on; see telemetry.held_out_items)."""
-    from .telemetry import held_out_items
-
-    return held_out_items(SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n), size, n)
 
 
 def _base_size(pipe) -> int:

@@ -361,14 +361,10 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
     index), with ``prompt`` ("" by default: the condition alone; None: each item's own prompt), fixed seeds,
     through cnkit.generate (diffusers' pipeline; ``cfg_weighting`` as there). Returns every metric's mean
     and per-item values."""
-    from types import SimpleNamespace
-
     from .generate import generate_many
-    from .telemetry import held_out_items
+    from .telemetry import held_out_toy
 
-    cfg = SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    items = held_out_items(cfg, size, n)
+    items = held_out_toy(dataset, n, pipe.unet.config.sample_size * pipe.vae_scale_factor, data_seed)
     metrics = fidelity_metrics_for(dataset)
     prompts = [item.prompt if prompt is None else prompt for item in items]
     images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items], [controlnet],

@@ -226,6 +226,13 @@ def held_out_items(cfg, resolution: int, n: int) -> list:
     return [ds[i] for i in range(len(ds) - min(n, cfg.validation_size), len(ds))]
 
 
+def held_out_toy(dataset: str, n: int, size: int, data_seed: int = 0) -> list:
+    """``n`` held-out items of a toy dataset at ``size``: the ones any run with ``data_seed`` validates on."""
+    from types import SimpleNamespace
+
+    return held_out_items(SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n), size, n)
+
+
 class _ToyItem:
     """A held-out toy sample seen as an Example (image, condition, prompt) that keeps its truth."""
 
