@@ -432,10 +432,11 @@ def composition_fidelity(image: np.ndarray, sample) -> dict:
 
 
 def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, prompt: str | None = None,
-                         data_seed: int = 0, steps: int = 20, guidance: float = 3.0) -> dict:
+                         data_seed: int = 0, steps: int = 20, guidance: float = 3.0, keep_images: bool = False) -> dict:
     """Two nets in one call (cnkit.generate): the segmentation net gets shape 0's segmentation map, the
     outline net shape 1's outline, on ``n`` held-out two-shape scenes; each condition's fidelity where
-    it speaks (``composition_fidelity``). ``prompt`` None: each scene's own prompt."""
+    it speaks (``composition_fidelity``). ``prompt`` None: each scene's own prompt. ``keep_images``: the
+    result also holds the scenes and their generated images (for a figure, without generating twice)."""
     from .generate import generate_many
 
     scenes = composition_scenes(n, data_seed)
@@ -446,4 +447,4 @@ def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, promp
     rows = [composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
     return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
             **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
-            "per_item": rows}
+            "per_item": rows, **({"scenes": scenes, "images": images} if keep_images else {})}

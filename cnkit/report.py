@@ -124,9 +124,33 @@ def write_index(run_dir: Path, paths: list[Path]) -> Path:
         f"({len(trained)} in `runs/`, each trained once, wall times from their convergence.json): "
         f"{train_s / 60:.0f} min. From scratch, `make figures` costs about the sum: "
         f"{(sum(recorded.values()) + train_s) / 60:.0f} min.", ""]
+    measured = _measured_line(run_dir)
+    if measured:
+        lines[2:2] = [measured, ""]
     index = run_dir / "index.md"
     index.write_text("\n".join(lines))
     return index
+
+
+def write_timing(run_dir: Path, timing: dict) -> None:
+    """``timing.json``: this ``make figures``' own clock, beside the per-notebook and per-run times."""
+    from .card import hardware
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "timing.json").write_text(json.dumps({**timing, "hardware": hardware()}, indent=1))
+
+
+def _measured_line(run_dir: Path) -> str:
+    """The end-to-end time of the last ``make figures`` here, and whether it started from nothing."""
+    f = run_dir / "timing.json"
+    if not f.is_file():
+        return ""
+    t = json.loads(f.read_text())
+    ran = sum(1 for n in t["notebooks"].values() if n["status"] == "ran")
+    what = ("from scratch (no trained run or executed notebook in this folder before)" if t["from_scratch"]
+            else f"resuming ({ran} of {len(t['notebooks'])} notebooks ran, the rest were cached)")
+    return (f"Measured: the last `make figures` here ran {what} from {t['started']} to {t['finished']}: "
+            f"**{t['wall_s'] / 60:.0f} min** end to end on {t['hardware']} (set-up of the venv not included).")
 
 
 def copy_key_figures(run_dir: Path, paths: list[Path], docs: Path) -> list[Path]:
@@ -150,6 +174,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     run_dir = ROOT / "reports" / (args.run or args.profile)
     paths = notebooks(args.only)
+    # From scratch: nothing of an earlier make figures here (no trained run, no executed notebook).
+    from_scratch = not (any(run_dir.glob("runs/*/convergence.json")) or any(run_dir.glob("*/.cnkit-stamp")))
+    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     timings, total = {}, time.perf_counter()
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ({args.profile}) ...", end=" ", flush=True)
@@ -159,8 +186,11 @@ def main(argv=None) -> int:
             print(f"FAILED: {type(e).__name__}: {str(e)[:2000]}")
             print(f"the executed notebook is in {run_dir / path.stem}; fix and rerun: finished ones are cached")
             return 1
-        timings[path.stem] = seconds
+        timings[path.stem] = {"status": status, "seconds": round(seconds, 1)}
         print(f"{status} in {seconds:.0f} s" if status == "ran" else status, flush=True)
+    write_timing(run_dir, {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                           "wall_s": round(time.perf_counter() - total, 1), "from_scratch": from_scratch,
+                           "only": args.only, "notebooks": timings})
     index = write_index(run_dir, paths)
     copied = copy_key_figures(run_dir, paths, ROOT / "docs") if args.profile == "full" else []
     print(f"report: {index.relative_to(ROOT)}; {len(copied)} figures copied to docs/; "

@@ -46,3 +46,16 @@ def test_the_index_shows_claim_measurement_verdict_figures_and_tables(tmp_path):
     assert "**Held:** **no** (X > Y: no)" in text
     assert "![fig.png](99_test/fig.png)" in text and "[extra.png](99_test/extra.png)" in text
     assert "| 1 | 2 |" in text
+
+
+def test_the_index_states_the_last_make_figures_own_time(tmp_path):
+    path = _notebook(tmp_path / "99_test.ipynb", "pass", [])
+    run_dir = tmp_path / "reports"
+    report.write_timing(run_dir, {"started": "t0", "finished": "t1", "wall_s": 600.0, "from_scratch": True,
+                                  "only": None, "notebooks": {"99_test": {"status": "ran", "seconds": 590.0}}})
+    assert json.loads((run_dir / "timing.json").read_text())["hardware"]
+    text = report.write_index(run_dir, [path]).read_text()
+    assert "ran from scratch" in text and "**10 min** end to end" in text
+    report.write_timing(run_dir, {"started": "t2", "finished": "t3", "wall_s": 6.0, "from_scratch": False,
+                                  "only": None, "notebooks": {"99_test": {"status": "cached", "seconds": 0.0}}})
+    assert "resuming (0 of 1 notebooks ran" in report.write_index(run_dir, [path]).read_text()
