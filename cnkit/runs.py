@@ -20,6 +20,8 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+
 from .train import TrainConfig, Trainer
 
 # The kit's recipe for the embedded tiny base (notebooks 02-04 default to it, so they share one run).
@@ -136,7 +138,7 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
         "validated_steps": [int(s) for s in table["step"]], "fidelity": table["fidelity"],
         "steps": cfg.steps, "samples_seen": result["samples_seen"], "micro_batches": result["micro_batches"],
         "samples_per_step": cfg.samples_per_step(trainer.accelerator.num_processes),
-        "num_processes": trainer.accelerator.num_processes,
+        "num_processes": trainer.accelerator.num_processes, "threads": torch.get_num_threads(),
         # Wall time of this process: loading, encoding (unless cached), training and validation.
         "wall_time_s": wall, "train_loop_s": result["wall_time_s"], "resumed": result["resumed"],
         "validation_size": len(validation.items), "validation_prompt": validation_prompt,

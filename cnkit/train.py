@@ -217,11 +217,18 @@ def cached_encoding(cfg: TrainConfig, pipe, resolution: int, cache_dir: Path) ->
     path = cache_dir / f"encoded-{key}.safetensors"
     if path.is_file():
         return EncodedDataset.from_tensors(load_file(path))
-    encoded = encode_dataset(pipe, open_dataset(cfg, resolution), resolution, desc="encode training set")
+    from filelock import FileLock
+
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in encoded.tensors().items()}, tmp)
-    tmp.rename(path)
+    # Runs trained side by side (cnkit.experiments --workers) may need the same set: one encodes it, the
+    # others wait for its file instead of encoding it again.
+    with FileLock(str(path.with_suffix(".lock"))):
+        if path.is_file():
+            return EncodedDataset.from_tensors(load_file(path))
+        encoded = encode_dataset(pipe, open_dataset(cfg, resolution), resolution, desc="encode training set")
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in encoded.tensors().items()}, tmp)
+        tmp.rename(path)
     return encoded
 
 

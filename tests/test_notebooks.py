@@ -68,6 +68,8 @@ def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
 def test_figure_notebooks_share_runs_through_cnkit_experiments():
     """The ablation's zero runs are notebook 04's (same configuration, so cnkit.runs trains them once), and
     notebooks 06-09 default to the budgets cnkit.experiments trains ahead of them."""
+    from dataclasses import replace
+
     from cnkit import experiments
     from cnkit.runs import RECIPE, run_key
     from cnkit.train import TrainConfig
@@ -78,6 +80,8 @@ def test_figure_notebooks_share_runs_through_cnkit_experiments():
         cfg = TrainConfig(**{**RECIPE, **{k: nb04[k] for k in RECIPE if k in nb04}, "seed": seed,
                              "checkpoint_every": min(200, nb04["steps"])})
         assert run_key(cfg) == run_key(experiments.ablation("zero", seed))
+        if seed == nb04["seed"] and nb04["compare_uniform"]:  # notebook 04's uniform-sampling comparison
+            assert run_key(replace(cfg, timestep_sampling="uniform")) == run_key(experiments.sampling_comparison(seed))
     nb06 = _parameters(NOTEBOOKS[0].parent / "06_ablation_architectures.ipynb")
     assert tuple(nb06["variants"]) == experiments.VARIANTS and nb06["steps"] == RECIPE["steps"]
     nb08 = _parameters(NOTEBOOKS[0].parent / "08_dataset_size.ipynb")

@@ -1,0 +1,32 @@
+"""cnkit.experiments: the figures' runs trained ahead of the notebooks, several at a time."""
+
+import json
+
+from cnkit import experiments
+from cnkit.runs import run_folder
+
+
+def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(tmp_path):
+    configs = [experiments.ablation("zero", 0, smoke=True), experiments.ablation("gaussian", 0, smoke=True)]
+    lines = []
+    results = experiments.train_all(configs, tmp_path, workers=2, log=lines.append)
+    assert sorted(r["name"] for r in results) == sorted(run_folder(c, tmp_path).name for c in configs)
+    for cfg in configs:
+        folder = run_folder(cfg, tmp_path)
+        conv = json.loads((folder / "convergence.json").read_text())
+        assert conv["steps"] == cfg.steps and conv["threads"] >= 1
+        assert (tmp_path / "logs" / f"{folder.name}.log").is_file()  # the worker's progress, not the terminal's
+    assert len(list((tmp_path / "cache").glob("encoded-*.safetensors"))) == 1  # encoded once, under a lock
+    assert "2 to train, 2 at a time" in lines[0] and len(lines) == 3
+    again = []
+    assert experiments.train_all(configs, tmp_path, workers=2, log=again.append) == []
+    assert "2 of 2 found, 0 to train" in again[0]
+
+
+def test_every_run_the_figure_notebooks_train_is_in_all_configs():
+    keys = {run_folder(c, "r").name for c in experiments.all_configs()}
+    wanted = ([experiments.ablation(v, s) for v in experiments.VARIANTS for s in experiments.SEEDS]
+              + [experiments.sampling_comparison(experiments.SEEDS[0])]
+              + [experiments.dataset_size(n, s) for n in experiments.DATASET_SIZES for s in experiments.SEEDS]
+              + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS])
+    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25
