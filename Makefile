@@ -1,5 +1,6 @@
 # The README's commands. Everything they need is set up here, on a machine with only Python 3.11.
-#   make figures   set up, then run every notebook at the full profile into reports/ (the main job)
+#   make figures   set up, train the figures' runs (two at a time on a CPU), then run every notebook at the
+#                  full profile into reports/ (the main job)
 #   make test      set up, then ruff, the unit tests, every notebook by papermill (smoke), nbval
 #   make lab       set up, then JupyterLab on the kit
 #   make pretrain  rebuild data/tiny-sd by running the pretraining notebook (about an hour of CPU)
