@@ -96,16 +96,26 @@ def _train_logged(cfg_dict: dict, runs_dir: str) -> dict:
         return _summary(train(cfg, runs_dir))
 
 
-def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict]:
-    """Train every configuration's run (finished ones are only read back), ``workers`` at a time.
+def schedule(configs: list) -> list:
+    """The order runs start in: longest first, so that workers finish together; among runs of one length,
+    round-robin over their training sets, so that runs starting together encode different sets instead
+    of one waiting on the other's lock (three 50k-pair runs side by side would leave one worker idle)."""
+    rank, keyed = {}, []
+    for i, c in enumerate(configs):
+        group = (c.base, c.dataset, c.n_train, c.data_seed, c.resolution)
+        rank[group] = rank.get(group, -1) + 1
+        keyed.append((-c.steps, rank[group], i))
+    return [configs[i] for *_, i in sorted(keyed)]
 
-    Longest runs start first so that the workers finish together; each worker gets an equal share of
-    this process's threads. Runs and their results do not depend on ``workers`` except through the
-    thread count, which changes floating-point summation order only."""
+
+def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict]:
+    """Train every configuration's run (finished ones are only read back), ``workers`` at a time, in
+    ``schedule`` order; each worker gets an equal share of this process's threads. A run's results do not
+    depend on ``workers`` except through its thread count, which changes floating-point summation order only."""
     from .runs import is_finished, run_folder
 
     runs_dir = str(runs_dir)
-    todo = sorted(configs, key=lambda c: -c.steps)
+    todo = schedule(configs)
     left = [c for c in todo if not is_finished(run_folder(c, runs_dir), c)]
     log(f"training runs: {len(todo) - len(left)} of {len(todo)} found, {len(left)} to train, {workers} at a time")
     done, results = len(todo) - len(left), []

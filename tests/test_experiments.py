@@ -30,3 +30,13 @@ def test_every_run_the_figure_notebooks_train_is_in_all_configs():
               + [experiments.dataset_size(n, s) for n in experiments.DATASET_SIZES for s in experiments.SEEDS]
               + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS])
     assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25
+
+
+def test_runs_start_longest_first_and_side_by_side_runs_use_different_training_sets():
+    order = experiments.schedule(experiments.all_configs())
+    steps = [c.steps for c in order]
+    assert steps == sorted(steps, reverse=True)
+    short = [(c.dataset, c.n_train) for c in order if c.steps == experiments.SHORT["steps"]]
+    assert len(set(short[:4])) == 4  # the first short runs each encode their own set: nobody waits
+    assert sorted(run_folder(c, "r").name for c in order) == sorted(
+        run_folder(c, "r").name for c in experiments.all_configs())
