@@ -137,27 +137,67 @@ def write_index(run_dir: Path, paths: list[Path]) -> Path:
     return index
 
 
-def write_timing(run_dir: Path, timing: dict) -> None:
-    """``timing.json``: this ``make figures``' own clock, beside the per-notebook and per-run times."""
-    from .card import hardware
+class Clock:
+    """``timing.json``: this ``make figures``' own clock, saved every few seconds while it runs, so that a run
+    that is interrupted and resumed adds up to one total over its sittings (until one finishes; the next
+    ``make figures`` after a finished one starts a new record)."""
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "timing.json").write_text(json.dumps({**timing, "hardware": hardware()}, indent=1))
+    def __init__(self, run_dir: Path, from_scratch: bool, only=None, every_s: float = 30.0):
+        import threading
+
+        from .card import hardware
+
+        self.path = run_dir / "timing.json"
+        old = json.loads(self.path.read_text()) if self.path.is_file() else None
+        if old and old.get("sittings") and not old["sittings"][-1]["finished"] and old.get("only") == only:
+            self.record = old  # an interrupted make figures: this sitting continues its record
+        else:
+            self.record = {"from_scratch": from_scratch, "only": only, "hardware": hardware(), "sittings": []}
+        self.sitting = {"started": _now(), "finished": None, "wall_s": 0.0, "training_runs_s": None, "notebooks": {}}
+        self.record["sittings"].append(self.sitting)
+        self.t0, self.every_s = time.perf_counter(), every_s
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, daemon=True).start()
+        self.save()
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.save()
+
+    def save(self, finished: bool = False) -> None:
+        self.sitting["wall_s"] = round(time.perf_counter() - self.t0, 1)
+        if finished:
+            self.sitting["finished"] = _now()
+            self._stop.set()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.record, indent=1))
+        tmp.replace(self.path)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
 def _measured_line(run_dir: Path) -> str:
-    """The end-to-end time of the last ``make figures`` here, and whether it started from nothing."""
+    """The end-to-end time of ``make figures`` here (over its sittings), and whether it started from nothing."""
     f = run_dir / "timing.json"
     if not f.is_file():
         return ""
     t = json.loads(f.read_text())
-    ran = sum(1 for n in t["notebooks"].values() if n["status"] == "ran")
+    sittings = t["sittings"]
+    notebooks = [n for s in sittings for n in s["notebooks"].values()]
+    ran = sum(1 for n in notebooks if n["status"] == "ran")
     what = ("from scratch (no trained run or executed notebook in this folder before)" if t["from_scratch"]
-            else f"resuming ({ran} of {len(t['notebooks'])} notebooks ran, the rest were cached)")
-    runs = (f", of which {t['training_runs_s'] / 60:.0f} min training the runs ahead of the notebooks"
-            if t.get("training_runs_s") is not None else "")
-    return (f"Measured: the last `make figures` here ran {what} from {t['started']} to {t['finished']}: "
-            f"**{t['wall_s'] / 60:.0f} min** end to end{runs}, on {t['hardware']} (set-up of the venv not included).")
+            else f"resuming an earlier report ({ran} notebooks ran, the others were cached)")
+    if len(sittings) > 1:
+        what += f", in {len(sittings)} sittings (interrupted and resumed)"
+    training = [s["training_runs_s"] for s in sittings if s["training_runs_s"] is not None]
+    runs = f", of which {sum(training) / 60:.0f} min training the runs ahead of the notebooks" if training else ""
+    state = "" if sittings[-1]["finished"] else " so far (its last sitting did not finish: rerun to resume)"
+    return (f"Measured: `make figures` here ran {what}, from {sittings[0]['started']}: "
+            f"**{sum(s['wall_s'] for s in sittings) / 60:.0f} min** end to end{state}{runs}, on {t['hardware']} "
+            "(set-up of the venv not included).")
 
 
 def copy_key_figures(run_dir: Path, paths: list[Path], docs: Path) -> list[Path]:
@@ -186,8 +226,8 @@ def main(argv=None) -> int:
     paths = notebooks(args.only)
     # From scratch: nothing of an earlier make figures here (no trained run, no executed notebook).
     from_scratch = not (any(run_dir.glob("runs/*/convergence.json")) or any(run_dir.glob("*/.cnkit-stamp")))
-    started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    timings, training_s, total = {}, None, time.perf_counter()
+    clock = Clock(run_dir, from_scratch, args.only)
+    timings, total = clock.sitting["notebooks"], time.perf_counter()
     if args.profile == "full" and not args.only:
         # The notebooks' training runs first, side by side (notebooks then read them back): on a CPU two
         # one-thread runs at a time train 1.23x faster than one two-thread run (cnkit.experiments).
@@ -197,7 +237,8 @@ def main(argv=None) -> int:
         print("[runs] the figures' training runs (cnkit.experiments), kept in", run_dir / "runs", flush=True)
         experiments.train_all(experiments.all_configs(), run_dir / "runs",
                               args.workers or experiments.default_workers(), log=lambda m: print(m, flush=True))
-        training_s = round(time.perf_counter() - start, 1)
+        clock.sitting["training_runs_s"] = round(time.perf_counter() - start, 1)
+        clock.save()
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ({args.profile}) ...", end=" ", flush=True)
         try:
@@ -207,10 +248,9 @@ def main(argv=None) -> int:
             print(f"the executed notebook is in {run_dir / path.stem}; fix and rerun: finished ones are cached")
             return 1
         timings[path.stem] = {"status": status, "seconds": round(seconds, 1)}
+        clock.save()
         print(f"{status} in {seconds:.0f} s" if status == "ran" else status, flush=True)
-    write_timing(run_dir, {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-                           "wall_s": round(time.perf_counter() - total, 1), "from_scratch": from_scratch,
-                           "only": args.only, "training_runs_s": training_s, "notebooks": timings})
+    clock.save(finished=True)
     index = write_index(run_dir, paths)
     copied = copy_key_figures(run_dir, paths, ROOT / "docs") if args.profile == "full" else []
     print(f"report: {index.relative_to(ROOT)}; {len(copied)} figures copied to docs/; "

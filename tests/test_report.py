@@ -48,14 +48,20 @@ def test_the_index_shows_claim_measurement_verdict_figures_and_tables(tmp_path):
     assert "| 1 | 2 |" in text
 
 
-def test_the_index_states_the_last_make_figures_own_time(tmp_path):
+def test_the_index_states_make_figures_own_time_over_interrupted_sittings(tmp_path):
     path = _notebook(tmp_path / "99_test.ipynb", "pass", [])
     run_dir = tmp_path / "reports"
-    report.write_timing(run_dir, {"started": "t0", "finished": "t1", "wall_s": 600.0, "from_scratch": True,
-                                  "only": None, "notebooks": {"99_test": {"status": "ran", "seconds": 590.0}}})
-    assert json.loads((run_dir / "timing.json").read_text())["hardware"]
+    first = report.Clock(run_dir, from_scratch=True)
+    first.sitting["notebooks"]["99_test"] = {"status": "ran", "seconds": 1.0}
+    first.t0 -= 600  # ten minutes in, then interrupted: the file says so already
+    first.save()
+    assert json.loads((run_dir / "timing.json").read_text())["sittings"][0]["wall_s"] >= 600
+    assert "**10 min** end to end so far" in report.write_index(run_dir, [path]).read_text()
+    second = report.Clock(run_dir, from_scratch=False)  # make figures again: it resumes the same record
+    second.t0 -= 300
+    second.save(finished=True)
     text = report.write_index(run_dir, [path]).read_text()
-    assert "ran from scratch" in text and "**10 min** end to end" in text
-    report.write_timing(run_dir, {"started": "t2", "finished": "t3", "wall_s": 6.0, "from_scratch": False,
-                                  "only": None, "notebooks": {"99_test": {"status": "cached", "seconds": 0.0}}})
-    assert "resuming (0 of 1 notebooks ran" in report.write_index(run_dir, [path]).read_text()
+    assert "ran from scratch" in text and "in 2 sittings" in text and "**15 min** end to end," in text
+    third = report.Clock(run_dir, from_scratch=False)  # after a finished one: a new record
+    third.save(finished=True)
+    assert "resuming an earlier report" in report.write_index(run_dir, [path]).read_text()
