@@ -4,8 +4,8 @@ Notebooks build their runs here, from their parameters, so that ``make figures``
 and notebooks share them through ``cnkit.runs`` (cached by configuration): the ablation's ``zero``
 runs *are* notebook 04's sudden-convergence runs. ``python -m cnkit.experiments`` trains them all
 ahead of the notebooks (resumable; what is finished is only read back), ``--workers 2`` two at a
-time, one thread each: on 2 CPU cores that trains 1.23x faster than one run on two threads (the tiny
-model's operators are too small to keep two threads busy; bench/train_step_variants.py).
+time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one run on two threads
+(the tiny model's operators are too small to keep two threads busy; bench/train_step_variants.py).
 
 Budgets are chosen to keep the whole of ``make figures`` within 3 hours on 2 CPU cores: the
 ablation trains the full recipe (600 steps, validated every 25); the dataset-size and Table 2 runs

@@ -156,7 +156,8 @@ class Clock:
         self.sitting = {"started": _now(), "finished": None, "wall_s": 0.0, "training_runs_s": None, "notebooks": {}}
         self.record["sittings"].append(self.sitting)
         self.t0, self.every_s = time.perf_counter(), every_s
-        self._stop = threading.Event()
+        # The heartbeat thread saves while the main thread records: one lock around both.
+        self._lock, self._stop = threading.Lock(), threading.Event()
         threading.Thread(target=self._beat, daemon=True).start()
         self.save()
 
@@ -164,15 +165,26 @@ class Clock:
         while not self._stop.wait(self.every_s):
             self.save()
 
+    def record_training(self, seconds: float) -> None:
+        with self._lock:
+            self.sitting["training_runs_s"] = round(seconds, 1)
+        self.save()
+
+    def record_notebook(self, stem: str, status: str, seconds: float) -> None:
+        with self._lock:
+            self.sitting["notebooks"][stem] = {"status": status, "seconds": round(seconds, 1)}
+        self.save()
+
     def save(self, finished: bool = False) -> None:
-        self.sitting["wall_s"] = round(time.perf_counter() - self.t0, 1)
-        if finished:
-            self.sitting["finished"] = _now()
-            self._stop.set()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.record, indent=1))
-        tmp.replace(self.path)
+        with self._lock:
+            self.sitting["wall_s"] = round(time.perf_counter() - self.t0, 1)
+            if finished:
+                self.sitting["finished"] = _now()
+                self._stop.set()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.record, indent=1))
+            tmp.replace(self.path)
 
 
 def _now() -> str:
@@ -226,19 +238,17 @@ def main(argv=None) -> int:
     paths = notebooks(args.only)
     # From scratch: nothing of an earlier make figures here (no trained run, no executed notebook).
     from_scratch = not (any(run_dir.glob("runs/*/convergence.json")) or any(run_dir.glob("*/.cnkit-stamp")))
-    clock = Clock(run_dir, from_scratch, args.only)
-    timings, total = clock.sitting["notebooks"], time.perf_counter()
+    clock, total = Clock(run_dir, from_scratch, args.only), time.perf_counter()
     if args.profile == "full" and not args.only:
         # The notebooks' training runs first, side by side (notebooks then read them back): on a CPU two
-        # one-thread runs at a time train 1.23x faster than one two-thread run (cnkit.experiments).
+        # one-thread runs at a time train faster than one two-thread run (bench/train_step_variants.py).
         from . import experiments
 
         start = time.perf_counter()
         print("[runs] the figures' training runs (cnkit.experiments), kept in", run_dir / "runs", flush=True)
         experiments.train_all(experiments.all_configs(), run_dir / "runs",
                               args.workers or experiments.default_workers(), log=lambda m: print(m, flush=True))
-        clock.sitting["training_runs_s"] = round(time.perf_counter() - start, 1)
-        clock.save()
+        clock.record_training(time.perf_counter() - start)
     for i, path in enumerate(paths, 1):
         print(f"[{i}/{len(paths)}] {path.name} ({args.profile}) ...", end=" ", flush=True)
         try:
@@ -247,8 +257,7 @@ def main(argv=None) -> int:
             print(f"FAILED: {type(e).__name__}: {str(e)[:2000]}")
             print(f"the executed notebook is in {run_dir / path.stem}; fix and rerun: finished ones are cached")
             return 1
-        timings[path.stem] = {"status": status, "seconds": round(seconds, 1)}
-        clock.save()
+        clock.record_notebook(path.stem, status, seconds)
         print(f"{status} in {seconds:.0f} s" if status == "ran" else status, flush=True)
     clock.save(finished=True)
     index = write_index(run_dir, paths)

@@ -215,8 +215,6 @@ def cached_encoding(cfg: TrainConfig, pipe, resolution: int, cache_dir: Path) ->
     key = hashlib.sha256(json.dumps([str(_params.repo_path(cfg.base)), cfg.dataset, cfg.n_train, cfg.data_seed,
                                      resolution, held_out]).encode()).hexdigest()[:16]
     path = cache_dir / f"encoded-{key}.safetensors"
-    if path.is_file():
-        return EncodedDataset.from_tensors(load_file(path))
     from filelock import FileLock
 
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -52,9 +52,8 @@ def test_the_index_states_make_figures_own_time_over_interrupted_sittings(tmp_pa
     path = _notebook(tmp_path / "99_test.ipynb", "pass", [])
     run_dir = tmp_path / "reports"
     first = report.Clock(run_dir, from_scratch=True)
-    first.sitting["notebooks"]["99_test"] = {"status": "ran", "seconds": 1.0}
     first.t0 -= 600  # ten minutes in, then interrupted: the file says so already
-    first.save()
+    first.record_notebook("99_test", "ran", 1.0)
     assert json.loads((run_dir / "timing.json").read_text())["sittings"][0]["wall_s"] >= 600
     assert "**10 min** end to end so far" in report.write_index(run_dir, [path]).read_text()
     second = report.Clock(run_dir, from_scratch=False)  # make figures again: it resumes the same record
