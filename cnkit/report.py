@@ -238,7 +238,7 @@ def main(argv=None) -> int:
     paths = notebooks(args.only)
     # From scratch: nothing of an earlier make figures here (no trained run, no executed notebook).
     from_scratch = not (any(run_dir.glob("runs/*/convergence.json")) or any(run_dir.glob("*/.cnkit-stamp")))
-    clock, total = Clock(run_dir, from_scratch, args.only), time.perf_counter()
+    clock = Clock(run_dir, from_scratch, args.only)
     if args.profile == "full" and not args.only:
         # The notebooks' training runs first, side by side (notebooks then read them back): on a CPU two
         # one-thread runs at a time train faster than one two-thread run (bench/train_step_variants.py).
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     index = write_index(run_dir, paths)
     copied = copy_key_figures(run_dir, paths, ROOT / "docs") if args.profile == "full" else []
     print(f"report: {index.relative_to(ROOT)}; {len(copied)} figures copied to docs/; "
-          f"{time.perf_counter() - total:.0f} s in all")
+          f"{clock.sitting['wall_s']:.0f} s in all")
     return 0
 
 
