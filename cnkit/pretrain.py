@@ -217,7 +217,10 @@ def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.
     return torch.clamp(snr, max=gamma) / snr if gamma > 0 else torch.ones_like(snr)
 
 
-def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], accelerator, log) -> dict:
+def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], accelerator, log,
+               on_checkpoint=None) -> dict:
+    """UNet + text encoder on cached latents; returns the EMA models. ``on_checkpoint(step, ema)``, if
+    given, runs after each checkpoint (a study that evaluates the model as it trains)."""
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_cosine_schedule_with_warmup
 
@@ -286,6 +289,8 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
                       {"loss_last_100": float(np.mean(losses[-100:]))})
             with open(out / "loss.csv", "a") as f:
                 f.write(f"{step + 1},{np.mean(losses[-cfg.checkpoint_every:]):.6f}\n")
+            if on_checkpoint is not None:
+                on_checkpoint(step + 1, ema)
     return ema
 
 

@@ -165,6 +165,10 @@ class Clock:
         while not self._stop.wait(self.every_s):
             self.save()
 
+    def stop(self) -> None:
+        """Stop saving, leaving the sitting unfinished: what an interruption leaves for the next run to resume."""
+        self._stop.set()
+
     def record_training(self, seconds: float) -> None:
         with self._lock:
             self.sitting["training_runs_s"] = round(seconds, 1)
@@ -256,6 +260,8 @@ def main(argv=None) -> int:
         except Exception as e:
             print(f"FAILED: {type(e).__name__}: {str(e)[:2000]}")
             print(f"the executed notebook is in {run_dir / path.stem}; fix and rerun: finished ones are cached")
+            clock.save()
+            clock.stop()  # unfinished: the rerun resumes this record
             return 1
         clock.record_notebook(path.stem, status, seconds)
         print(f"{status} in {seconds:.0f} s" if status == "ran" else status, flush=True)

@@ -54,6 +54,7 @@ def test_the_index_states_make_figures_own_time_over_interrupted_sittings(tmp_pa
     first = report.Clock(run_dir, from_scratch=True)
     first.t0 -= 600  # ten minutes in, then interrupted: the file says so already
     first.record_notebook("99_test", "ran", 1.0)
+    first.stop()  # the interrupted process saves no more (its heartbeat would overwrite the resumed record)
     assert json.loads((run_dir / "timing.json").read_text())["sittings"][0]["wall_s"] >= 600
     assert "**10 min** end to end so far" in report.write_index(run_dir, [path]).read_text()
     second = report.Clock(run_dir, from_scratch=False)  # make figures again: it resumes the same record
@@ -64,3 +65,17 @@ def test_the_index_states_make_figures_own_time_over_interrupted_sittings(tmp_pa
     third = report.Clock(run_dir, from_scratch=False)  # after a finished one: a new record
     third.save(finished=True)
     assert "resuming an earlier report" in report.write_index(run_dir, [path]).read_text()
+
+
+def test_a_failed_notebook_leaves_its_sitting_unfinished_and_the_rerun_resumes_it(tmp_path, monkeypatch):
+    path = _notebook(tmp_path / "99_test.ipynb", "import os\nassert os.environ.get('CNKIT_TEST_FIXED'), 'broken'", [])
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    monkeypatch.setattr(report, "notebooks", lambda only=None: [path])
+    assert report.main(["--profile", "smoke", "--run", "r"]) == 1
+    timing = tmp_path / "reports" / "r" / "timing.json"
+    sittings = json.loads(timing.read_text())["sittings"]
+    assert len(sittings) == 1 and sittings[0]["finished"] is None and sittings[0]["wall_s"] > 0
+    monkeypatch.setenv("CNKIT_TEST_FIXED", "1")  # the user fixes the cause and runs make figures again
+    assert report.main(["--profile", "smoke", "--run", "r"]) == 0
+    sittings = json.loads(timing.read_text())["sittings"]
+    assert len(sittings) == 2 and sittings[1]["finished"] and "99_test" in sittings[1]["notebooks"]
