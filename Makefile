@@ -31,7 +31,7 @@ figures: setup
 test: lint unit nbval
 
 lint: setup
-	$(VENV)/bin/ruff check cnkit tests bench
+	$(VENV)/bin/ruff check cnkit tests bench studies
 
 unit: setup
 	$(PY) -m pytest -q tests
