@@ -166,7 +166,9 @@ class Clock:
             self.save()
 
     def stop(self) -> None:
-        """Stop saving, leaving the sitting unfinished: what an interruption leaves for the next run to resume."""
+        """Save once more and stop, leaving the sitting unfinished: what an interrupted run leaves for the
+        next one to resume."""
+        self.save()
         self._stop.set()
 
     def record_training(self, seconds: float) -> None:
@@ -260,7 +262,6 @@ def main(argv=None) -> int:
         except Exception as e:
             print(f"FAILED: {type(e).__name__}: {str(e)[:2000]}")
             print(f"the executed notebook is in {run_dir / path.stem}; fix and rerun: finished ones are cached")
-            clock.save()
             clock.stop()  # unfinished: the rerun resumes this record
             return 1
         clock.record_notebook(path.stem, status, seconds)

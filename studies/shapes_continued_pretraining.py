@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from cnkit.card import card_data
 from cnkit.metrics import evaluate_base
 from cnkit.pretrain import HELD_OUT_FILL_PAIRS, PretrainConfig, encode_latents, train_unet, training_set
 
@@ -48,8 +49,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    card = json.loads((Path(args.base) / "README.md").read_text().split("```json")[1].split("```")[0])
-    recipe = {k: v for k, v in card["recipe"].items() if k in PretrainConfig.__dataclass_fields__}
+    recipe = {k: v for k, v in card_data(args.base)["recipe"].items() if k in PretrainConfig.__dataclass_fields__}
     cfg = PretrainConfig(**(recipe | {"out_dir": str(out), "steps": args.steps, "learning_rate": args.learning_rate,
                                       "warmup_steps": min(100, args.steps // 10),
                                       "checkpoint_every": args.eval_every}))
