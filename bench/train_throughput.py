@@ -66,8 +66,8 @@ def run_reference(base: str, steps: int, batch: int) -> dict:
     import torch.nn.functional as F
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
+    from cnkit.bases import vae_scale_factor
     from cnkit.controlnets import condition_encoder_channels
-    from cnkit.tiny import vae_scale_factor
     from cnkit.toyworld import ToyWorld
 
     pipe = StableDiffusionPipeline.from_pretrained(base)

@@ -18,6 +18,9 @@ Detectors are built on first use and kept (``detector(name, weights)``); nothing
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
+import os
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from . import toyworld
 
 HUB_REPO = "lllyasviel/Annotators"
 
@@ -75,8 +80,6 @@ def names(available_only: bool = False) -> list[str]:
 
 
 def _has(package: str) -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(package) is not None
 
 
@@ -88,8 +91,6 @@ def _import(class_name: str):
 
 
 def _weights_error(info: AnnotatorInfo, weights, cause: Exception) -> AnnotatorError:
-    import os
-
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false")
     hub = f"the hub ({HUB_REPO})" + (", HF_HUB_OFFLINE set" if offline else "")
     where = f"the folder {weights}" if weights else hub
@@ -146,8 +147,6 @@ def as_rgb(source, what: str = "a source image") -> np.ndarray:
 
 def annotate(name: str, source, weights: str | None = None, **settings) -> np.ndarray:
     """The condition map of ``source`` (an image, or a toy-world Sample for ``toy_*``) at its own size."""
-    from . import toyworld
-
     info = info_for(name)
     unknown = set(settings) - set(info.settings) - {"seed"}
     if unknown:
@@ -165,8 +164,6 @@ def annotate(name: str, source, weights: str | None = None, **settings) -> np.nd
     image = source.image if isinstance(source, toyworld.Sample) else as_rgb(source)
     det = detector(name, weights)
     size = image.shape[0]
-    import inspect
-
     accepted = inspect.signature(det.__call__).parameters  # detectors differ in which of these they take
     kwargs = {k: v for k, v in {"detect_resolution": size, "image_resolution": size, "output_type": "np"}.items()
               if k in accepted}

@@ -19,15 +19,22 @@ Every variant is called like a diffusers ControlNet,
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
+from pathlib import Path
 
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding, ControlNetOutput
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
+
+from . import bases, export
+from .params import repo_path
 
 VARIANTS = ("zero", "gaussian", "lite")
 # The condition encoder's channels in the released code and diffusers; it downsamples once per
@@ -36,37 +43,130 @@ CONDITION_ENCODER_CHANNELS = (16, 32, 96, 256)
 
 
 def condition_encoder_channels(vae_scale_factor: int = 8) -> tuple[int, ...]:
-    steps = int(math.log2(vae_scale_factor))
+    steps = int(math.log2(vae_scale_factor)) if vae_scale_factor > 0 else 0
     if 2**steps != vae_scale_factor or not 1 <= steps <= 3:
         raise ValueError(f"vae_scale_factor must be 2, 4 or 8 (pixels per latent cell), got {vae_scale_factor}")
     return CONDITION_ENCODER_CHANNELS[: steps + 1]
 
 
-def make_controlnet(unet: UNet2DConditionModel, variant: str = "zero", *, vae_scale_factor: int = 8,
-                    conditioning_channels: int = 3, gaussian_std: float | None = None, seed: int | None = None):
-    """Build a ControlNet of ``variant`` for ``unet``.
+def condition_factor(net) -> int:
+    """How many condition pixels make one latent cell for ``net`` (its condition encoder's downsampling)."""
+    return 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
 
-    ``vae_scale_factor`` is the image-to-latent factor (8 for SD 1.5, 4 for the tiny model): the
-    condition image is that many times larger than the latent. ``gaussian_std`` overrides the
-    Gaussian variant's standard deviation (default: LeCun's 1/sqrt(fan_in), variance-preserving).
-    ``seed`` makes the fresh weights (condition encoder, lite blocks, Gaussian draws) reproducible.
+
+def _unet_and_factor(base, factor: int | None):
+    """(UNet, the factor its condition encoder needs) from a pipeline, a base folder or hub id, or a UNet."""
+    if isinstance(base, StableDiffusionPipeline):
+        found = bases.vae_scale_factor(base.vae)
+    elif isinstance(base, str | Path):
+        base = bases.load_base(str(base))
+        found = bases.vae_scale_factor(base.vae)
+    elif isinstance(base, UNet2DConditionModel):
+        return base, factor or 8  # a bare UNet says nothing of its VAE: SD's 8 unless told
+    else:
+        raise TypeError(f"make_controlnet takes a base (pipeline, folder or hub id) or a UNet2DConditionModel, "
+                        f"got {type(base).__name__}")
+    if factor not in (None, found):
+        raise ValueError(f"vae_scale_factor={factor} does not match the base's VAE, which downsamples by "
+                         f"{found}; leave vae_scale_factor out to take the base's")
+    return base.unet, found
+
+
+def make_controlnet(base, variant: str = "zero", *, vae_scale_factor: int | None = None,
+                    conditioning_channels: int = 3, gaussian_std: float | None = None, seed: int | None = None):
+    """Build a ControlNet of ``variant`` for ``base``: a pipeline, a base folder or hub id (the condition
+    encoder then matches the base's VAE factor), or a bare UNet (``vae_scale_factor`` says the image-to-latent
+    factor: 8 for SD 1.5, the default; 4 for the tiny model).
+
+    ``gaussian_std`` overrides the Gaussian variant's standard deviation (default: LeCun's 1/sqrt(fan_in),
+    variance-preserving). ``seed`` makes the fresh weights (condition encoder, lite blocks, Gaussian draws)
+    reproducible. A condition whose size does not fit the latents is a clear error at first use.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown ControlNet variant {variant!r}; known variants: {', '.join(VARIANTS)}")
-    channels = condition_encoder_channels(vae_scale_factor)
+    unet, factor = _unet_and_factor(base, vae_scale_factor)
+    channels = condition_encoder_channels(factor)
     with torch.random.fork_rng(devices=[], enabled=seed is not None):  # leave the caller's RNG alone
         if seed is not None:
             torch.manual_seed(seed)
         if variant == "lite":
-            return ControlNetLiteModel.from_unet(unet, channels, conditioning_channels)
-        net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
-                                        conditioning_channels=conditioning_channels)
+            net = ControlNetLiteModel.from_unet(unet, channels, conditioning_channels)
+        else:
+            net = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels,
+                                            conditioning_channels=conditioning_channels)
         if variant == "gaussian":
             for _, conv in zero_convolutions(net, include_condition_encoder=True):
                 std = gaussian_std if gaussian_std is not None else 1 / math.sqrt(conv.weight[0].numel())
                 nn.init.normal_(conv.weight, std=std)
                 nn.init.zeros_(conv.bias)
+    return watch_condition_size(net)
+
+
+def _check_condition_size(net, args, kwargs) -> None:
+    sample = kwargs.get("sample", args[0] if args else None)
+    cond = kwargs.get("controlnet_cond", args[3] if len(args) > 3 else None)
+    if sample is None or cond is None:
+        return
+    factor = condition_factor(net)
+    if tuple(cond.shape[-2:]) != (sample.shape[-2] * factor, sample.shape[-1] * factor):
+        raise ValueError(
+            f"condition {cond.shape[-1]}x{cond.shape[-2]} px does not fit latents of {sample.shape[-1]}x"
+            f"{sample.shape[-2]}: this ControlNet's condition encoder downsamples by {factor} (conditioning_"
+            f"embedding_out_channels={tuple(net.config.conditioning_embedding_out_channels)}), so it needs "
+            f"{sample.shape[-1] * factor}x{sample.shape[-2] * factor} px. Either the condition has the wrong size, or "
+            "the net was built for a base with another VAE factor: build it with make_controlnet(base) "
+            "(the factor is then the base's) or `python -m cnkit.controlnets init --base BASE`")
+
+
+def watch_condition_size(net):
+    """Make a condition of the wrong size a clear error at ``net``'s first call, instead of torch's tensor-size
+    mismatch deep inside the condition encoder. Returns ``net``."""
+    if not getattr(net, "_cnkit_watched", False):
+        net.register_forward_pre_hook(_check_condition_size, with_kwargs=True)
+        net._cnkit_watched = True
     return net
+
+
+def check_fits(net, pipe) -> None:
+    """Refuse a ControlNet that cannot drive the base ``pipe`` (another architecture or VAE factor), naming both."""
+    unet, factor = pipe.unet, bases.vae_scale_factor(pipe.vae)
+    want = list(unet.config.block_out_channels)
+    have = list(net.config.block_out_channels)
+    problems = []
+    if have != want or net.config.layers_per_block != unet.config.layers_per_block:
+        problems.append(f"its blocks are {have} x {net.config.layers_per_block} layers, the base UNet's "
+                        f"{want} x {unet.config.layers_per_block}")
+    cross = getattr(net.config, "cross_attention_dim", None)
+    if cross is not None and cross != unet.config.cross_attention_dim:
+        problems.append(f"its text width is {cross}, the base's {unet.config.cross_attention_dim}")
+    if condition_factor(net) != factor:
+        problems.append(f"its condition encoder downsamples by {condition_factor(net)}, the base's VAE by {factor}")
+    if problems:
+        raise ValueError("this ControlNet does not fit the base: " + "; ".join(problems)
+                         + ". Use a ControlNet trained on this base, or build one with make_controlnet(base)")
+
+
+def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
+    """A ControlNet from a model, a local folder, a hub id (stock diffusers or the kit's lite), or a single
+    safetensors file in the original ControlNet layout (what the WebUI and ComfyUI load; ``cnkit.export``): its
+    architecture comes from the config the kit stored in it, else from ``base_unet`` (the base it drives)."""
+    if isinstance(spec, torch.nn.Module):
+        return watch_condition_size(spec)
+    path = repo_path(spec)
+    if path.is_file() and export.is_original_layout(path):
+        stored = export.stored_config(path) is not None
+        return watch_condition_size(export.load_original(path, config=None if stored else base_unet))
+    config = path / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetLiteModel":
+        return watch_condition_size(ControlNetLiteModel.from_pretrained(path))
+    try:
+        net = ControlNetModel.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not load the ControlNet {spec!r} ({type(e).__name__}: {str(e)[:200]}). Pass a local diffusers "
+            "ControlNet folder (e.g. data/controlnets/fill-outline), or a hub id on a machine that can download it "
+            "(HF_HUB_OFFLINE unset)") from e
+    return watch_condition_size(net)
 
 
 def zero_convolutions(net, include_condition_encoder: bool = False) -> list[tuple[str, nn.Conv2d]]:
@@ -173,3 +273,29 @@ def connection_table(net, unet: UNet2DConditionModel, vae_scale_factor: int = 8)
                      "channels": r.shape[1], "latent_size": r.shape[-1],
                      "sd_latent_size": r.shape[-1] * 64 // size})
     return rows
+
+
+def main(argv=None) -> int:
+    """``python -m cnkit.controlnets init --base BASE --variant zero --out DIR``: a fresh ControlNet for any base,
+    its condition encoder matched to the base's VAE factor, saved as a stock diffusers folder (so diffusers'
+    ``examples/controlnet/train_controlnet.py`` can start from it with ``--controlnet_model_name_or_path DIR``)."""
+    ap = argparse.ArgumentParser(prog="python -m cnkit.controlnets", description=main.__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="a fresh ControlNet for a base, saved as a diffusers folder")
+    init.add_argument("--base", default="data/tiny-sd", help="a diffusers pipeline folder or hub id")
+    init.add_argument("--variant", default="zero", choices=VARIANTS)
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--out", required=True, help="the folder to write")
+    args = ap.parse_args(argv)
+    pipe = bases.load_base(args.base)
+    net = make_controlnet(pipe, args.variant, seed=args.seed)
+    out = Path(args.out)
+    net.save_pretrained(out, safe_serialization=True)
+    print(f"wrote a {args.variant} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters) for "
+          f"{args.base} to {out}: its condition encoder downsamples by {condition_factor(net)}, as the base's VAE "
+          f"does; condition images are {bases.image_size(pipe)} px")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,16 +26,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .toyworld import Example, ToyWorld, to_pil
 
-class Example(NamedTuple):
-    image: Image.Image
-    condition: Image.Image
-    prompt: str
+__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "is_toy", "load", "open_image", "to_pil", "to_rgb"]
 
 
 class DatasetError(ValueError):
@@ -43,10 +40,6 @@ class DatasetError(ValueError):
 
 
 DEFAULT_COLUMNS = {"image": "image", "condition": "conditioning_image", "prompt": "text"}
-
-
-def to_pil(array: np.ndarray) -> Image.Image:
-    return Image.fromarray(np.ascontiguousarray(array))
 
 
 def to_rgb(img: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
@@ -177,9 +170,12 @@ class HFDataset:
     validate = PairFolder.validate
 
 
-def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 0):
-    from .toyworld import ToyWorld
+def is_toy(spec) -> bool:
+    """Is ``spec`` a toy world (``"toy:fill"``, ``"toy:shapes/segmentation"``) rather than files?"""
+    return str(spec).startswith("toy:")
 
+
+def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 0):
     world, _, condition = spec.partition("/")
     return ToyWorld(world, n=n, seed=seed, size=size, condition=condition or None, offset=offset)
 
@@ -187,7 +183,7 @@ def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 
 def load(path_or_name, columns: dict[str, str] | None = None, **toy_options):
     """Open a dataset of ``Example(image, condition, prompt)``; see the module docstring for formats."""
     columns = DEFAULT_COLUMNS | (columns or {})
-    if isinstance(path_or_name, str) and path_or_name.startswith("toy:"):
+    if isinstance(path_or_name, str) and is_toy(path_or_name):
         return _toy(path_or_name[4:], **toy_options)
     # Options of toy worlds mean nothing for a folder of files: a folder is read whole.
     path = Path(path_or_name)

@@ -1,23 +1,34 @@
-"""The evaluations behind the paper's figures on the embedded default (notebooks 06-09).
+"""Every driver that generates images to measure them: the base's quality, a ControlNet's fidelity, two nets
+composed, and the paper's figures on the embedded default (notebooks 01, 06-09, the shipped cards).
 
-Each one generates, through ``cnkit.generate.generate_many`` (diffusers' pipeline, batched), from
-held-out toy conditions with fixed seeds, and measures with ``cnkit.metrics``; every function
-returns numbers and the images they were measured on, so a notebook's table and grid agree.
+Each one draws held-out items and seeds from ``cnkit.splits`` (named, never trained on), generates through
+``cnkit.generate.generate_many`` (diffusers' pipeline, batched, one seed per image) and measures with the
+pure functions of ``cnkit.metrics``; every function returns numbers, and those that feed a figure also the
+images they were measured on, so a notebook's table and grid agree.
 
-- ``evaluate_prompt_settings`` (Fig. 8): the four prompt settings on the fill task; condition
-  fidelity (disc IoU) and prompt adherence (the prompted colours, where a prompt names any).
-- ``evaluate_cfg_forms`` (Fig. 5): no prompt; no guidance / guidance with the condition in both
-  branches / in the conditional branch only, unweighted and with the three resolution weightings;
-  fidelity and over-saturation.
+- ``evaluate_base``: the pretrained base from held-out prompts (fill: one disc, the prompted colours;
+  shapes: the prompted shapes, counts and colours).
+- ``evaluate_controlnet``: condition fidelity on held-out conditions; ``evaluate_composition``: two nets in
+  one call (Fig. 6), each condition measured where it speaks.
+- ``evaluate_prompt_settings`` (Fig. 8): the four prompt settings on the fill task; condition fidelity
+  (disc IoU) and prompt adherence (the prompted colours, where a prompt names any).
+- ``evaluate_cfg_forms`` (Fig. 5): no prompt; no guidance / guidance with the condition in both branches /
+  in the conditional branch only, unweighted and with the three resolution weightings; fidelity and
+  over-saturation.
 - ``segmentation_references`` (Table 2): the ceiling and floor of re-detected segmentation.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
+from scipy import ndimage
 
-from . import metrics, toyworld
-from .telemetry import held_out_toy as held_out
+from . import metrics, splits, toyworld
+from .bases import image_size
+from .controlnets import load_controlnet
+from .generate import generate_many
+from .pixels import from_model_range, to_model_range
 
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # The paper's insufficient prompt (Fig. 8); the tiny tokenizer has a token for each of its words.
@@ -33,8 +44,85 @@ CFG_FORMS = {
 }
 
 
-def _base_size(pipe) -> int:
-    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+# --- the base -------------------------------------------------------------------------------
+
+
+def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: float = 5.0,
+                  held_out_fill_pairs=splits.HELD_OUT_FILL_PAIRS, train_prompts=frozenset(), batch: int = 32) -> dict:
+    """Base-model quality on ``n`` fill and ``n`` shapes generations from held-out prompts."""
+    fills, shapes = splits.held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
+    fill_images = generate_many(pipe, [f["prompt"] for f in fills], None, [], [f["seed"] for f in fills],
+                                steps=steps, guidance=guidance, batch=batch)
+    shape_images = generate_many(pipe, [s["prompt"] for s in shapes], None, [], [s["seed"] for s in shapes],
+                                 steps=steps, guidance=guidance, batch=batch)
+    per_fill = []
+    for f, img in zip(fills, fill_images):
+        a = metrics.analyse_fill(img)
+        per_fill.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
+                         "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
+    per_shapes = []
+    for s, img in zip(shapes, shape_images):
+        a = metrics.analyse_shapes(img, s["truth"])
+        per_shapes.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
+                           "colours_ok": a["colours_ok"]})
+    rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
+    return {
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
+        "fill": {"one_disc": rate(per_fill, "one_disc"), "fill_colour": rate(per_fill, "fill_ok"),
+                 "background_colour": rate(per_fill, "background_ok")},
+        "shapes": {"correct": rate(per_shapes, "correct"), "colours_and_counts": rate(per_shapes, "colours_ok")},
+        "per_image": {"fill": per_fill, "shapes": per_shapes},
+        "images": {"fill": fill_images, "shapes": shape_images},
+    }
+
+
+# --- one ControlNet, two composed -----------------------------------------------------------
+
+
+def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str | None = "", data_seed: int = 0,
+                        steps: int = 20, guidance: float = 3.0, cfg_weighting: str | None = None) -> dict:
+    """Condition fidelity of ``controlnet`` on ``n`` held-out toy conditions, with ``prompt`` ("" by default:
+    the condition alone; None: each item's own prompt), the validation seeds (the same images a training run's
+    validation makes of the same items), through ``generate_many`` (``cfg_weighting`` as there). Returns every
+    metric's mean and per-item values."""
+    items = splits.held_out_items(dataset, n, image_size(pipe), data_seed)
+    fidelity = metrics.fidelity_metrics_for(dataset)
+    prompts = [item.prompt if prompt is None else prompt for item in items]
+    images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items],
+                           [load_controlnet(controlnet)], splits.seeds("validation", len(items)), steps=steps,
+                           guidance=guidance, cfg_weighting=cfg_weighting)
+    scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in fidelity.items()}
+    return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
+            "cfg_weighting": cfg_weighting,
+            "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
+            "per_item": scores}
+
+
+def composition_conditions(sample) -> tuple[np.ndarray, np.ndarray]:
+    """The segmentation map of shape 0 alone and the outline of shape 1 alone."""
+    other = [ndimage.binary_dilation(sample.masks[f"shape{k}"], iterations=3) for k in (0, 1)]
+    seg = sample.conditions["segmentation"].copy()
+    seg[other[1]] = toyworld.SEGMENTATION_COLOURS["background"]
+    outline = sample.conditions["outline"].copy()
+    outline[~other[1]] = 0
+    return seg, outline
+
+
+def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, prompt: str | None = None,
+                         data_seed: int = 0, steps: int = 20, guidance: float = 3.0, keep_images: bool = False) -> dict:
+    """Two nets in one call: the segmentation net gets shape 0's segmentation map, the outline net shape 1's
+    outline, on ``n`` held-out two-shape scenes; each condition's fidelity where it speaks
+    (``metrics.composition_fidelity``). ``prompt`` None: each scene's own prompt. ``keep_images``: the result
+    also holds the scenes and their generated images (for a figure, without generating twice)."""
+    scenes = splits.composition_scenes(n, data_seed)
+    prompts = [scene.prompt if prompt is None else prompt for scene in scenes]
+    images = generate_many(pipe, prompts, [list(composition_conditions(scene)) for scene in scenes],
+                           [load_controlnet(segmentation_net), load_controlnet(outline_net)],
+                           splits.seeds("composition", n), steps=steps, guidance=guidance)
+    rows = [metrics.composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
+    return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
+            **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
+            "per_item": rows, **({"scenes": scenes, "images": images} if keep_images else {})}
 
 
 # --- Fig. 8: prompt settings ---------------------------------------------------------------
@@ -61,12 +149,10 @@ def evaluate_prompt_settings(pipe, controlnet, n: int = 32, settings=PROMPT_SETT
     """Per setting: mean disc IoU (fidelity), prompt adherence (share of images whose fill and
     background are the prompted colours; None where the prompt names none), the share of clean
     single-disc images, per-item values and the images. Same conditions and seeds for every setting."""
-    from .generate import generate_many, load_controlnet
-
     controlnet = load_controlnet(controlnet)
-    items = held_out("toy:fill", n, _base_size(pipe), data_seed)
+    items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
     conditions = [[np.asarray(it.condition)] for it in items]
-    seeds = [3000 + k for k in range(n)]
+    seeds = splits.seeds("prompt_settings", n)
     out = {}
     for setting in settings:
         asked = [fill_prompt(setting, it.sample.truth, k) for k, it in enumerate(items)]
@@ -91,12 +177,10 @@ def evaluate_cfg_forms(pipe, controlnet, n: int = 32, forms=tuple(CFG_FORMS), gu
                        data_seed: int = 0, steps: int = 20) -> dict:
     """Per form of ``CFG_FORMS``, without a prompt: mean disc IoU, saturation excess over the true
     images (mean HSV saturation, generated minus true), off-palette distance, per-item fidelity, images."""
-    from .generate import generate_many, load_controlnet
-
     controlnet = load_controlnet(controlnet)
-    items = held_out("toy:fill", n, _base_size(pipe), data_seed)
+    items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
     conditions = [[np.asarray(it.condition)] for it in items]
-    seeds = [4000 + k for k in range(n)]
+    seeds = splits.seeds("cfg_forms", n)
     true_saturation = float(np.mean([metrics.saturation(np.asarray(it.image)) for it in items]))
     out = {"true_saturation": true_saturation}
     for form in forms:
@@ -119,17 +203,13 @@ def segmentation_references(pipe, n: int = 32, data_seed: int = 0, steps: int = 
     """mIoU of segmentation re-detected from: the true images (the detector's own ceiling), the true
     images through the base's VAE (the ceiling of anything the base can draw), and the base alone from
     each item's prompt (no ControlNet: the floor). Same held-out items and metric as the nets'."""
-    import torch
-
-    items = held_out("toy:shapes/segmentation", n, _base_size(pipe), data_seed)
+    items = splits.held_out_items("toy:shapes/segmentation", n, image_size(pipe), data_seed)
     truth = [np.asarray(it.image) for it in items]
     with torch.no_grad():
-        x = torch.from_numpy(np.stack(truth)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        latents = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist.mode()
-        back = pipe.vae.decode(latents).sample.clamp(-1, 1)
-    roundtrip = ((back.permute(0, 2, 3, 1).float().numpy() + 1) * 127.5).round().astype(np.uint8)
-    prompt_only = metrics.generate(pipe, [it.prompt for it in items], [5000 + k for k in range(n)], steps=steps,
-                                   guidance=guidance)
+        latents = pipe.vae.encode(to_model_range(np.stack(truth)).to(pipe.vae.dtype)).latent_dist.mode()
+        roundtrip = from_model_range(pipe.vae.decode(latents).sample)
+    prompt_only = generate_many(pipe, [it.prompt for it in items], None, [], splits.seeds("references", n),
+                                steps=steps, guidance=guidance)
     score = lambda images: [metrics.segmentation_miou(img, it.sample) for img, it in zip(images, items)]
     rows = {"ground truth": score(truth), "ground truth through the VAE": score(roundtrip),
             "base alone, prompt only": score(prompt_only)}

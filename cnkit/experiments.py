@@ -1,7 +1,7 @@
-"""The training runs behind the paper's figures (notebooks 04, 06, 08, 09), as configurations.
+"""The training runs behind the notebooks (02-04, 06-09), as configurations.
 
-Notebooks build their runs here, from their parameters, so that ``make figures`` trains each run once
-and notebooks share them through ``cnkit.runs`` (cached by configuration): the ablation's ``zero``
+Notebooks build their runs here, from their parameters (``run_config`` for 02-04), so that ``make figures``
+trains each run once and notebooks share them through ``cnkit.runs`` (cached by configuration): the ablation's ``zero``
 runs *are* notebook 04's sudden-convergence runs. ``python -m cnkit.experiments`` trains them all
 ahead of the notebooks (resumable; what is finished is only read back), ``--workers 2`` two at a
 time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one run on two threads
@@ -15,42 +15,59 @@ train 400 steps (every recipe seed has converged by step 325) and validate every
 from __future__ import annotations
 
 import argparse
+import contextlib
+import multiprocessing
 import os
 import sys
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from pathlib import Path
 
-from .runs import RECIPE
+import torch
+
+from .controlnets import VARIANTS
+from .runs import is_finished, run_folder, train
+from .train import TrainConfig
 
 SEEDS = (0, 1, 2)
-VARIANTS = ("zero", "gaussian", "lite")
 DATASET_SIZES = (1000, 5000, 50000)
 SHORT = {"steps": 400, "validate_every": 100}
 SEGMENTATION = {"dataset": "toy:shapes/segmentation", "n_train": 5000}
 
+# What the paper and its authors report about when a ControlNet converges (notebook 04 puts the kit's runs
+# beside them): (source, step, samples seen, how the rise is described).
+PAPER_CONVERGENCE = [
+    ("paper, Fig. 4 (SD 1.5)", "6133", "~24.5k at batch 4", "sudden"),
+    ("official docs/train.md", "3k-7k", "12k-28k at batch 4", "'basically usable'"),
+    ("author, issue 198 (SD1)", "4k-6k", "-", ""),
+]
 
-def _config(overrides: dict, smoke: bool):
-    from .train import TrainConfig
 
-    cfg = {**RECIPE, "checkpoint_every": 200, **overrides}  # checkpoints as notebooks 02-04 keep them
-    if smoke:  # the same code in seconds: a few steps on a few items (as notebook 04's smoke runs, so shared)
-        cfg.update(steps=4, batch_size=4, validate_every=2, validation_size=4, n_train=min(cfg["n_train"], 64))
+# The smoke profile: the same code in seconds, a few steps on a few items (every notebook's smoke runs).
+SMOKE = {"steps": 4, "batch_size": 4, "validate_every": 2, "validation_size": 4}
+
+
+def run_config(smoke: bool = False, **overrides) -> TrainConfig:
+    """The kit's recipe (``TrainConfig()``) with ``overrides``; ``smoke`` shrinks it to seconds."""
+    cfg = {**asdict(TrainConfig()), **overrides}
+    if smoke:
+        cfg.update(SMOKE, n_train=min(cfg["n_train"], 64))
     return TrainConfig(**cfg)
 
 
 def ablation(variant: str, seed: int, smoke: bool = False, **overrides):
     """Fig. 8: the recipe with only the variant changed (zero = notebook 04's run)."""
-    return _config({"variant": variant, "seed": seed, **overrides}, smoke)
+    return run_config(smoke, variant=variant, seed=seed, **overrides)
 
 
 def dataset_size(n_train: int, seed: int, smoke: bool = False, **overrides):
     """Fig. 10: the recipe on ``n_train`` pairs (nested: a smaller set is a prefix of a larger one), 400 steps."""
-    return _config({**SHORT, "n_train": n_train, "seed": seed, **overrides}, smoke)
+    return run_config(smoke, **{**SHORT, "n_train": n_train, "seed": seed, **overrides})
 
 
 def reconstruction(variant: str, seed: int, smoke: bool = False, **overrides):
     """Table 2: segmentation-conditioned nets (zero and lite), 400 steps."""
-    return _config({**SHORT, **SEGMENTATION, "variant": variant, "seed": seed, **overrides}, smoke)
+    return run_config(smoke, **{**SHORT, **SEGMENTATION, "variant": variant, "seed": seed, **overrides})
 
 
 def sampling_comparison(seed: int = 0, smoke: bool = False, **overrides):
@@ -66,14 +83,10 @@ def all_configs(smoke: bool = False) -> list:
 
 def default_workers() -> int:
     """Runs trained side by side: one on an accelerator; two on a CPU (each with half the threads)."""
-    import torch
-
     return 1 if torch.cuda.is_available() else max(1, min(2, torch.get_num_threads()))
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -84,11 +97,6 @@ def _summary(run) -> dict:
 
 def _train_logged(cfg_dict: dict, runs_dir: str) -> dict:
     """One run in a worker process; its progress bars go to ``runs_dir/logs/<run>.log``, not the terminal."""
-    import contextlib
-
-    from .runs import run_folder, train
-    from .train import TrainConfig
-
     cfg = TrainConfig(**cfg_dict)
     log = Path(runs_dir) / "logs" / f"{run_folder(cfg, runs_dir).name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -112,8 +120,6 @@ def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict
     """Train every configuration's run (finished ones are only read back), ``workers`` at a time, in
     ``schedule`` order; each worker gets an equal share of this process's threads. A run's results do not
     depend on ``workers`` except through its thread count, which changes floating-point summation order only."""
-    from .runs import is_finished, run_folder
-
     runs_dir = str(runs_dir)
     todo = schedule(configs)
     left = [c for c in todo if not is_finished(run_folder(c, runs_dir), c)]
@@ -128,16 +134,9 @@ def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict
         results.append(r)
 
     if workers <= 1 or len(left) <= 1:
-        from .runs import train
-
         for cfg in left:
             report(_summary(train(cfg, runs_dir)))
         return results
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-
-    import torch
-
     threads = max(1, torch.get_num_threads() // workers)
     # spawn: a fresh interpreter per worker (forking a process that holds torch's thread pools can hang).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,

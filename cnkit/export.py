@@ -255,6 +255,12 @@ def _metadata(path: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
+def stored_config(file) -> dict | None:
+    """The ControlNet config ``export_original`` stored in an original-layout file, or None (files from elsewhere)."""
+    stored = _metadata(_safetensors_path(file)).get(META_CONFIG)
+    return json.loads(stored) if stored else None
+
+
 def load_original(file, config=None) -> ControlNetModel:
     """Read an original-layout safetensors file into a diffusers ControlNetModel.
 

@@ -1,5 +1,6 @@
-"""Measurements on generated images, using the toy world's exact ground truth instead of
-downloaded evaluators.
+"""Measurements: pure functions of images, masks and curves (numpy), using the toy world's exact ground
+truth instead of downloaded evaluators. Nothing here loads a model or generates an image; the drivers
+that generate images to measure them are ``cnkit.evaluations``.
 
 Base quality (is the pretrained model any good?):
 
@@ -13,10 +14,14 @@ Base quality (is the pretrained model any good?):
   kind (circle, square, triangle) is the template that fits it best, pixels of other shapes being
   ignored (they may hide part of it).
 
-``evaluate_base(pipe, ...)`` generates fixed-seed images from held-out prompts and reports rates.
+Condition fidelity (does a ControlNet follow its condition?): ``disc_iou`` (fill), ``edge_f1`` (ControlNet++'s
+Canny F1), ``segmentation_miou`` (re-detected by colour clustering); ``fidelity_metrics_for(dataset)`` picks
+them per dataset. Image statistics: ``saturation``, ``off_palette`` (Fig. 5). Curves: ``convergence``.
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 from scipy import ndimage
@@ -146,68 +151,6 @@ def analyse_shapes(image: np.ndarray, truth: dict) -> dict:
             "kinds": kinds, "colours_ok": bool(colours_ok), "correct": bool(kinds_ok)}
 
 
-def held_out_prompts(n: int, seed: int = 0, exclude_fill_pairs=(), exclude_prompts=frozenset()):
-    """``n`` fill samples drawn from the held-out colour pairs and ``n`` shapes samples whose prompts
-    are not in ``exclude_prompts``; a fixed function of ``seed``."""
-    fills = []
-    pairs = list(exclude_fill_pairs)
-    rng = np.random.default_rng([7, seed])
-    for i in range(n):  # held-out pairs in turn, a fresh geometry each
-        fill, bg = pairs[i % len(pairs)]
-        fills.append({"world": "fill", "fill": fill, "background": bg, "seed": int(rng.integers(2**31)),
-                      "prompt": f"{fill} circle with {bg} background"})
-    shapes, i = [], 0
-    while len(shapes) < n:
-        s = toyworld.sample("shapes", 10**8 + i, seed=seed)
-        i += 1
-        if s.prompt not in exclude_prompts:
-            shapes.append({"world": "shapes", "truth": s.truth, "seed": int(rng.integers(2**31)),
-                           "prompt": s.prompt})
-    return fills, shapes
-
-
-def generate(pipe, prompts: list[str], seeds: list[int], steps: int = 25, guidance: float = 5.0,
-             batch: int = 32) -> np.ndarray:
-    """uint8 images, one fixed seed per prompt (same image whatever the batching)."""
-    import torch
-
-    images = []
-    for i in range(0, len(prompts), batch):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i:i + batch]]
-        out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                   output_type="np")
-        images.append((out.images * 255).round().astype(np.uint8))
-    return np.concatenate(images)
-
-
-def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                  held_out_fill_pairs=(), train_prompts=frozenset(), batch: int = 32) -> dict:
-    """Base-model quality on ``n`` fill and ``n`` shapes generations from held-out prompts."""
-    fills, shapes = held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
-    fill_images = generate(pipe, [f["prompt"] for f in fills], [f["seed"] for f in fills], steps, guidance, batch)
-    shape_images = generate(pipe, [s["prompt"] for s in shapes], [s["seed"] for s in shapes], steps, guidance,
-                            batch)
-    per_fill = []
-    for f, img in zip(fills, fill_images):
-        a = analyse_fill(img)
-        per_fill.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
-                         "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
-    per_shapes = []
-    for s, img in zip(shapes, shape_images):
-        a = analyse_shapes(img, s["truth"])
-        per_shapes.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
-                           "colours_ok": a["colours_ok"]})
-    rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
-    return {
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
-        "fill": {"one_disc": rate(per_fill, "one_disc"), "fill_colour": rate(per_fill, "fill_ok"),
-                 "background_colour": rate(per_fill, "background_ok")},
-        "shapes": {"correct": rate(per_shapes, "correct"), "colours_and_counts": rate(per_shapes, "colours_ok")},
-        "per_image": {"fill": per_fill, "shapes": per_shapes},
-        "images": {"fill": fill_images, "shapes": shape_images},
-    }
-
-
 # --- image statistics (over-saturation, Fig. 5) --------------------------------------------------
 
 
@@ -322,12 +265,6 @@ def fidelity_metrics_for(dataset: str, with_truth: bool = True) -> dict:
     return {"disc_iou": lambda img, item: disc_iou(img, item.condition)}
 
 
-def fidelity_metric_for(dataset: str, with_truth: bool = True):
-    """(name, fn) of the primary fidelity metric of ``fidelity_metrics_for``."""
-    name, fn = next(iter(fidelity_metrics_for(dataset, with_truth).items()))
-    return name, fn
-
-
 def convergence(steps, fidelity, threshold: float) -> dict:
     """When fidelity rose and how abruptly, from the raw series (never smoothed).
 
@@ -355,44 +292,7 @@ def convergence(steps, fidelity, threshold: float) -> dict:
     return out
 
 
-def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str | None = "", data_seed: int = 0,
-                        steps: int = 20, guidance: float = 3.0, cfg_weighting: str | None = None) -> dict:
-    """Condition fidelity of ``controlnet`` on ``n`` held-out toy conditions (indices past any training
-    index), with ``prompt`` ("" by default: the condition alone; None: each item's own prompt), fixed seeds,
-    through cnkit.generate (diffusers' pipeline; ``cfg_weighting`` as there). Returns every metric's mean
-    and per-item values."""
-    from .generate import generate_many
-    from .telemetry import held_out_toy
-
-    items = held_out_toy(dataset, n, pipe.unet.config.sample_size * pipe.vae_scale_factor, data_seed)
-    metrics = fidelity_metrics_for(dataset)
-    prompts = [item.prompt if prompt is None else prompt for item in items]
-    images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items], [controlnet],
-                           [1000 + k for k in range(len(items))], steps=steps, guidance=guidance,
-                           cfg_weighting=cfg_weighting)
-    scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in metrics.items()}
-    return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
-            "cfg_weighting": cfg_weighting,
-            "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
-            "per_item": scores}
-
-
 # --- composition (two nets in one call) ------------------------------------------------------
-
-
-def composition_scenes(n: int, data_seed: int = 0, margin: int = 3) -> list:
-    """``n`` held-out shapes scenes with exactly two shapes that stay ``margin`` px apart, so each of
-    two conditions can describe one of them."""
-    scenes, i = [], 0
-    while len(scenes) < n:
-        s = toyworld.sample("shapes", 2 * 10**7 + i, seed=data_seed)
-        i += 1
-        if len(s.truth["shapes"]) != 2:
-            continue
-        a, b = (ndimage.binary_dilation(s.masks[f"shape{k}"], iterations=margin) for k in (0, 1))
-        if not (a & b).any():
-            scenes.append(s)
-    return scenes
 
 
 def _paint_background(image: np.ndarray, region: np.ndarray) -> np.ndarray:
@@ -403,23 +303,11 @@ def _paint_background(image: np.ndarray, region: np.ndarray) -> np.ndarray:
 
 def _only_shape(sample, k: int):
     """``sample`` as if shape ``k`` were the only one (for measuring one condition of a composition)."""
-    from types import SimpleNamespace
-
     shape = sample.truth["shapes"][k]
     mask = sample.masks[f"shape{k}"]
     masks = {"shape0": mask} | {kind: mask if kind == shape["kind"] else np.zeros_like(mask)
                                 for kind in toyworld.SHAPE_KINDS}
     return SimpleNamespace(image=sample.image, truth={**sample.truth, "shapes": [shape]}, masks=masks)
-
-
-def composition_conditions(sample) -> tuple[np.ndarray, np.ndarray]:
-    """The segmentation map of shape 0 alone and the outline of shape 1 alone."""
-    other = [ndimage.binary_dilation(sample.masks[f"shape{k}"], iterations=3) for k in (0, 1)]
-    seg = sample.conditions["segmentation"].copy()
-    seg[other[1]] = toyworld.SEGMENTATION_COLOURS["background"]
-    outline = sample.conditions["outline"].copy()
-    outline[~other[1]] = 0
-    return seg, outline
 
 
 def composition_fidelity(image: np.ndarray, sample) -> dict:
@@ -429,22 +317,3 @@ def composition_fidelity(image: np.ndarray, sample) -> dict:
     miou = segmentation_miou(_paint_background(image, near[1]), _only_shape(sample, 0))
     f1 = edge_f1(_paint_background(image, near[0]), _paint_background(sample.image, near[0]))
     return {"segmentation_miou": miou, "outline_edge_f1": f1}
-
-
-def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, prompt: str | None = None,
-                         data_seed: int = 0, steps: int = 20, guidance: float = 3.0, keep_images: bool = False) -> dict:
-    """Two nets in one call (cnkit.generate): the segmentation net gets shape 0's segmentation map, the
-    outline net shape 1's outline, on ``n`` held-out two-shape scenes; each condition's fidelity where
-    it speaks (``composition_fidelity``). ``prompt`` None: each scene's own prompt. ``keep_images``: the
-    result also holds the scenes and their generated images (for a figure, without generating twice)."""
-    from .generate import generate_many
-
-    scenes = composition_scenes(n, data_seed)
-    prompts = [scene.prompt if prompt is None else prompt for scene in scenes]
-    images = generate_many(pipe, prompts, [list(composition_conditions(scene)) for scene in scenes],
-                           [segmentation_net, outline_net], [2000 + k for k in range(n)], steps=steps,
-                           guidance=guidance)
-    rows = [composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
-    return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
-            **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
-            "per_item": rows, **({"scenes": scenes, "images": images} if keep_images else {})}

@@ -8,6 +8,9 @@ that a notebook fails early, with the parameter's name, instead of deep inside a
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 from pathlib import Path
 
@@ -50,11 +53,22 @@ def coerce(name: str, value, kind: type, minimum=None, maximum=None):
             out = kind(value)
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"parameter {name} must be {kind.__name__}, got {value!r}") from None
+    if kind is float and not math.isfinite(out):  # NaN passes every bound check, inf none usefully
+        raise ValueError(f"parameter {name} must be a finite number, got {value!r}")
     if minimum is not None and out < minimum:
         raise ValueError(f"parameter {name} must be at least {minimum}, got {out!r}")
     if maximum is not None and out > maximum:
         raise ValueError(f"parameter {name} must be at most {maximum}, got {out!r}")
     return out
+
+
+def coerce_fields(obj) -> None:
+    """Coerce every field of a dataclass instance to its annotated type (int, float, bool, str), naming the
+    field when a value cannot be (what papermill and command lines pass: ints for floats, numbers as text)."""
+    kinds = {"int": int, "float": float, "bool": bool, "str": str}
+    for f in dataclasses.fields(obj):
+        kind = kinds[f.type if isinstance(f.type, str) else f.type.__name__]
+        setattr(obj, f.name, coerce(f.name, getattr(obj, f.name), kind))
 
 
 def by_profile(profile: str, smoke, full):
@@ -77,3 +91,19 @@ def repo_path(path) -> Path:
         return p
     root = Path(__file__).resolve().parent.parent
     return root / p if (root / p).exists() else p
+
+
+def notebook_outputs(notebook: str) -> list[str]:
+    """The files a notebook declares it writes (``metadata.cnkit.outputs`` of ``notebooks/<notebook>.ipynb``)."""
+    path = Path(__file__).resolve().parent.parent / "notebooks" / f"{notebook}.ipynb"
+    return json.loads(path.read_text())["metadata"]["cnkit"]["outputs"]
+
+
+def check_outputs(out_dir, notebook: str) -> list[str]:
+    """A notebook's last cell: every file it declares exists in ``out_dir`` and is not empty (whoever runs it:
+    nbval, papermill, make figures or a person). Returns the files."""
+    names = notebook_outputs(notebook)
+    missing = [n for n in names if not (Path(out_dir) / n).is_file() or not (Path(out_dir) / n).stat().st_size]
+    if missing:
+        raise AssertionError(f"{notebook} did not write {', '.join(missing)} into {out_dir}")
+    return names

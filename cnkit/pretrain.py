@@ -15,17 +15,20 @@ that write into ``out_dir``:
    exponential moving average of the weights, which is what ships. The text encoder is trainable
    here only and locked forever after, like CLIP in SD.
 
-The fill world's held-out colour pairs (``HELD_OUT_FILL_PAIRS``) never appear in training, so the
-evaluation can use prompts the model never saw. Runs on Accelerate (mixed precision and devices
-come from it); each stage checkpoints to safetensors and resumes after an interruption with the
-same batches and noise it would have drawn (every step's randomness derives from (seed, step)).
+The fill world's held-out colour pairs (``cnkit.splits.HELD_OUT_FILL_PAIRS``) never appear in training,
+so the evaluation can use prompts the model never saw. Runs on Accelerate (mixed precision and devices
+come from it); each stage checkpoints to safetensors (``cnkit.checkpoints``: complete at every instant)
+and resumes after an interruption with the same batches and noise it would have drawn (every step's
+randomness derives from (seed, step)). The EMA and the Min-SNR weights are diffusers' own
+(``EMAModel``, ``compute_snr``), the learning-rate schedules its cosine schedule.
+
+``PretrainConfig()`` is the recipe ``data/tiny-sd`` shipped with (its card records the same values).
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,36 +36,51 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel, compute_snr
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import toyworld
+from .checkpoints import Checkpoint, claim
+from .params import coerce_fields
+from .pixels import to_model_range
+from .splits import HELD_OUT_FILL_PAIRS, held_out_images
 from .tiny import TinySDConfig, build_tiny_sd
-
-# One unseen background per fill colour: fill i with background i+3 (mod 8). Never trained on.
-HELD_OUT_FILL_PAIRS = tuple((toyworld.COLOUR_NAMES[i], toyworld.COLOUR_NAMES[(i + 3) % 8]) for i in range(8))
 
 
 @dataclass
 class PretrainConfig:
+    """The pretraining recipe; the defaults are what ``data/tiny-sd`` shipped with."""
+
     out_dir: str = "outputs/tiny-sd"
     seed: int = 0
-    n_fill: int = 20000  # training images of the fill world (held-out colour pairs excluded)
-    n_shapes: int = 60000  # training images of the shapes world
-    vae_steps: int = 3000
+    n_fill: int = 30000  # training images of the fill world (held-out colour pairs excluded)
+    n_shapes: int = 45000  # training images of the shapes world
+    vae_steps: int = 2500
     vae_batch_size: int = 32
     vae_learning_rate: float = 2e-3
     vae_crop: int = 32  # pixels; 0 trains on whole images
-    steps: int = 20000  # UNet + text encoder optimizer steps
+    steps: int = 4500  # UNet + text encoder optimizer steps
     batch_size: int = 64
     learning_rate: float = 1e-3
     warmup_steps: int = 500
     empty_prompt: float = 0.1  # share of prompts replaced by "" (classifier-free guidance)
     snr_gamma: float = 5.0  # Min-SNR weighting; 0 turns it off
     ema_decay: float = 0.999
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 500
     mixed_precision: str = "no"
     num_threads: int = 0  # CPU threads for torch; 0 leaves torch's default
+
+    def __post_init__(self):
+        coerce_fields(self)  # papermill passes ints for floats and strings for numbers
+        for name in ("vae_steps", "vae_batch_size", "steps", "batch_size", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
+        if self.n_fill < 0 or self.n_shapes < 0 or self.n_fill + self.n_shapes < 1:
+            raise ValueError(f"n_fill and n_shapes must be 0 or more, not both 0; got {self.n_fill}, {self.n_shapes}")
 
 
 def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
@@ -87,46 +105,24 @@ def training_set(cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
     return np.stack(images), prompts
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+def _save(ckpt: Checkpoint, step: int, tensors: dict[str, dict], optimizer, scheduler, extra: dict | None = None):
+    """A stage's resumable state: tensors in safetensors (one file per name), the optimizer's and the
+    schedule's state in ``torch.save`` files read back with ``weights_only=True``, the step in JSON."""
+
+    def write(folder: Path) -> None:
+        for name, state in tensors.items():
+            save_file({k: v.detach().contiguous() for k, v in state.items()}, folder / f"{name}.safetensors")
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+
+    ckpt.save(write, {"step": step} | (extra or {}))
 
 
-class _Checkpoint:
-    """A stage's resumable state: model weights in safetensors, the optimizer's tensors in a
-    ``torch.save`` file read back with ``weights_only=True``, the step in JSON."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-
-    def exists(self) -> bool:
-        return (self.folder / "state.json").is_file()
-
-    def save(self, step: int, models: dict, optimizer, scheduler=None, extra: dict | None = None) -> None:
-        tmp = self.folder.with_name(self.folder.name + ".tmp")
-        tmp.mkdir(parents=True, exist_ok=True)
-        for name, model in models.items():
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / f"{name}.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        if scheduler is not None:
-            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step} | (extra or {})))
-        if self.folder.exists():  # replace atomically enough: never leave a half-written checkpoint
-            old = self.folder.with_name(self.folder.name + ".old")
-            self.folder.rename(old)
-            tmp.rename(self.folder)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
-        else:
-            tmp.rename(self.folder)
-
-    def load(self, models: dict, optimizer, scheduler=None) -> dict:
-        for name, model in models.items():
-            model.load_state_dict(load_file(self.folder / f"{name}.safetensors"))
-        optimizer.load_state_dict(torch.load(self.folder / "optimizer.pt", weights_only=True))
-        if scheduler is not None:
-            scheduler.load_state_dict(torch.load(self.folder / "scheduler.pt", weights_only=True))
-        return json.loads((self.folder / "state.json").read_text())
+def _load(ckpt: Checkpoint, names: list[str], optimizer, scheduler) -> tuple[dict, dict]:
+    """(state json, {name: tensors}) of a stage's checkpoint; the optimizer and schedule restored."""
+    optimizer.load_state_dict(torch.load(ckpt.path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt.path / "scheduler.pt", weights_only=True))
+    return ckpt.state(), {name: load_file(ckpt.path / f"{name}.safetensors") for name in names}
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -135,28 +131,24 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1 / mse)
 
 
-def held_out_images(n: int = 64, seed: int = 0) -> np.ndarray:
-    """Toy images never used in training (indices far past the training range), both worlds."""
-    return np.stack([toyworld.sample("fill" if i % 3 == 0 else "shapes", 10**7 + i, seed=seed).image
-                     for i in range(n)])
-
-
 @torch.no_grad()
 def vae_psnr(vae, images: np.ndarray, batch: int = 64) -> float:
     """Mean reconstruction PSNR (dB) of the VAE (posterior mean) on uint8 images."""
-    x = _to_tensor(images)
+    x = to_model_range(images)
     scores = [_psnr(vae.decode(vae.encode(x[i:i + batch]).latent_dist.mean).sample, x[i:i + batch])
               for i in range(0, len(x), batch)]
     return float(torch.cat(scores).mean())
 
 
 def train_vae(cfg: PretrainConfig, vae, images: np.ndarray, accelerator, log) -> dict:
-    out = Path(cfg.out_dir)
-    ckpt = _Checkpoint(out / "checkpoints" / "vae")
+    ckpt = Checkpoint(Path(cfg.out_dir) / "checkpoints" / "vae")
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate, weight_decay=0.0)
+    sched = get_cosine_schedule_with_warmup(opt, 0, cfg.vae_steps)  # cosine to 0, no warm-up
     start = 0
     if ckpt.exists():
-        start = ckpt.load({"vae": vae}, opt)["step"]
+        state, tensors = _load(ckpt, ["vae"], opt, sched)
+        vae.load_state_dict(tensors["vae"])
+        start = state["step"]
         log(f"vae: resumed at step {start}")
     if start >= cfg.vae_steps:
         return {}
@@ -167,10 +159,7 @@ def train_vae(cfg: PretrainConfig, vae, images: np.ndarray, accelerator, log) ->
                disable=not accelerator.is_main_process)
     for step in bar:
         g = _step_generator(cfg.seed, 1, step)
-        lr = cfg.vae_learning_rate * 0.5 * (1 + math.cos(math.pi * step / cfg.vae_steps))  # cosine to 0
-        for group in opt.param_groups:
-            group["lr"] = lr
-        x = _to_tensor(images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g).numpy()])
+        x = to_model_range(images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g).numpy()])
         if cfg.vae_crop and cfg.vae_crop < size:
             oy, ox = torch.randint(0, size - cfg.vae_crop + 1, (2,), generator=g).tolist()
             x = x[:, :, oy:oy + cfg.vae_crop, ox:ox + cfg.vae_crop]
@@ -182,13 +171,14 @@ def train_vae(cfg: PretrainConfig, vae, images: np.ndarray, accelerator, log) ->
             loss = F.mse_loss(rec.float(), x) + F.l1_loss(rec.float(), x) + 1e-6 * posterior.kl().mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"vae: loss became {loss.item()} at step {step}; the last good checkpoint "
-                                     f"is in {ckpt.folder}. Lower vae_learning_rate and rerun to resume.")
+                                     f"is in {ckpt.path}. Lower vae_learning_rate and rerun to resume.")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         opt.step()
+        sched.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.vae_steps:
-            ckpt.save(step + 1, {"vae": accelerator.unwrap_model(model)}, opt)
+            _save(ckpt, step + 1, {"vae": accelerator.unwrap_model(model).state_dict()}, opt, sched)
     vae.eval()
     return {"final_loss": float(loss)}
 
@@ -203,7 +193,7 @@ def encode_latents(cfg: PretrainConfig, vae, images: np.ndarray, batch: int = 25
             return cached
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode latents"):
-        post = vae.encode(_to_tensor(images[i:i + batch])).latent_dist  # float32 per batch: 4x less memory
+        post = vae.encode(to_model_range(images[i:i + batch])).latent_dist  # float32 per batch: 4x less memory
         means.append(post.mean)
         stds.append(post.std)
     cached = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
@@ -212,20 +202,39 @@ def encode_latents(cfg: PretrainConfig, vae, images: np.ndarray, batch: int = 25
 
 
 def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
-    snr = alphas / (1 - alphas)
-    return torch.clamp(snr, max=gamma) / snr if gamma > 0 else torch.ones_like(snr)
+    """Min-SNR-gamma loss weights for noise prediction (Hang et al. 2023): min(SNR, gamma) / SNR."""
+    if gamma <= 0:
+        return torch.ones(timesteps.shape)
+    snr = compute_snr(scheduler, timesteps)
+    return torch.clamp(snr, max=gamma) / snr
+
+
+def _ema_models(ema: dict[str, EMAModel], models: dict) -> dict:
+    """Copies of ``models`` holding the moving averages (what ships, and what a study evaluates)."""
+    out = {}
+    for key, model in models.items():
+        copy_ = copy.deepcopy(model).requires_grad_(False)
+        ema[key].copy_to(copy_.parameters())
+        out[key] = copy_
+    return out
+
+
+def _append_loss(path: Path, step: int, loss: float, resumed_at: int | None = None) -> None:
+    """One row of ``loss.csv``; on resume the rows past the checkpoint's step go (a kill may have left them)."""
+    if resumed_at is not None and path.is_file():
+        rows = [r for r in path.read_text().splitlines() if r and int(r.split(",")[0]) <= resumed_at]
+        path.write_text("".join(r + "\n" for r in rows))
+    with open(path, "a") as f:
+        f.write(f"{step},{loss:.6f}\n")
 
 
 def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], accelerator, log,
                on_checkpoint=None) -> dict:
-    """UNet + text encoder on cached latents; returns the EMA models. ``on_checkpoint(step, ema)``, if
+    """UNet + text encoder on cached latents; returns the EMA models. ``on_checkpoint(step, ema_models)``, if
     given, runs after each checkpoint (a study that evaluates the model as it trains)."""
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
     out = Path(cfg.out_dir)
     unet, text_encoder, tokenizer = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    models = {"unet": unet, "text_encoder": text_encoder}
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
@@ -234,16 +243,20 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=1e-2)
     sched = get_cosine_schedule_with_warmup(opt, cfg.warmup_steps, cfg.steps)
-    ema = {"unet": copy.deepcopy(unet).requires_grad_(False),
-           "text_encoder": copy.deepcopy(text_encoder).requires_grad_(False)}
-    ckpt = _Checkpoint(out / "checkpoints" / "unet")
-    start = 0
+    ema = {key: EMAModel(model.parameters(), decay=cfg.ema_decay) for key, model in models.items()}
+    names = {key: [n for n, _ in model.named_parameters()] for key, model in models.items()}
+    ckpt = Checkpoint(out / "checkpoints" / "unet")
+    start, resumed_at = 0, None
     if ckpt.exists():
-        start = ckpt.load({"unet": unet, "text_encoder": text_encoder, "ema_unet": ema["unet"],
-                           "ema_text_encoder": ema["text_encoder"]}, opt, sched)["step"]
+        state, tensors = _load(ckpt, [*models, *(f"ema_{k}" for k in models)], opt, sched)
+        for key, model in models.items():
+            model.load_state_dict(tensors[key])
+            ema[key].load_state_dict({"optimization_step": state["ema_step"],
+                                      "shadow_params": [tensors[f"ema_{key}"][n] for n in names[key]]})
+        start = resumed_at = state["step"]
         log(f"unet: resumed at step {start}")
     if start >= cfg.steps:
-        return ema
+        return _ema_models(ema, models)
     unet.train()
     text_encoder.train()
     unet.to(memory_format=torch.channels_last)  # measured faster for convolutions on CPU
@@ -269,59 +282,51 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
         loss = (per_sample * _min_snr_weights(noise_scheduler, t, cfg.snr_gamma).to(dev)).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"unet: loss became {loss.item()} at step {step}; the last good checkpoint "
-                                     f"is in {ckpt.folder}. Lower learning_rate and rerun to resume.")
+                                     f"is in {ckpt.path}. Lower learning_rate and rerun to resume.")
         opt.zero_grad(set_to_none=True)
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for key, model in (("unet", unet), ("text_encoder", text_encoder)):
-                for e, p in zip(ema[key].parameters(), accelerator.unwrap_model(model).parameters()):
-                    e.lerp_(p.detach().to(e.device), 1 - decay)
+        for key, model in (("unet", unet), ("text_encoder", text_encoder)):
+            ema[key].step(accelerator.unwrap_model(model).parameters())
         losses.append(per_sample.mean().item())
         bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
         if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
-            ckpt.save(step + 1, {"unet": accelerator.unwrap_model(unet),
-                                 "text_encoder": accelerator.unwrap_model(text_encoder),
-                                 "ema_unet": ema["unet"], "ema_text_encoder": ema["text_encoder"]}, opt, sched,
-                      {"loss_last_100": float(np.mean(losses[-100:]))})
-            with open(out / "loss.csv", "a") as f:
-                f.write(f"{step + 1},{np.mean(losses[-cfg.checkpoint_every:]):.6f}\n")
+            tensors = {key: accelerator.unwrap_model(m).state_dict() for key, m in (("unet", unet),
+                                                                                    ("text_encoder", text_encoder))}
+            tensors |= {f"ema_{key}": dict(zip(names[key], ema[key].shadow_params)) for key in models}
+            _save(ckpt, step + 1, tensors, opt, sched, {"loss_last_100": float(np.mean(losses[-100:])),
+                                                        "ema_step": ema["unet"].optimization_step})
+            _append_loss(out / "loss.csv", step + 1, float(np.mean(losses[-cfg.checkpoint_every:])), resumed_at)
+            resumed_at = None
             if on_checkpoint is not None:
-                on_checkpoint(step + 1, ema)
-    return ema
+                on_checkpoint(step + 1, _ema_models(ema, models))
+    return _ema_models(ema, models)
 
 
 # Settings that do not change the result; a resumed run may differ in them.
-_RESUMABLE_DIFFERENCES = {"checkpoint_every", "num_threads", "out_dir"}
+_RESUMABLE_DIFFERENCES = ("checkpoint_every", "num_threads", "out_dir")
 
 
-def _check_same_recipe(path: Path, cfg: PretrainConfig) -> None:
-    """Resuming from checkpoints of another recipe would silently mix two runs: refuse instead."""
-    if not path.is_file():
-        return
-    before = json.loads(path.read_text())
-    changed = {k: (before.get(k), v) for k, v in asdict(cfg).items()
-               if k not in _RESUMABLE_DIFFERENCES and before.get(k) != v}
-    if changed:
-        diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-        raise ValueError(f"{path.parent} holds a pretraining run with another recipe ({diff}); pass a new "
-                         "out_dir, or delete that folder to start over")
-
-
-def pretrain(cfg: PretrainConfig, tiny_config: TinySDConfig | None = None, log=print):
+def pretrain(cfg: PretrainConfig | None = None, tiny_config: TinySDConfig | None = None, log=print,
+             on_checkpoint=None):
     """Run (or resume) all three stages; returns the pipeline with EMA weights, saved to
-    ``out_dir/pipeline`` as a stock diffusers folder, and a dict of what was measured."""
-    from accelerate import Accelerator
-
+    ``out_dir/pipeline`` as a stock diffusers folder, and a dict of what was measured. ``on_checkpoint``: see
+    ``train_unet``."""
+    cfg = cfg or PretrainConfig()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_same_recipe(out / "pretrain_config.json", cfg)
-    (out / "pretrain_config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    lock = claim(out, asdict(cfg), "pretrain_config.json", "a pretraining run", ignore=_RESUMABLE_DIFFERENCES)
+    try:
+        return _pretrain(cfg, tiny_config, log, on_checkpoint)
+    finally:
+        lock.release()
+
+
+def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint):
+    out = Path(cfg.out_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     timings, t0 = {}, time.perf_counter()
     pipe = build_tiny_sd(seed=cfg.seed, config=tiny_config)
@@ -342,7 +347,7 @@ def pretrain(cfg: PretrainConfig, tiny_config: TinySDConfig | None = None, log=p
     timings["latents_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ema = train_unet(cfg, pipe, latents, prompts, accelerator, log)
+    ema = train_unet(cfg, pipe, latents, prompts, accelerator, log, on_checkpoint)
     timings["unet_s"] = time.perf_counter() - t
     pipe.unet.load_state_dict(ema["unet"].state_dict())  # ship the moving average
     pipe.text_encoder.load_state_dict(ema["text_encoder"].state_dict())

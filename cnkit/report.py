@@ -20,8 +20,18 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
+
+import papermill as pm
+import torch
+
+from . import experiments
+from .card import hardware
+from .runs import run_folder
+from .shipped import SHIPPED, train_config
+from .summary import read_summary
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -50,8 +60,6 @@ def _title(nb: dict, fallback: str) -> str:
 
 
 def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False) -> tuple[str, float]:
-    import papermill as pm
-
     out_dir = run_dir / path.stem
     meta = json.loads(path.read_text()).get("metadata", {}).get("cnkit", {})
     parameters = {**meta.get("headless_parameters", {}), "profile": profile, "out_dir": str(out_dir)}
@@ -71,8 +79,6 @@ def _checks(checks: dict) -> str:
 
 
 def write_index(run_dir: Path, paths: list[Path]) -> Path:
-    from .card import hardware
-
     lines = [f"# cnkit report: {run_dir.name}", "",
              f"Notebooks run by `make figures` on {hardware()}; each section: the paper's claim, what the kit "
              "measured, whether it held, the key figures and tables. Times are each notebook's last full run "
@@ -89,8 +95,7 @@ def write_index(run_dir: Path, paths: list[Path]) -> Path:
                 recorded[path.stem] = float(duration)
         lines += [f"## {_title(nb, path.stem)}", "", f"Notebook: [{path.name}]({path.stem}/{path.name})"
                   + (f", {recorded[path.stem] / 60:.1f} min" if path.stem in recorded else ""), ""]
-        summary_file = out_dir / "summary.json"
-        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        summary = read_summary(out_dir)
         if "paper_claim" in summary:  # the paper's claim, the kit's measurement, and whether it held
             held = {True: "**yes**", False: "**no**", None: "not decided"}[summary.get("held")]
             lines += [f"- **Paper:** {summary['paper_claim']}", f"- **Kit (measured):** {summary['kit_result']}",
@@ -108,15 +113,9 @@ def write_index(run_dir: Path, paths: list[Path]) -> Path:
         if summary:
             lines += ["<details><summary>summary.json</summary>", "", "```json",
                       json.dumps(summary, indent=1)[:4000], "```", "</details>", ""]
-    import torch
-
-    from .experiments import all_configs
-    from .runs import run_folder
-    from .shipped import SHIPPED, train_config
-
     # Runs only `make controlnets` trains (it shares runs/), not counted as the figures' cost.
     shipped = ({run_folder(train_config(name), run_dir / "runs").name for name in SHIPPED}
-               - {run_folder(c, run_dir / "runs").name for c in all_configs()})
+               - {run_folder(c, run_dir / "runs").name for c in experiments.all_configs()})
     trained = [json.loads(f.read_text()) for f in sorted((run_dir / "runs").glob("*/convergence.json"))
                if f.parent.name not in shipped]
     fresh = [c for c in trained if not c.get("resumed")]
@@ -143,10 +142,6 @@ class Clock:
     ``make figures`` after a finished one starts a new record)."""
 
     def __init__(self, run_dir: Path, from_scratch: bool, only=None, every_s: float = 30.0):
-        import threading
-
-        from .card import hardware
-
         self.path = run_dir / "timing.json"
         old = json.loads(self.path.read_text()) if self.path.is_file() else None
         if old and old.get("sittings") and not old["sittings"][-1]["finished"] and old.get("only") == only:
@@ -248,8 +243,6 @@ def main(argv=None) -> int:
     if args.profile == "full" and not args.only:
         # The notebooks' training runs first, side by side (notebooks then read them back): on a CPU two
         # one-thread runs at a time train faster than one two-thread run (bench/train_step_variants.py).
-        from . import experiments
-
         start = time.perf_counter()
         print("[runs] the figures' training runs (cnkit.experiments), kept in", run_dir / "runs", flush=True)
         experiments.train_all(experiments.all_configs(), run_dir / "runs",

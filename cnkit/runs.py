@@ -4,7 +4,7 @@
 named by the configuration (``runs_dir/<variant>-<dataset>-seed<seed>-<hash>``); a second call with
 the same configuration finds it finished and only reads it back, and a call after an interruption
 resumes from its checkpoint. Notebooks 02, 03 and 04 (and the ablation) therefore train the default
-recipe once between them. Encoded training sets are shared too (``runs_dir/cache``).
+recipe (``TrainConfig()``) once between them. Encoded training sets are shared too (``runs_dir/cache``).
 
 A finished run folder holds: ``checkpoint/`` (a diffusers ControlNetModel folder), ``telemetry.csv``,
 ``validation.csv``, ``samples/step-XXXXXX.png`` and ``convergence.json``.
@@ -22,15 +22,10 @@ from pathlib import Path
 
 import torch
 
+from .controlnets import load_controlnet
+from .metrics import convergence
+from .telemetry import Validation, ZeroConvTelemetry
 from .train import TrainConfig, Trainer
-
-# The kit's recipe for the embedded tiny base (notebooks 02-04 default to it, so they share one run).
-# It differs from the paper's in two measured ways (notebook 04 shows the paper's sampling beside it):
-# AdamW at 1e-3 (at 3e-4 with uniform timesteps the fill task was still flat after 500 steps), and
-# T2I-Adapter's cubic timestep sampling: seed 0 converges at step 175 with it, at 400 without.
-RECIPE = {"base": "data/tiny-sd", "dataset": "toy:fill", "variant": "zero", "steps": 600, "batch_size": 32,
-          "learning_rate": 1e-3, "timestep_sampling": "cubic", "prompt_dropout": 0.5, "validate_every": 25,
-          "validation_size": 32, "n_train": 10000}
 
 # Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8
 # is the fill issue's bar; edge F1 and mIoU thresholds are where samples visibly follow the map.
@@ -102,9 +97,24 @@ class Run:
         return self.folder / "samples" / f"step-{int(step):06d}.png"
 
     def controlnet(self):
-        from .generate import load_controlnet
-
         return load_controlnet(self.checkpoint)
+
+    def curve(self, label: str, **style) -> dict:
+        """The run's validation fidelity and loss, as ``viz.convergence_figure`` draws one curve."""
+        val, (loss_steps, loss) = self.validation(), self.loss()
+        return {"label": label, "steps": val["step"], "fidelity": val["fidelity"],
+                "converged_at_step": self.convergence["converged_at_step"], "loss_steps": loss_steps, "loss": loss,
+                **style}
+
+    def key_steps(self) -> list[tuple[str, int]]:
+        """Validated steps worth showing: before the rise, at the detected convergence, the end (or start, middle
+        and end when fidelity never settled above the threshold)."""
+        c = self.convergence
+        validated, at, rise = c["validated_steps"], c["converged_at_step"], c["step_10pct"]
+        if at is None or rise is None:
+            return [("start", validated[0]), ("middle", validated[len(validated) // 2]), ("end", validated[-1])]
+        before = max([s for s in validated if s < rise], default=validated[0])
+        return [("before the rise", before), ("at the detected step", at), ("end", validated[-1])]
 
 
 def is_finished(folder: Path, cfg: TrainConfig) -> bool:
@@ -115,9 +125,6 @@ def is_finished(folder: Path, cfg: TrainConfig) -> bool:
 def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation_prompt: str | None = None,
           log=print) -> Run:
     """Train (or resume, or just read back) the run of ``cfg`` under ``runs_dir``; see the module doc."""
-    from .metrics import convergence
-    from .telemetry import Validation, ZeroConvTelemetry
-
     folder = run_folder(cfg, runs_dir)
     cfg = TrainConfig(**{**asdict(cfg), "out_dir": str(folder)})
     if is_finished(folder, cfg):

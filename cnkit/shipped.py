@@ -1,22 +1,30 @@
-"""The ControlNets shipped in ``data/controlnets/``: trained by the kit's recipe on the embedded base,
-measured, and written as stock diffusers ControlNet folders with a card each.
+"""What the kit ships, and the cards that say what it is: the embedded base ``data/tiny-sd`` (pretrained by
+notebook 01, ``write_base_card``) and the ControlNets in ``data/controlnets/`` (trained by the kit's recipe on
+the embedded base, measured, and written as stock diffusers ControlNet folders: ``build``).
 
     python -m cnkit.shipped [--only fill-outline ...] [--runs-dir runs/shipped]     (make controlnets)
 
 Training goes through ``cnkit.runs`` (cached by configuration, resumable). Every figure on a card is
-measured here on held-out conditions, through ``cnkit.generate`` (diffusers' pipeline), fixed seeds.
+measured on held-out items through ``cnkit.evaluations`` (diffusers' pipeline, fixed seeds); every card has
+the same sections (what it is, recipe, measured, rebuild, load) and the SHA-256 of its files (``cnkit.card``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from .runs import RECIPE
+from .bases import load_pipeline
+from .card import card_data, hardware, write_card
+from .evaluations import evaluate_composition, evaluate_controlnet
+from .runs import train
+from .splits import HELD_OUT_FILL_PAIRS
+from .train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "controlnets"
@@ -47,18 +55,45 @@ SHIPPED = {
 N_EVAL = 64
 
 
-def train_config(name: str):
-    from .train import TrainConfig
+def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, profile: str) -> Path:
+    """The card of a pretrained base (``notebooks/01_pretrain_tiny_sd.ipynb`` writes ``data/tiny-sd``'s):
+    ``cfg`` a PretrainConfig, ``stats`` what ``cnkit.pretrain.pretrain`` measured, ``evaluation``
+    ``cnkit.evaluations.evaluate_base``'s result (images removed), ``speed`` the stock pipeline's timing."""
+    folder = Path(folder)
+    recipe = json.loads((Path(cfg.out_dir) / "pretrain_config.json").read_text())
+    data = {"recipe": recipe, "stats": stats,
+            "evaluation": {k: evaluation[k] for k in ("settings", "fill", "shapes")}, "speed_8_images_25_steps": speed,
+            "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "hardware": hardware(), "profile": profile,
+            "wall_time_s": sum(stats["timings_s"].values())}
+    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    f, s, settings = evaluation["fill"], evaluation["shapes"], evaluation["settings"]
+    return write_card(folder, "tiny-sd: the kit's embedded Stable Diffusion", {
+        "What it is": "A Stable Diffusion 1.5-shaped text-to-image model (64x64 images, latents 4x16x16, SD 1.5's "
+                      "UNet block layout, a 2-layer CLIP text encoder, an offline CLIP tokenizer), pretrained by cnkit "
+                      "on its toy world. Load it with the stock "
+                      "`StableDiffusionPipeline.from_pretrained('data/tiny-sd')`.",
+        "Recipe": f"`cnkit.pretrain` through `notebooks/01_pretrain_tiny_sd.ipynb`, profile `{profile}`, seed "
+                  f"{cfg.seed}: VAE {cfg.vae_steps} steps (batch {cfg.vae_batch_size}, {cfg.vae_crop}px crops, lr "
+                  f"{cfg.vae_learning_rate}); UNet + text encoder {cfg.steps} steps (batch {cfg.batch_size}, lr "
+                  f"{cfg.learning_rate}, {cfg.empty_prompt:.0%} empty prompts, Min-SNR-{cfg.snr_gamma:g}, EMA "
+                  f"{cfg.ema_decay}); {stats['n_train_images']} training images. Wall time "
+                  f"{data['wall_time_s'] / 60:.1f} min on {data['hardware']}.",
+        "Measured quality": f"{settings['n']} generations per world from held-out prompts (DDIM {settings['steps']} "
+                            f"steps, guidance {settings['guidance']}): fill: one disc {f['one_disc']:.1%}, fill colour "
+                            f"{f['fill_colour']:.1%}, background colour {f['background_colour']:.1%}; shapes: prompted "
+                            f"shapes, counts and colours {s['correct']:.1%} (colours and counts "
+                            f"{s['colours_and_counts']:.1%}). VAE reconstruction PSNR {stats['vae_psnr_db']:.1f} dB on "
+                            f"64 held-out images. 8 images at 25 steps: {speed['median_s']:.2f} s (median, "
+                            f"{speed['threads']} threads). Per-image outcomes: `evaluation.json`.",
+        "Rebuild": "`make pretrain` (runs this notebook at the full profile and copies the result here).",
+    }, data)
 
-    return TrainConfig(**{**RECIPE, "checkpoint_every": 200, **SHIPPED[name]["train"]})
+
+def train_config(name: str) -> TrainConfig:
+    return TrainConfig(**SHIPPED[name]["train"])
 
 
 def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
-    from .card import hardware, write_card
-    from .generate import load_pipeline
-    from .metrics import evaluate_controlnet
-    from .runs import train
-
     spec = SHIPPED[name]
     cfg = train_config(name)
     start = time.perf_counter()
@@ -114,11 +149,7 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
 
 def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
     """Both shapes nets in one call on scenes built for it; the result goes in data/controlnets/README.md."""
-    from .card import hardware
-    from .generate import load_pipeline
-    from .metrics import evaluate_composition
-
-    pipe = load_pipeline(RECIPE["base"])
+    pipe = load_pipeline(TrainConfig().base)
     result = evaluate_composition(pipe, str(out_root / "shapes-segmentation"), str(out_root / "shapes-outline"), n=n)
     summary = {k: v for k, v in result.items() if k != "per_item"}
     lines = ["# ControlNets shipped with cnkit", "",
@@ -127,8 +158,6 @@ def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
     for name, spec in SHIPPED.items():
         card = out_root / name / "README.md"
         if card.is_file():
-            from .card import card_data
-
             ev = card_data(out_root / name)["evaluation"]
             metric = spec["eval"]["metric"]
             lines.append(f"| `{name}` | {spec['about']} | {metric} {ev[metric]:.3f} |")
@@ -145,8 +174,6 @@ def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
 
 
 def main(argv=None) -> int:
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(SHIPPED))

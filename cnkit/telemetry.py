@@ -19,12 +19,19 @@ uninterrupted run's.
 from __future__ import annotations
 
 import csv
+import time
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .controlnets import zero_convolutions
+from .controlnets import make_controlnet, zero_convolutions
+from .generate import generate_many
+from .metrics import fidelity_metrics_for
+from .pixels import condition_range
+from .splits import SEED_STREAMS, held_out_items, seeds
+from .viz import image_grid
 
 TELEMETRY_FIELDS = ["step", "samples_seen", "connection", "name", "latent_size", "weight_mean_abs", "weight_norm",
                     "bias_norm", "grad_norm", "residual_rms"]
@@ -76,13 +83,13 @@ class ZeroConvTelemetry:
         if trainer.accelerator.is_main_process:
             self.table.start(trainer.step)
         # The probe batch: the first items of the training set at fixed timesteps and noise.
-        data, g = trainer.data, torch.Generator().manual_seed(12345)
+        data, g = trainer.data, torch.Generator().manual_seed(SEED_STREAMS["telemetry_probe"])
         n = min(self.probe_size, len(data))
         z0 = data.latent_mean[:n] * trainer.pipe.vae.config.scaling_factor
         t = torch.linspace(100, 900, n).long()
         noise = torch.randn(z0.shape, generator=g)
         self.probe = {"noisy": trainer.noise_scheduler.add_noise(z0, noise, t), "t": t,
-                      "text": data.prompt_embeds[data.prompt_ids[:n]], "cond": data.conditions[:n].float().div(255)}
+                      "text": data.prompt_embeds[data.prompt_ids[:n]], "cond": condition_range(data.conditions[:n])}
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
         self.convs = zero_convolutions(net, include_condition_encoder=True)
         if trainer.step == 0:
@@ -139,13 +146,13 @@ class Validation:
         return self
 
     def on_train_start(self, trainer) -> None:
-        from .metrics import fidelity_metrics_for
-
         self.every = self.every if self.every is not None else trainer.cfg.validate_every
         self.table = _Table(trainer.out / "validation.csv", VALIDATION_FIELDS)
         (trainer.out / "samples").mkdir(exist_ok=True)
         # Held-out conditions: toy worlds draw past the training range; folders use their last items.
-        self.items = held_out_items(trainer.cfg, trainer.resolution, self.n or trainer.cfg.validation_size)
+        cfg = trainer.cfg
+        self.items = held_out_items(cfg.dataset, self.n or cfg.validation_size, trainer.resolution, cfg.data_seed,
+                                    cfg.validation_size)
         self.metrics = fidelity_metrics_for(trainer.cfg.dataset, with_truth=hasattr(self.items[0], "sample"))
         self.metric_name = next(iter(self.metrics))
         if trainer.accelerator.is_main_process:
@@ -162,39 +169,20 @@ class Validation:
             self.validate(trainer)
 
     def generate(self, trainer) -> np.ndarray:
-        from diffusers import StableDiffusionControlNetPipeline
-
+        """The held-out items' images with the net as it is now: fixed seeds (the validation stream)."""
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
-        # diffusers' pipeline knows ControlNetModel by class; other nets (lite) go in as a one-net list.
-        from diffusers import ControlNetModel
-
-        single = isinstance(net, ControlNetModel)
-        pipe = StableDiffusionControlNetPipeline(**trainer.pipe.components, controlnet=net if single else [net],
-                                                 requires_safety_checker=False)
-        pipe.set_progress_bar_config(disable=True)
         was_training = net.training
         net.eval()
-        out = []
-        for i in range(0, len(self.items), self.batch):
-            chunk = self.items[i:i + self.batch]
-            prompts = [self.prompt if self.prompt is not None else it.prompt for it in chunk]
-            gens = [torch.Generator().manual_seed(1000 + i + k) for k in range(len(chunk))]
-            conditions = [it.condition for it in chunk]
-            # A multi-net pipeline takes one list per batch item, with one condition per net.
-            images = pipe(prompts, image=conditions if single else [[c] for c in conditions],
-                          num_inference_steps=self.steps, guidance_scale=self.guidance, generator=gens,
-                          output_type="np").images
-            out.append((images * 255).round().astype(np.uint8))
+        prompts = [self.prompt if self.prompt is not None else it.prompt for it in self.items]
+        images = generate_many(trainer.pipe, prompts, [[it.condition] for it in self.items], [net],
+                               seeds("validation", len(self.items)), steps=self.steps, guidance=self.guidance,
+                               batch=self.batch)
         net.train(was_training)
-        return np.concatenate(out)
+        return images
 
     def validate(self, trainer) -> None:
         if not trainer.accelerator.is_main_process:
             return
-        import time
-
-        from .viz import image_grid
-
         start = time.perf_counter()
         images = self.generate(trainer)
         scores = {name: [fn(img, it) for img, it in zip(images, self.items)] for name, fn in self.metrics.items()}
@@ -202,8 +190,6 @@ class Validation:
         k = min(8, len(images))
         fig = image_grid([[np.asarray(it.condition) for it in self.items[:k]], list(images[:k])], cell=1.0)
         fig.savefig(trainer.out / "samples" / f"step-{trainer.step:06d}.png", dpi=100, bbox_inches="tight")
-        import matplotlib.pyplot as plt
-
         plt.close(fig)
         loss = getattr(trainer, "last_loss", float("nan"))
         self.table.append([{"step": trainer.step, "samples_seen": trainer.samples_seen, "metric": self.metric_name,
@@ -214,30 +200,60 @@ class Validation:
                             "elapsed_s": time.perf_counter() - trainer.started}])
 
 
-def held_out_items(cfg, resolution: int, n: int) -> list:
-    """``n`` conditions a run of ``cfg`` (a TrainConfig) never trains on, at ``resolution``."""
-    from .datasets import load
-
-    if cfg.dataset.startswith("toy:"):
-        # Indices past every training index of the same seed: conditions the net never saw.
-        ds = load(cfg.dataset, n=n, seed=cfg.data_seed, size=resolution, offset=10**7)
-        return [_ToyItem(ds, i) for i in range(n)]
-    ds = load(cfg.dataset)  # the last validation_size items, which training leaves out (train.open_dataset)
-    return [ds[i] for i in range(len(ds) - min(n, cfg.validation_size), len(ds))]
+# --- reading the growth (notebook 03) ---------------------------------------------------------
 
 
-def held_out_toy(dataset: str, n: int, size: int, data_seed: int = 0) -> list:
-    """``n`` held-out items of a toy dataset at ``size``: the ones any run with ``data_seed`` validates on."""
-    from types import SimpleNamespace
+def step0_facts(pipe, variant: str = "zero", seed: int = 0) -> dict:
+    """The paper's step-0 argument, measured: a fresh ControlNet of ``variant`` on the locked base, one random
+    batch: how far the controlled UNet's noise prediction is from the base's, and which parameters one backward
+    pass of the training loss reaches (for ``zero``: only the zero convolutions, output equal to the base)."""
+    net = make_controlnet(pipe, variant, seed=seed)
+    size, factor = pipe.unet.config.sample_size, pipe.vae_scale_factor
+    g = torch.Generator().manual_seed(seed)
+    t = torch.tensor([100, 400, 700, 900])
+    noisy = torch.randn(len(t), pipe.unet.config.in_channels, size, size, generator=g)
+    text = torch.randn(len(t), pipe.tokenizer.model_max_length, pipe.unet.config.cross_attention_dim, generator=g)
+    cond = (torch.rand(len(t), 3, size * factor, size * factor, generator=g) > 0.9).float()
+    target = torch.randn(noisy.shape, generator=g)
+    down, mid = net(noisy, t, encoder_hidden_states=text, controlnet_cond=cond, return_dict=False)
+    with torch.no_grad():
+        plain = pipe.unet(noisy, t, text).sample
+    controlled = pipe.unet(noisy, t, text, down_block_additional_residuals=down,
+                           mid_block_additional_residual=mid).sample
+    torch.nn.functional.mse_loss(controlled, target).backward()
+    zero_names = {f"{name}.{p}" for name, _ in zero_convolutions(net) for p in ("weight", "bias")}
+    with_grad = sorted(n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().max() > 0)
+    return {
+        "variant": variant,
+        "max_abs_difference_from_base": float((controlled - plain).abs().max()),
+        "residual_max_abs": float(max(r.abs().max() for r in [*down, mid])),
+        "parameter_tensors": sum(1 for _ in net.parameters()),
+        "tensors_with_nonzero_gradient": len(with_grad),
+        "all_of_them_zero_convolutions": set(with_grad) <= zero_names,
+        "zero_convolution_tensors": len(zero_names),
+        "base_parameters_with_gradient": sum(p.grad is not None for p in pipe.unet.parameters()),
+        "tensors": with_grad,
+    }
 
-    return held_out_items(SimpleNamespace(dataset=dataset, data_seed=data_seed, validation_size=n), size, n)
 
-
-class _ToyItem:
-    """A held-out toy sample seen as an Example (image, condition, prompt) that keeps its truth."""
-
-    def __init__(self, ds, i):
-        s = ds.sample(i)
-        ex = ds[i]
-        self.image, self.condition, self.prompt, self.truth = ex.image, ex.condition, ex.prompt, s.truth
-        self.sample = s
+def growth_summary(telemetry: dict) -> dict:
+    """From a run's ``telemetry.csv`` (columns): per latent size (and the condition encoder), the connections
+    and their mean residual RMS and mean |weight| at the last step; the first step each connection's weight
+    left zero; the last step and the rows per step."""
+    conn = np.asarray(telemetry["connection"], int)
+    steps = np.asarray(telemetry["step"])
+    last = steps == steps.max()
+    by_size: dict = {}
+    for c in sorted(set(conn)):
+        row = np.flatnonzero(last & (conn == c))[0]
+        key = "condition_encoder" if "cond" in telemetry["name"][row] else str(int(telemetry["latent_size"][row]))
+        by_size.setdefault(key, []).append((int(c), telemetry["residual_rms"][row], telemetry["weight_mean_abs"][row]))
+    first_moved = {}
+    for c in sorted(set(conn)):
+        w = np.asarray(telemetry["weight_mean_abs"])[conn == c]
+        first_moved[int(c)] = int(steps[conn == c][np.argmax(w > 0)]) if (w > 0).any() else None
+    return {"by_latent_size": {k: {"connections": [r[0] for r in v],
+                                   "residual_rms_mean": float(np.mean([r[1] for r in v])),
+                                   "weight_mean_abs_mean": float(np.mean([r[2] for r in v]))}
+                               for k, v in by_size.items()},
+            "first_step_with_nonzero_weight": first_moved, "steps": int(steps.max()), "rows_per_step": int(last.sum())}

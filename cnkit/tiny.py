@@ -102,17 +102,3 @@ def build_tiny_sd(seed: int = 0, config: TinySDConfig | None = None) -> StableDi
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def vae_scale_factor(vae) -> int:
-    """Pixels per latent cell: 8 for SD 1.5, 4 for the tiny model."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
-
-
-def pretrain(config=None, **kwargs):
-    """Pretrain the embedded model on the toy world: ``cnkit.pretrain.pretrain`` (the recipe lives
-    in its own module, next to its stages and checkpoints)."""
-    from .pretrain import PretrainConfig
-    from .pretrain import pretrain as run
-
-    return run(config or PretrainConfig(), **kwargs)

@@ -21,10 +21,13 @@ bit-exact.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
+from PIL import Image
 
 # Named colours (CSS values). Single words, so prompts stay whole-word tokens for the tiny CLIP.
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -59,6 +62,18 @@ VOCABULARY = (
     # The paper's "insufficient" prompt (Fig. 8) and other words experiments use.
     "a", "high", "-", "quality", "detailed", "professional", "image", "photo", "of",
 )  # fmt: skip
+
+
+class Example(NamedTuple):
+    """One training item as every dataset reader returns it: PIL RGB image and condition, and the prompt."""
+
+    image: Image.Image
+    condition: Image.Image
+    prompt: str
+
+
+def to_pil(array: np.ndarray) -> Image.Image:
+    return Image.fromarray(np.ascontiguousarray(array))
 
 
 @dataclass
@@ -181,8 +196,6 @@ def _shapes(seed: int, index: int, size: int) -> Sample:
 
 def canny(image: np.ndarray, low: int = 100, high: int = 200) -> np.ndarray:
     """Canny edges through controlnet-aux, at the image's own resolution (HxWx3 uint8)."""
-    import warnings
-
     with warnings.catch_warnings():  # controlnet-aux imports all its annotators, each with warnings
         warnings.simplefilter("ignore")
         from controlnet_aux import CannyDetector  # lazily: it pulls in OpenCV, timm and more
@@ -229,16 +242,12 @@ class ToyWorld:
             raise IndexError(f"index {i} out of range for a toy world of {self.n} samples")
         return sample(self.world, self.offset + (i % self.n), self.seed, self.size)
 
-    def __getitem__(self, i: int):
-        from .datasets import Example, to_pil
-
+    def __getitem__(self, i: int) -> Example:
         s = self.sample(i)
         return Example(to_pil(s.image), to_pil(s.conditions[self.condition]), s.prompt)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    from PIL import Image
-
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
 

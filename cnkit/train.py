@@ -20,6 +20,7 @@ uninterrupted one would have drawn.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -31,11 +32,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers import DDPMScheduler
+from filelock import FileLock
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import params as _params
+from .bases import image_size, load_base
+from .checkpoints import Checkpoint, claim
 from .controlnets import VARIANTS, make_controlnet
-from .tiny import vae_scale_factor
+from .datasets import is_toy
+from .pixels import condition_range, to_model_range
+from .splits import training_items
+from .telemetry import Validation, ZeroConvTelemetry
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -44,20 +56,23 @@ TIMESTEP_SAMPLING = ("uniform", "cubic")
 
 @dataclass
 class TrainConfig:
+    """One ControlNet training run. The defaults are the kit's recipe for the embedded tiny base (the one the
+    shipped nets and notebooks 02-04 use); ``TrainConfig.recipe("paper")`` gives the paper's (``RECIPES``)."""
+
     base: str = "data/tiny-sd"  # a local diffusers pipeline folder or a hub id
     dataset: str = "toy:fill"  # anything cnkit.datasets.load reads, or a toy world "toy:fill"
     variant: str = "zero"  # zero (the paper), gaussian, lite
-    steps: int = 1000  # optimizer steps
+    steps: int = 600  # optimizer steps
     batch_size: int = 32  # per process and micro-batch
     gradient_accumulation: int = 1  # micro-batches per optimizer step
-    learning_rate: float = 1e-5  # the paper's AdamW rate
+    learning_rate: float = 1e-3  # AdamW; the kit's recipe for the tiny base (the paper's 1e-5 is for SD 1.5)
     prompt_dropout: float = 0.5  # share of prompts replaced by "" (the paper: 50%)
-    timestep_sampling: str = "uniform"  # uniform (the paper) or cubic (T2I-Adapter: more high-noise steps)
+    timestep_sampling: str = "cubic"  # cubic (T2I-Adapter: more high-noise steps; the kit's) or uniform (the paper)
     mixed_precision: str = "no"  # no, fp16, bf16 (Accelerate)
     seed: int = 0  # the ControlNet's initialisation, batch order, noise, timesteps and dropped prompts
     data_seed: int = 0  # which toy-world items are drawn (training and held out); fixed across training seeds
-    validate_every: int = 100  # optimizer steps between validations; 0 turns validation off
-    checkpoint_every: int = 500  # optimizer steps between checkpoints
+    validate_every: int = 25  # optimizer steps between validations; 0 turns validation off
+    checkpoint_every: int = 200  # optimizer steps between checkpoints
     out_dir: str = "runs/controlnet"
     n_train: int = 10000  # items drawn from a toy world (folders use all their items but the validation ones)
     validation_size: int = 32  # held-out conditions per validation (a folder's last items, never trained on)
@@ -65,10 +80,7 @@ class TrainConfig:
     report_to: str = ""  # "", "tensorboard" or "wandb" (Accelerate trackers)
 
     def __post_init__(self):
-        # papermill and CLIs pass ints for floats and strings for numbers: coerce, or name the problem.
-        for f in fields(self):
-            kind = {"int": int, "float": float, "str": str}[f.type if isinstance(f.type, str) else f.type.__name__]
-            setattr(self, f.name, _params.coerce(f.name, getattr(self, f.name), kind))
+        _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
         positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size")
         for name in positive:
             if getattr(self, name) < 1:
@@ -90,26 +102,22 @@ class TrainConfig:
     def samples_per_step(self, num_processes: int = 1) -> int:
         return self.batch_size * self.gradient_accumulation * num_processes
 
+    @classmethod
+    def recipe(cls, name: str = "kit", **overrides) -> TrainConfig:
+        """A named recipe (``RECIPES``) with ``overrides`` on top."""
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+        return cls(**{**RECIPES[name], **overrides})
 
-def load_base(base: str, device=None):
-    """The locked base pipeline (local folder or hub id), frozen, in eval mode."""
-    from diffusers import StableDiffusionPipeline
 
-    path = _params.repo_path(base)
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load the base model {base!r} ({type(e).__name__}: {str(e)[:300]}). Pass a local "
-            "diffusers pipeline folder, or a hub id on a machine that can download it (with HF_HUB_OFFLINE "
-            "unset), or download it once with StableDiffusionPipeline.from_pretrained(id).save_pretrained(folder)"
-        ) from e
-    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
-        module.requires_grad_(False).eval()
-    if device is not None:
-        pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+# The training methods, as TrainConfig settings over its defaults (the budget, data and base stay the caller's).
+# kit: measured on the tiny base (notebook 04): AdamW 1e-3 (at 3e-4 with uniform timesteps the fill task was still
+# flat after 500 steps) and T2I-Adapter's cubic timestep sampling (seed 0 converges at step 175 with it, 400
+# without). paper: AdamW 1e-5 and uniform timesteps, as the paper trains SD 1.5; 50% empty prompts in both.
+RECIPES = {
+    "kit": {},
+    "paper": {"learning_rate": 1e-5, "timestep_sampling": "uniform", "prompt_dropout": 0.5},
+}
 
 
 class EncodedDataset:
@@ -145,42 +153,17 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
-class _Head:
-    """The first ``n`` items of a dataset (a folder's training part; its tail is for validation)."""
-
-    def __init__(self, ds, n: int):
-        self.ds, self.n = ds, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int):
-        if not 0 <= i < self.n:
-            raise IndexError(i)
-        return self.ds[i]
-
-
-def is_toy(dataset: str) -> bool:
-    return str(dataset).startswith("toy:")
+# Settings a resumed run may change: how long it runs and how often it logs; everything else fixes the run.
+RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to")
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
-    """The training items: ``n_train`` toy samples, or a folder's items but its last ``validation_size``."""
-    from .datasets import load
-
-    if is_toy(cfg.dataset):
-        return load(cfg.dataset, n=cfg.n_train, seed=cfg.data_seed, size=resolution)
-    ds = load(cfg.dataset)
-    if len(ds) <= cfg.validation_size:
-        raise ValueError(f"dataset {cfg.dataset!r} has {len(ds)} items; training keeps the last validation_size="
-                         f"{cfg.validation_size} apart for validation: add items or lower validation_size")
-    return _Head(ds, len(ds) - cfg.validation_size)
+    """The training items of ``cfg``: ``n_train`` toy samples, or a folder's items but its last ``validation_size``."""
+    return training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
 
 
 def encode_dataset(pipe, dataset, resolution: int, batch: int = 64, desc: str = "encode") -> EncodedDataset:
     """Run the frozen VAE and text encoder once over ``dataset``; conditions kept as uint8."""
-    from PIL import Image
-
     means, stds, conds, prompts = [], [], [], []
     device = pipe.vae.device
     for i in tqdm(range(0, len(dataset), batch), desc=desc, leave=False):
@@ -194,7 +177,7 @@ def encode_dataset(pipe, dataset, resolution: int, batch: int = 64, desc: str = 
             imgs.append(np.asarray(img))
             cs.append(np.asarray(cond))
             prompts.append(ex.prompt)
-        x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1).to(device)
+        x = to_model_range(np.stack(imgs)).to(device)
         with torch.no_grad():
             post = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist
         means.append(post.mean.float().cpu())
@@ -209,14 +192,10 @@ def encode_dataset(pipe, dataset, resolution: int, batch: int = 64, desc: str = 
 
 def cached_encoding(cfg: TrainConfig, pipe, resolution: int, cache_dir: Path) -> EncodedDataset:
     """``encode_dataset`` of the training set, cached on disk by what determines it."""
-    from safetensors.torch import load_file, save_file
-
     held_out = 0 if is_toy(cfg.dataset) else cfg.validation_size  # a folder's training part depends on it
     key = hashlib.sha256(json.dumps([str(_params.repo_path(cfg.base)), cfg.dataset, cfg.n_train, cfg.data_seed,
                                      resolution, held_out]).encode()).hexdigest()[:16]
     path = cache_dir / f"encoded-{key}.safetensors"
-    from filelock import FileLock
-
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Runs trained side by side (cnkit.experiments --workers) may need the same set: one encodes it, the
     # others wait for its file instead of encoding it again.
@@ -236,9 +215,6 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, cache_dir: str | Path | None = None):
         """``cache_dir``: where the encoded training set is kept (default ``out_dir/cache``); runs that
         share one reuse each other's encodings."""
-        from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
-
         self.cfg = cfg
         self.out = Path(cfg.out_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
@@ -253,15 +229,12 @@ class Trainer:
         self.step = 0
         self.loss_history: list[tuple[int, float]] = []
         self.pipe = load_base(cfg.base, device=self.accelerator.device)
-        self.resolution = cfg.resolution or self.pipe.unet.config.sample_size * vae_scale_factor(self.pipe.vae)
-        self.controlnet = make_controlnet(self.pipe.unet, cfg.variant, vae_scale_factor=vae_scale_factor(self.pipe.vae),
-                                          seed=cfg.seed)
+        self.resolution = cfg.resolution or image_size(self.pipe)
+        self.controlnet = make_controlnet(self.pipe, cfg.variant, seed=cfg.seed)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
             for module in (self.pipe.unet, self.controlnet):
                 module.to(memory_format=torch.channels_last)
-        from diffusers import DDPMScheduler
-
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     # --- events, as minGPT's Trainer -------------------------------------------------------
@@ -285,47 +258,44 @@ class Trainer:
     def checkpoint_dir(self) -> Path:
         return self.out / "checkpoint"
 
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.checkpoint_dir, state_file="trainer_state.json")
+
     def save_checkpoint(self) -> None:
-        """A stock diffusers ControlNet folder (safetensors) plus the optimizer's state and step."""
+        """A stock diffusers ControlNet folder (safetensors) plus the optimizer's state and step, replacing the
+        last one so that a complete checkpoint exists at every instant (``cnkit.checkpoints``)."""
         if not self.accelerator.is_main_process:
             return
-        tmp = self.out / "checkpoint.tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        self.accelerator.unwrap_model(self.controlnet).save_pretrained(tmp, safe_serialization=True)
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps({
+
+        def write(folder: Path) -> None:
+            self.accelerator.unwrap_model(self.controlnet).save_pretrained(folder, safe_serialization=True)
+            torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
+
+        self.checkpoint.save(write, {
             "step": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
             "num_processes": self.accelerator.num_processes, "config": asdict(self.cfg),
-            "loss_history": self.loss_history}))
-        old = self.out / "checkpoint.old"
-        if self.checkpoint_dir.exists():
-            self.checkpoint_dir.rename(old)
-        tmp.rename(self.checkpoint_dir)
-        if old.exists():
-            import shutil
-
-            shutil.rmtree(old)
+            "loss_history": self.loss_history})
         self.trigger("on_checkpoint")
 
     def load_checkpoint(self) -> bool:
-        state_file = self.checkpoint_dir / "trainer_state.json"
-        if not state_file.is_file():
+        state = self.checkpoint.state()
+        if state is None:
             return False
-        from safetensors.torch import load_file
-
-        state = json.loads(state_file.read_text())
-        changed = {k: (v, getattr(self.cfg, k)) for k, v in state["config"].items()
-                   if k not in ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to")
-                   and getattr(self.cfg, k) != v}
-        if changed:
-            diff = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items())
-            raise ValueError(f"{self.out} holds a run with another configuration ({diff}); pass a new out_dir "
-                             "or delete that folder to start over")
         self.controlnet.load_state_dict(load_file(self.checkpoint_dir / "diffusion_pytorch_model.safetensors"))
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         self.step = state["step"]
         self.loss_history = [tuple(x) for x in state["loss_history"]]
         return True
+
+    def claim_out_dir(self) -> None:
+        """Own ``out_dir`` for this run (one process at a time; another configuration refused, even before the
+        first checkpoint)."""
+        if not self.accelerator.is_main_process:
+            return
+        state = self.checkpoint.state() if self.out.is_dir() else None
+        self._lock = claim(self.out, asdict(self.cfg), "train_config.json", "a run", ignore=RESUMABLE,
+                           saved=state["config"] if state else None)
 
     # --- the loop ---------------------------------------------------------------------------
     def _micro_batch(self, data: EncodedDataset, micro: int) -> dict[str, torch.Tensor]:
@@ -344,7 +314,7 @@ class Trainer:
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.prompt_dropout
         text = torch.where(drop[:, None, None], data.empty_embed, data.prompt_embeds[data.prompt_ids[idx]])
         return {"noisy": self.noise_scheduler.add_noise(z0, noise, t), "noise": noise, "t": t, "text": text,
-                "cond": data.conditions[idx].float().div(255)}
+                "cond": condition_range(data.conditions[idx])}
 
     def loss(self, batch: dict) -> torch.Tensor:
         dev = self.accelerator.device
@@ -357,8 +327,16 @@ class Trainer:
         return F.mse_loss(pred.float(), batch["noise"].to(dev))
 
     def run(self) -> dict:
+        """Train to ``cfg.steps`` (resuming from the folder's checkpoint), holding ``out_dir`` meanwhile."""
+        self.claim_out_dir()
+        try:
+            return self._run()
+        finally:
+            if getattr(self, "_lock", None) is not None:
+                self._lock.release()
+
+    def _run(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
-        self.out.mkdir(parents=True, exist_ok=True)
         with acc.main_process_first():
             self.data = cached_encoding(cfg, self.pipe, self.resolution, self.cache_dir)
         self.controlnet.train()
@@ -405,22 +383,22 @@ class Trainer:
                 "wall_time_s": self.wall_time_s, "resumed": resumed}
 
     def _last_checkpoint_step(self) -> int | None:
-        f = self.checkpoint_dir / "trainer_state.json"
-        return json.loads(f.read_text())["step"] if f.is_file() else None
+        state = self.checkpoint.state()
+        return state["step"] if state else None
 
 
 def main(argv=None) -> dict:
-    """``python -m cnkit.train --steps=200 --dataset=toy:fill ...``; the same under
-    ``accelerate launch --num_processes 2 -m cnkit.train ...``. Every TrainConfig field is a flag."""
-    import argparse
-
-    from .telemetry import Validation, ZeroConvTelemetry
-
+    """``python -m cnkit.train --recipe=kit --steps=200 --dataset=toy:fill ...``; the same under
+    ``accelerate launch --num_processes 2 -m cnkit.train ...``. Every TrainConfig field is a flag, over the recipe."""
     ap = argparse.ArgumentParser(description="Train a ControlNet (cnkit.train.TrainConfig)")
+    ap.add_argument("--recipe", default="kit", choices=list(RECIPES),
+                    help="the training method the other flags start from: " + "; ".join(
+                        f"{k}: {v or 'TrainConfig defaults'}" for k, v in RECIPES.items()))
     for f in fields(TrainConfig):
-        ap.add_argument(f"--{f.name}", default=f.default, help=f"default: {f.default!r}")
+        ap.add_argument(f"--{f.name}", default=None, help=f"default: the recipe's, else {f.default!r}")
     args = vars(ap.parse_args(argv))
-    trainer = Trainer(TrainConfig(**args))
+    recipe = args.pop("recipe")
+    trainer = Trainer(TrainConfig.recipe(recipe, **{k: v for k, v in args.items() if v is not None}))
     ZeroConvTelemetry().attach(trainer)
     Validation().attach(trainer)
     result = trainer.run()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.colors import LogNorm
 
 
 def image_grid(rows: list[list[np.ndarray]], col_titles: list[str] | None = None,
@@ -25,6 +26,17 @@ def image_grid(rows: list[list[np.ndarray]], col_titles: list[str] | None = None
                 ax.set_title(col_titles[j], fontsize=9)
         if row_titles:
             axes[i][0].set_ylabel(row_titles[i], fontsize=7, rotation=0, ha="right", va="center")
+    fig.tight_layout()
+    return fig
+
+
+def stacked_images(paths: list, titles: list[str], width: float = 9.0, height: float = 2.3):
+    """Image files (sample grids) one above the other, each with its title."""
+    fig, axes = plt.subplots(len(paths), 1, figsize=(width, height * len(paths)), squeeze=False)
+    for ax, path, title in zip(axes[:, 0], paths, titles):
+        ax.imshow(plt.imread(path))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
     fig.tight_layout()
     return fig
 
@@ -87,8 +99,6 @@ def growth_curves(telemetry: dict, fields=("weight_mean_abs", "residual_rms")):
 
 def growth_heatmap(telemetry: dict, field: str = "residual_rms"):
     """Connection-by-step heatmap of ``field`` (log colour scale; zeros drawn at the floor)."""
-    from matplotlib.colors import LogNorm
-
     series = _by_connection(telemetry, field)
     steps = series[min(series)][0]
     grid = np.array([v for _, v, _, _ in series.values()])

@@ -18,10 +18,15 @@ from pathlib import Path
 
 import ipywidgets as w
 import numpy as np
+import torch
 from PIL import Image
 
 from . import annotators, toyworld
-from .generate import CONTROL_MODES, ControlUnit, generate
+from .bases import load_pipeline
+from .generate import ControlUnit, generate
+from .params import repo_path
+from .pixels import from_model_range
+from .weighting import CONTROL_MODES
 
 MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
                "controlnet": "ControlNet is more important"}
@@ -36,8 +41,6 @@ def png_bytes(image, size: int = 128) -> bytes:
 
 def shipped_controlnets(root="data/controlnets") -> list[str]:
     """Folders under ``root`` that hold a ControlNet (config.json and weights)."""
-    from .params import repo_path
-
     root = repo_path(root)
     return sorted(str(p.parent) for p in root.glob("*/config.json")) if root.is_dir() else []
 
@@ -156,20 +159,16 @@ class Playground:
         self.units_box.children = [u.box for u in self.units]
 
     def _preview(self, pipe):
-        import torch
-
         def on_step(step, total, latents):
             with torch.no_grad():
-                image = pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample[0]
-            array = ((image.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+                image = pipe.vae.decode(latents[:1] / pipe.vae.config.scaling_factor).sample
+            array = from_model_range(image)[0]
             self.live.value = png_bytes(array)
             self.status.value = f"step {step}/{total}"
         return on_step
 
     def generate(self):
         """Generate with the current state; errors go to the error line, the result to the grid."""
-        from .generate import load_pipeline
-
         self.error.value = ""
         self.button.disabled = True
         try:

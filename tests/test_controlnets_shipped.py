@@ -43,8 +43,8 @@ def test_two_nets_composed_in_one_call_satisfy_both_conditions():
 
 @pytest.mark.slow
 def test_fill_net_card_figures_reproduce_on_a_fixed_sample():
-    from cnkit.generate import load_pipeline
-    from cnkit.metrics import evaluate_controlnet
+    from cnkit.bases import load_pipeline
+    from cnkit.evaluations import evaluate_controlnet
 
     ev = card_data(OUT / "fill-outline")["evaluation"]
     recorded = ev["per_item"]["disc_iou"][:8]

@@ -7,6 +7,7 @@ from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
 
 from cnkit import generate as G
 from cnkit import toyworld
+from cnkit import weighting as W
 from cnkit.controlnets import make_controlnet
 
 KW = dict(steps=3, guidance=4.0, seed=7)
@@ -74,20 +75,22 @@ def test_zero_connection_weights_and_zero_scale_give_the_base_image(parts):
 
 
 def test_cfg_weighting_forms():
-    sd = [64, 64, 64, 64, 32, 32, 32, 16, 16, 16, 8, 8, 8, 8][1:]  # SD 1.5's 13 connections
-    assert G.resolution_weights(sd) == [64 / h for h in sd]
-    assert np.allclose(G.soft_weights(13), G.logspace_weights(13), atol=2e-3)
-    assert G.soft_weights(13)[-1] == 1.0 and abs(G.soft_weights(13)[0] - 0.825**12) < 1e-12
+    sd = [64] * 4 + [32] * 3 + [16] * 3 + [8] * 3  # SD 1.5's 13 connections, finest first
+    # the paper's Fig. 5: the 64-px connections count 1, the 8-px ones (and the middle block) 8
+    assert W.resolution_weights(sd) == [1.0] * 4 + [2.0] * 3 + [4.0] * 3 + [8.0] * 3
+    # the released code's 0.825 ** (12 - i) and diffusers' logspace(-1, 0, 13) are the same ramp within 2e-3
+    assert np.allclose(W.soft_weights(13), W.logspace_weights(13), atol=2e-3)
+    assert W.soft_weights(13)[-1] == 1.0 and W.soft_weights(13)[0] == pytest.approx(0.1, abs=0.002)
 
 
 def test_connection_latent_sizes_follow_the_unet(tiny_pipe):
-    assert G.connection_latent_sizes(tiny_pipe.unet) == [16, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 2]
+    assert W.connection_latent_sizes(tiny_pipe.unet) == [16, 16, 16, 8, 8, 8, 4, 4, 4, 2, 2, 2, 2]
 
 
 def test_cfg_weighting_puts_control_in_the_conditional_branch_only(parts):
     pipe, (net, _), (cond, _) = parts
     plain = _ours(pipe, [G.ControlUnit(net, cond)])
-    images = {form: _ours(pipe, [G.ControlUnit(net, cond)], cfg_weighting=form) for form in G.CFG_WEIGHTINGS}
+    images = {form: _ours(pipe, [G.ControlUnit(net, cond)], cfg_weighting=form) for form in W.CFG_WEIGHTINGS}
     assert not np.array_equal(images["paper"], plain) and not np.array_equal(images["paper"], images["0.825"])
     assert np.abs(images["0.825"] - images["logspace"]).max() < 0.05  # the two forms agree within 2e-3
     with pytest.raises(ValueError, match="unknown cfg_weighting 'linear'"):
@@ -148,3 +151,19 @@ def test_flat_weighting_is_the_conditional_branch_alone(parts):
     # Without guidance there is no unconditional half: flat weighting is then the plain unit.
     assert np.array_equal(_ours(pipe, [G.ControlUnit(net, cond)], cfg_weighting="flat", guidance=1.0),
                           _ours(pipe, [G.ControlUnit(net, cond)], guidance=1.0))
+
+
+def test_a_unit_takes_an_original_layout_single_file(parts, tmp_path):
+    """What the WebUI and ComfyUI load (cnkit.export) works as a unit's ControlNet: with the config the kit stores
+    in it, and without (a file from elsewhere), read against the base's UNet."""
+    from safetensors.torch import load_file, save_file
+
+    from cnkit.export import export_original
+
+    pipe, (net, _), (cond, _) = parts
+    ours = export_original(net, tmp_path / "net.safetensors")
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(ours), bare)  # the same tensors, no metadata
+    expected = _ours(pipe, [G.ControlUnit(net, cond)])
+    assert np.array_equal(expected, _ours(pipe, [G.ControlUnit(str(ours), cond)]))
+    assert np.array_equal(expected, _ours(pipe, [G.ControlUnit(str(bare), cond)]))

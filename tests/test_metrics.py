@@ -1,6 +1,6 @@
 import numpy as np
 
-from cnkit import metrics, toyworld
+from cnkit import evaluations, metrics, splits, toyworld
 
 
 def test_fill_analysis_passes_ground_truth_and_reads_colours():
@@ -71,10 +71,10 @@ def test_fidelity_metrics_per_dataset():
 
 
 def test_composition_scenes_split_two_shapes_between_two_conditions():
-    scenes = metrics.composition_scenes(4)
+    scenes = splits.composition_scenes(4)
     for s in scenes:
         assert len(s.truth["shapes"]) == 2
-        seg, outline = metrics.composition_conditions(s)
+        seg, outline = evaluations.composition_conditions(s)
         assert seg[s.masks["shape0"]].any() and not seg[s.masks["shape1"]].any()
         assert outline.any() and not outline[s.masks["shape0"]].any()
         assert metrics.composition_fidelity(s.image, s) == {"segmentation_miou": 1.0, "outline_edge_f1": 1.0}

@@ -6,6 +6,7 @@ from safetensors.torch import load_file
 
 from cnkit import pretrain
 from cnkit.pretrain import PretrainConfig
+from cnkit.splits import HELD_OUT_FILL_PAIRS
 
 
 def _cfg(out_dir, **kw):
@@ -20,7 +21,7 @@ def _unet_weights(out_dir):
 
 def test_held_out_fill_pairs_never_reach_training():
     _, prompts = pretrain.training_set(PretrainConfig(n_fill=300, n_shapes=0))
-    for fill, bg in pretrain.HELD_OUT_FILL_PAIRS:
+    for fill, bg in HELD_OUT_FILL_PAIRS:
         assert f"{fill} circle with {bg} background" not in prompts
     assert len(prompts) == 300
 
@@ -30,17 +31,13 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     pretrain.pretrain(_cfg(straight), log=lambda *_: None)
 
     resumed = tmp_path / "resumed"
-    real_save = pretrain._Checkpoint.save
 
-    def save_then_die(self, step, *args, **kw):
-        real_save(self, step, *args, **kw)
-        if self.folder.name == "unet" and step == 2:
+    def die_after_step_2(step, ema):
+        if step == 2:
             raise KeyboardInterrupt  # killed right after the step-2 checkpoint
 
-    monkeypatch.setattr(pretrain._Checkpoint, "save", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        pretrain.pretrain(_cfg(resumed), log=lambda *_: None)
-    monkeypatch.setattr(pretrain._Checkpoint, "save", real_save)
+        pretrain.pretrain(_cfg(resumed), log=lambda *_: None, on_checkpoint=die_after_step_2)
     assert not (resumed / "pipeline").exists()
     messages = []
     pretrain.pretrain(_cfg(resumed), log=messages.append)
@@ -51,7 +48,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
 def test_another_recipe_in_the_same_folder_is_refused(tmp_path):
     pretrain.pretrain(_cfg(tmp_path, steps=2), log=lambda *_: None)
-    with pytest.raises(ValueError, match=r"another recipe \(steps: 2 -> 3\)"):
+    with pytest.raises(ValueError, match=r"another configuration \(steps: 2 -> 3\)"):
         pretrain.pretrain(_cfg(tmp_path, steps=3), log=lambda *_: None)
 
 

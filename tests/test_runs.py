@@ -64,10 +64,10 @@ def test_a_folder_trains_on_all_but_its_validation_items(base_dir, tmp_path):
     with pytest.raises(IndexError):
         train_part[7]
     from cnkit.datasets import load
-    from cnkit.telemetry import held_out_items
+    from cnkit.splits import held_out_items
 
     everything = load(str(folder))
-    held = held_out_items(cfg, 64, 3)
+    held = held_out_items(cfg.dataset, 3, 64, cfg.data_seed, cfg.validation_size)
     assert [h.prompt for h in held] == [everything[i].prompt for i in (7, 8, 9)]
     with pytest.raises(ValueError, match="validation_size"):
         open_dataset(_cfg(base_dir, dataset=str(folder), validation_size=10), 64)

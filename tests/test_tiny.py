@@ -5,7 +5,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cnkit.tiny import build_tiny_sd, vae_scale_factor
+from cnkit.bases import vae_scale_factor
+from cnkit.tiny import build_tiny_sd
 from cnkit.toyworld import VOCABULARY
 
 

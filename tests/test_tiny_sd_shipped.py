@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from cnkit import card, metrics, pretrain
+from cnkit import card, generate, metrics, splits
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
 # Tolerance for reproducing the card on a small fixed sample: per-image outcomes may flip where a
@@ -59,12 +59,12 @@ def test_evaluation_reproduces_the_card_on_a_fixed_sample(shipped):
     recorded = json.loads((TINY / "evaluation.json").read_text())
     s = recorded["settings"]
     # Without the training prompts to exclude, draw a longer list and match the recorded prompts.
-    fills, shapes = metrics.held_out_prompts(8 * SAMPLE, s["seed"], pretrain.HELD_OUT_FILL_PAIRS)
+    fills, shapes = splits.held_out_prompts(8 * SAMPLE, s["seed"])
     fills = fills[:SAMPLE]
     rec_fill, rec_shapes = recorded["per_image"]["fill"][:SAMPLE], recorded["per_image"]["shapes"][:SAMPLE]
     assert [f["prompt"] for f in fills] == [r["prompt"] for r in rec_fill]
-    images = metrics.generate(shipped, [f["prompt"] for f in fills], [f["seed"] for f in fills], s["steps"],
-                              s["guidance"])
+    images = generate.generate_many(shipped, [f["prompt"] for f in fills], None, [], [f["seed"] for f in fills],
+                                    steps=s["steps"], guidance=s["guidance"])
     flips = 0
     for f, r, img in zip(fills, rec_fill, images):
         a = metrics.analyse_fill(img)
@@ -75,8 +75,9 @@ def test_evaluation_reproduces_the_card_on_a_fixed_sample(shipped):
     by_prompt = {r["prompt"]: r for r in rec_shapes}
     kept = [x for x in shapes if x["prompt"] in by_prompt][:SAMPLE]
     assert len(kept) >= SAMPLE // 2
-    images = metrics.generate(shipped, [x["prompt"] for x in kept], [by_prompt[x["prompt"]]["seed"] for x in kept],
-                              s["steps"], s["guidance"])
+    images = generate.generate_many(shipped, [x["prompt"] for x in kept], None, [],
+                                    [by_prompt[x["prompt"]]["seed"] for x in kept], steps=s["steps"],
+                                    guidance=s["guidance"])
     flips = sum(metrics.analyse_shapes(img, x["truth"])["correct"] != by_prompt[x["prompt"]]["correct"]
                 for x, img in zip(kept, images))
     assert flips <= MAX_FLIPS

@@ -25,9 +25,12 @@ def test_any_size_keeps_the_same_scene(size):
     assert s.truth == toyworld.sample("fill", 0, size=64).truth  # geometry in relative units
 
 
-def test_palette_has_the_named_colours():
-    for name in ["red", "green", "blue", "yellow", "white", "black", "orange", "purple"]:
-        assert name in toyworld.PALETTE
+def test_every_prompt_word_is_in_the_vocabulary_and_colours_are_distinct():
+    words = {w for i in range(200) for world in toyworld.WORLDS
+             for w in toyworld.sample(world, i).prompt.replace(",", " ,").split()}
+    assert words <= set(toyworld.VOCABULARY)
+    colours = list(toyworld.PALETTE.values())
+    assert len(set(colours)) == len(colours)  # a colour must name one RGB value for the metrics to read it
 
 
 def test_fill_ground_truth_matches_the_pixels():
