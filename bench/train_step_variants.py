@@ -43,7 +43,8 @@ VARIANTS = {
 def run_variant(variant: str, base: str, steps: int, batch: int, profile: bool) -> dict:
     import torch
 
-    from cnkit.train import TrainConfig, Trainer, cached_encoding
+    from cnkit.train import TrainConfig, Trainer
+    from cnkit.trainset import cached_store
 
     if variant == "one-thread":
         torch.set_num_threads(1)
@@ -52,7 +53,7 @@ def run_variant(variant: str, base: str, steps: int, batch: int, profile: bool) 
                           validate_every=0, checkpoint_every=10**9, out_dir=out, learning_rate=1e-3,
                           timestep_sampling="cubic", mixed_precision="bf16" if variant == "bf16" else "no")
         trainer = Trainer(cfg, cache_dir=Path(out) / "cache")
-        trainer.data = cached_encoding(cfg, trainer.pipe, trainer.resolution, trainer.cache_dir)
+        trainer.data = cached_store(cfg, trainer.pipe, trainer.resolution, trainer.cache_dir)
         if variant == "classic-attention":
             from diffusers.models.attention_processor import AttnProcessor
 

@@ -7,13 +7,16 @@ package reads from the top of this list down and has no import cycle (``tests/te
   ``checkpoints`` (crash-safe run folders), ``summary`` (summary.json), ``viz`` (plots from numbers)
 - 1 data: ``toyworld`` (worlds with exact truth), ``datasets`` (Fill50K, imagefolder and HF readers),
   ``splits`` (what is held out, and which seeds each measurement uses)
-- 2 models: ``tokenizer``, ``tiny`` (the embedded base's parts), ``bases`` (loading any base), ``controlnets``
+- 2 models: ``tokenizer``, ``tiny`` (the embedded base's parts), ``sd15`` (a random base of SD 1.5's exact
+  shape, for testing the real path on a CPU), ``bases`` (loading any base), ``controlnets``
   (ControlNet variants, building and loading them), ``export`` (the original single-file layout the WebUI and
   ComfyUI load, both ways)
 - 3 measures: ``metrics``: pure functions of images, masks and curves (numpy); no model, no generation
 - 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``generate`` (generation from
   control units; the one image loop every measurement uses)
-- 5 training: ``train`` (the ControlNet trainer), ``telemetry`` (what watches it), ``pretrain`` (the base's)
+- 5 training: ``encoded`` (the encoded training set on disk, read a batch at a time), ``trainset`` (the training
+  set as the trainer reads it: fitted, encoded once or on the fly), ``train`` (the ControlNet trainer),
+  ``telemetry`` (what watches it), ``pretrain`` (the base's)
 - 6 experiments: ``evaluations`` (drivers that generate images to measure them), ``runs`` (runs kept by
   configuration), ``experiments`` (the notebooks' runs), ``shipped`` (what the kit ships, and its cards)
 - 7 surfaces: ``report`` (``make figures``), ``widgets`` (the playground)
@@ -26,10 +29,10 @@ drivers over these modules and read results back from files.
 LAYERS = {
     "params": 0, "pixels": 0, "card": 0, "checkpoints": 0, "summary": 0, "viz": 0,
     "toyworld": 1, "datasets": 1, "splits": 1,
-    "tokenizer": 2, "tiny": 2, "bases": 2, "controlnets": 2, "export": 2,
+    "tokenizer": 2, "tiny": 2, "sd15": 2, "bases": 2, "controlnets": 2, "export": 2,
     "metrics": 3,
     "weighting": 4, "annotators": 4, "generate": 4,
-    "train": 5, "telemetry": 5, "pretrain": 5,
+    "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,
     "evaluations": 6, "runs": 6, "experiments": 6, "shipped": 6,
     "report": 7, "widgets": 7,
 }

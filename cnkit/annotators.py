@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import toyworld
+from . import pixels, toyworld
 
 HUB_REPO = "lllyasviel/Annotators"
 
@@ -132,17 +132,13 @@ def info_for(name: str) -> AnnotatorInfo:
 
 
 def as_rgb(source, what: str = "a source image") -> np.ndarray:
-    """``source`` (PIL or array, HxW / HxWx3 / HxWx4 uint8) as a contiguous HxWx3 uint8 array."""
-    if isinstance(source, Image.Image):
-        source = np.asarray(source.convert("RGB"))
-    array = np.asarray(source)
-    if array.ndim == 2:
-        array = np.repeat(array[:, :, None], 3, axis=2)
-    if array.ndim != 3 or array.shape[2] not in (3, 4):
-        raise AnnotatorError(f"{what} must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        raise AnnotatorError(f"{what} must be uint8 (0..255), got {array.dtype}: convert it first")
-    return np.ascontiguousarray(array[:, :, :3])
+    """``source`` (PIL or array, HxW / HxWx3 / HxWx4 uint8) as a contiguous HxWx3 uint8 array; transparency is
+    composited over white, as a viewer shows a photo (``cnkit.pixels.to_rgb``)."""
+    try:
+        image, _ = pixels.to_rgb(source if isinstance(source, Image.Image) else np.asarray(source), pixels.WHITE)
+    except ValueError as e:
+        raise AnnotatorError(f"{what}: {e}") from None
+    return np.ascontiguousarray(np.asarray(image))
 
 
 def annotate(name: str, source, weights: str | None = None, **settings) -> np.ndarray:

@@ -45,12 +45,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
-def disk_error(e: OSError, where: Path) -> OSError:
+def disk_error(e: Exception, where: Path) -> Exception:
     """A full disk or a read-only folder said in words, with what was kept and what to do."""
-    if e.errno == errno.ENOSPC:
-        return OSError(e.errno, f"no space left on the disk while writing {where}; the last complete checkpoint "
+    # torch.save reports a full disk as a RuntimeError from its zip writer, not as an OSError
+    torch_full = isinstance(e, RuntimeError) and ("unexpected pos" in str(e) or "file write failed" in str(e))
+    if torch_full or getattr(e, "errno", None) == errno.ENOSPC:
+        return OSError(errno.ENOSPC, f"no space left on the disk while writing {where}; the last complete checkpoint "
                                 "is kept. Free some space (or pass an out_dir on another disk) and rerun to resume")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+    if getattr(e, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
         return OSError(e.errno, f"cannot write to {where} ({os.strerror(e.errno)}); pass an out_dir you can "
                                 "write to")
     return e
@@ -101,7 +103,7 @@ class Checkpoint:
                 self.path.rename(self.old)
             self.tmp.rename(self.path)
             _remove(self.old)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise disk_error(e, self.tmp) from e
 
 

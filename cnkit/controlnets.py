@@ -161,12 +161,30 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
         return watch_condition_size(ControlNetLiteModel.from_pretrained(path))
     try:
         net = ControlNetModel.from_pretrained(str(path))
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(
-            f"could not load the ControlNet {spec!r} ({type(e).__name__}: {str(e)[:200]}). Pass a local diffusers "
-            "ControlNet folder (e.g. data/controlnets/fill-outline), or a hub id on a machine that can download it "
-            "(HF_HUB_OFFLINE unset)") from e
+    except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError or pickle's errors
+        raise _load_error(spec, path, e) from e
     return watch_condition_size(net)
+
+
+def _load_error(spec, path: Path, e: Exception) -> Exception:
+    """Why a ControlNet folder did not load, in words that fit the case."""
+    chain, cause = [], e
+    while cause is not None:
+        chain.append(f"{type(cause).__name__}: {cause}")
+        cause = cause.__cause__ or cause.__context__
+    text = " | ".join(chain)
+    if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in text:
+        return ValueError(f"{path} holds only pickle weights that torch refuses to unpickle safely "
+                          "(weights_only=True), so they were not loaded: use a checkpoint in safetensors, or "
+                          "convert this one on a machine you trust (ControlNetModel.from_pretrained(folder)"
+                          ".save_pretrained(folder, safe_serialization=True))")
+    if "size mismatch" in text or ("shape" in text and "config" in text) or "Cannot load" in text:
+        return ValueError(f"the weights in {path} do not fit its config.json (they were saved from another "
+                          f"architecture): {chain[0][:300]}. Use the config.json saved with these weights")
+    return FileNotFoundError(
+        f"could not load the ControlNet {spec!r} ({chain[0][:200]}). Pass a local diffusers ControlNet folder "
+        "(e.g. data/controlnets/fill-outline), an original-layout .safetensors file, or a hub id on a machine that "
+        "can download it (HF_HUB_OFFLINE unset)")
 
 
 def zero_convolutions(net, include_condition_encoder: bool = False) -> list[tuple[str, nn.Conv2d]]:

@@ -25,14 +25,15 @@ Target images with alpha are composited over white, as an image viewer shows the
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
-import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from .pixels import BLACK, WHITE, to_rgb
 from .toyworld import Example, ToyWorld, to_pil
 
-__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "is_toy", "load", "open_image", "to_pil", "to_rgb"]
+__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "is_toy", "load", "open_image", "to_pil"]
 
 
 class DatasetError(ValueError):
@@ -42,31 +43,24 @@ class DatasetError(ValueError):
 DEFAULT_COLUMNS = {"image": "image", "condition": "conditioning_image", "prompt": "text"}
 
 
-def to_rgb(img: Image.Image, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
-    """RGB with alpha composited over ``background`` and grey levels replicated (see module doc)."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        base = Image.new("RGBA", rgba.size, (*background, 255))
-        return Image.alpha_composite(base, rgba).convert("RGB")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        # 16-bit or float depth maps: rescale to 0..255 rather than clip.
-        a = np.asarray(img, dtype=np.float64)
-        span = a.max() - a.min()
-        a = (a - a.min()) / span * 255 if span > 0 else np.zeros_like(a)
-        img = Image.fromarray(a.round().astype(np.uint8))
-    return img.convert("RGB")
+def _converted(img: Image.Image, background) -> Image.Image:
+    """``pixels.to_rgb``; what it changes is said once per process (the same words for every file)."""
+    rgb, note = to_rgb(img, background)
+    if note:
+        what = "conditions" if tuple(background) == BLACK else "images"
+        warnings.warn(f"training data: some {what} had {note.replace('composited', 'which were composited')}",
+                      stacklevel=3)
+    return rgb
 
 
-def open_image(path: Path, where: str, background=(0, 0, 0)) -> Image.Image:
+def open_image(path: Path, where: str, background=BLACK) -> Image.Image:
     """Decode an image fully, turning any failure into a DatasetError naming ``where``."""
     if not path.is_file():
         raise DatasetError(f"{where}: image file {path} does not exist; fix the path or remove the row")
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img, background)
+            return _converted(img, background)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise DatasetError(f"{where}: {path} is not a readable image ({e}); "
                            "replace the file or remove the row") from e
@@ -74,22 +68,27 @@ def open_image(path: Path, where: str, background=(0, 0, 0)) -> Image.Image:
 
 def _read_jsonl(path: Path, required: list[str]) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DatasetError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
-                                   "each line must be one JSON object") from e
-            if not isinstance(row, dict):
-                raise DatasetError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in required if k not in row]
-            if missing:
-                raise DatasetError(f"{path}, line {lineno}: missing key(s) {', '.join(missing)}; "
-                                   f"each row needs {', '.join(required)}")
-            rows.append(row | {"_line": lineno})
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        lineno = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DatasetError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
+                           "as UTF-8 (JSON lines must be)") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"{path}, line {lineno}: malformed JSON ({e.msg} at column {e.colno}); "
+                               "each line must be one JSON object") from e
+        if not isinstance(row, dict):
+            raise DatasetError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+        missing = [k for k in required if k not in row]
+        if missing:
+            raise DatasetError(f"{path}, line {lineno}: missing key(s) {', '.join(missing)}; "
+                               f"each row needs {', '.join(required)}")
+        rows.append(row | {"_line": lineno})
     if not rows:
         raise DatasetError(f"{path} holds no rows")
     return rows
@@ -119,7 +118,7 @@ class PairFolder:
         row = self.rows[i]
         where = self._where(row)
         image_key, condition_key, prompt_key = self.keys
-        image = open_image(self.root / row[image_key], where, background=(255, 255, 255))
+        image = open_image(self.root / row[image_key], where, background=WHITE)
         condition = open_image(self.root / row[condition_key], where)
         if condition.size != image.size:
             raise DatasetError(f"{where}: condition {row[condition_key]} is {condition.size[0]}x"
@@ -153,15 +152,15 @@ class HFDataset:
 
     def _image(self, value, where, background):
         if isinstance(value, Image.Image):
-            return to_rgb(value, background)
+            return _converted(value, background)
         if isinstance(value, str):
             return open_image(Path(value), where, background)
         raise DatasetError(f"{where}: expected an image, got {type(value).__name__}")
 
     def __getitem__(self, i: int) -> Example:
         row, c, where = self.ds[int(i)], self.columns, f"{self.name}, row {i}"
-        image = self._image(row[c["image"]], where, (255, 255, 255))
-        condition = self._image(row[c["condition"]], where, (0, 0, 0))
+        image = self._image(row[c["image"]], where, WHITE)
+        condition = self._image(row[c["condition"]], where, BLACK)
         if condition.size != image.size:
             raise DatasetError(f"{where}: condition is {condition.size} but image is {image.size}; "
                                "resize one so they match")

@@ -29,14 +29,14 @@ from diffusers import (
 )
 from PIL import Image
 
-from . import annotators, toyworld
+from . import annotators, pixels, toyworld
 from .bases import image_size, load_pipeline
 from .controlnets import check_fits, load_controlnet
 from .params import coerce
 from .pixels import from_pipeline
 from .weighting import CFG_WEIGHTINGS, CONTROL_MODES, connection_latent_sizes, unit_net
 
-RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
+RESIZE_MODES = pixels.RESIZE_MODES
 SCHEDULERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 
 
@@ -76,40 +76,28 @@ class ControlUnit:
 
 
 def fit_condition(image, width: int, height: int, mode: str = "crop_and_resize") -> tuple[Image.Image, str | None]:
-    """``image`` at width x height by the WebUI's resize modes, and a note saying what was done (None
-    when it already had that size): ``just_resize`` stretches, ``crop_and_resize`` scales to cover and
-    crops the centre, ``resize_and_fill`` scales to fit and pads with black."""
-    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).astype(np.uint8))
-    img = img.convert("RGB")
-    if img.size == (width, height):
-        return img, None
-    w, h = img.size
-    if mode == "just_resize":
-        out = img.resize((width, height), Image.BILINEAR)
-    elif mode == "crop_and_resize":
-        k = max(width / w, height / h)
-        scaled = img.resize((max(width, round(w * k)), max(height, round(h * k))), Image.BILINEAR)
-        left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
-        out = scaled.crop((left, top, left + width, top + height))
-    elif mode == "resize_and_fill":
-        k = min(width / w, height / h)
-        scaled = img.resize((max(1, round(w * k)), max(1, round(h * k))), Image.BILINEAR)
-        out = Image.new("RGB", (width, height))
-        out.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
-    else:
-        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)}")
-    return out, f"condition {w}x{h} fitted to {width}x{height} by {mode}"
+    """A condition at width x height by the WebUI's resize modes (``cnkit.pixels.fit``, as training fits its
+    conditions), and a note saying what was done (None when it already had that size)."""
+    out, note = pixels.fit(image, width, height, mode)
+    return out, note and f"condition {note}"
 
 
-def unit_condition(unit: ControlUnit) -> np.ndarray:
-    """The unit's condition map before fitting: its image, or its annotator applied to its source."""
+def unit_condition(unit: ControlUnit) -> tuple[np.ndarray, list[str]]:
+    """The unit's condition map before fitting (its image, or its annotator applied to its source), and notes on
+    what was changed on the way (transparency composited, as training does)."""
     if unit.annotator:
-        return annotators.annotate(unit.annotator, unit.image, weights=unit.annotator_weights,
-                                   **unit.annotator_settings)
+        source, notes = unit.image, []
+        if not isinstance(source, toyworld.Sample):
+            source, note = pixels.to_rgb(source, pixels.WHITE)  # a photo's transparency shows as a viewer shows it
+            notes = [f"source image: {note}"] if note else []
+            source = np.asarray(source)
+        return annotators.annotate(unit.annotator, source, weights=unit.annotator_weights,
+                                   **unit.annotator_settings), notes
     if isinstance(unit.image, toyworld.Sample):
         raise ValueError("a toy-world sample is a source: give the unit an annotator (toy_outline, "
                          "toy_segmentation, toy_depth, toy_edges, canny, ...)")
-    return annotators.as_rgb(unit.image, "a condition image")
+    image, note = pixels.to_rgb(unit.image, pixels.BLACK)  # conditions draw on black, as in training
+    return np.asarray(image), [f"condition: {note}"] if note else []
 
 
 def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guidance: float,
@@ -173,9 +161,9 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
 
     notes, conditions = [], []
     for k, unit in enumerate(units):
-        cond, note = fit_condition(unit_condition(unit), size, size, unit.resize_mode)
-        if note:
-            notes.append(f"unit {k + 1}: {note}")
+        raw, changed = unit_condition(unit)
+        cond, note = fit_condition(raw, size, size, unit.resize_mode)
+        notes += [f"unit {k + 1}: {n}" for n in changed + ([note] if note else [])]
         conditions.append(cond)
     nets = [(u.controlnet, u.mode, u.connection_weights) for u in units]
     control = _control_pipeline(pipe, sched, nets, size // factor, guidance, cfg_weighting)
@@ -188,12 +176,14 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
 
 def generate_many(base, prompts: list[str], conditions: list[list] | None, controlnets: list, seeds: list[int],
                   negative_prompt: str = "", steps: int = 20, guidance: float = 3.0,
-                  cfg_weighting: str | None = None, mode: str = "balanced", batch: int = 32) -> np.ndarray:
+                  cfg_weighting: str | None = None, mode: str = "balanced", batch: int = 32,
+                  size: int | None = None) -> np.ndarray:
     """One image per item, batched (every measurement of the kit): item k has its own prompt, one condition
     per net (``conditions[k][u]``, fitted to the base's size by crop_and_resize) and its own seed; every net
     at scale 1 over the whole denoising, in ``mode``; DDIM. With no nets (``controlnets=[]``, ``conditions``
-    None) it is plain text-to-image. Returns uint8 images. An image depends on its own item and seed only,
-    up to float round-off between batch sizes."""
+    None) it is plain text-to-image. ``size``: pixels (default the base's own; a run validates at its training
+    resolution). Returns uint8 images. An image depends on its own item and seed only, up to float round-off
+    between batch sizes."""
     conditions = conditions if conditions is not None else [[] for _ in prompts]
     if not (len(prompts) == len(conditions) == len(seeds)):
         raise ValueError(f"prompts ({len(prompts)}), conditions ({len(conditions)}) and seeds ({len(seeds)}) "
@@ -203,7 +193,7 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     if cfg_weighting is not None and cfg_weighting not in CFG_WEIGHTINGS:
         raise ValueError(f"unknown cfg_weighting {cfg_weighting!r}; known: {', '.join(CFG_WEIGHTINGS)} or None")
     pipe = load_pipeline(base)
-    size = image_size(pipe)
+    size = size or image_size(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     if controlnets:
         nets = [(net, mode, None) for net in controlnets]

@@ -1,11 +1,21 @@
 """Pixel conventions in one place: images are HxWx3 uint8 (numpy, PIL) at the kit's edges; the VAE reads
 and writes [-1, 1] float tensors (N, 3, H, W); conditions enter a ControlNet as [0, 1]; diffusers'
-pipelines return [0, 1] floats with ``output_type="np"``."""
+pipelines return [0, 1] floats with ``output_type="np"``.
+
+What changes pixels on the way in is done here once, for training and generation alike, and said in words
+(``fit`` and ``to_rgb`` return a note, or None when nothing changed): an image of another size is fitted by one
+of the WebUI's resize modes; transparency is composited over a background (black for conditions, which draw
+on black; white for images, as a viewer shows them); grey levels are replicated into three channels.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
+
+RESIZE_MODES = ("crop_and_resize", "just_resize", "resize_and_fill")
+BLACK, WHITE = (0, 0, 0), (255, 255, 255)
 
 
 def to_model_range(images) -> torch.Tensor:
@@ -26,3 +36,61 @@ def condition_range(conditions: torch.Tensor) -> torch.Tensor:
 def from_pipeline(images: np.ndarray) -> np.ndarray:
     """A diffusers pipeline's ``output_type="np"`` images ([0, 1] floats) -> uint8."""
     return (np.asarray(images) * 255).round().astype(np.uint8)
+
+
+def to_rgb(img, background=BLACK) -> tuple[Image.Image, str | None]:
+    """RGB with alpha composited over ``background``, 16-bit or float maps rescaled to 0..255, grey levels
+    replicated; and a note when pixels changed beyond that replication (None otherwise)."""
+    if isinstance(img, np.ndarray):
+        array = img
+        if array.dtype != np.uint8:
+            raise ValueError(f"an image array must be uint8 (0..255), got {array.dtype}: convert it first")
+        if array.ndim == 3 and array.shape[2] == 4:
+            img = Image.fromarray(np.ascontiguousarray(array), "RGBA")
+        elif array.ndim == 3 and array.shape[2] == 3 or array.ndim == 2:
+            img = Image.fromarray(np.ascontiguousarray(array))
+        else:
+            raise ValueError(f"an image must be HxW, HxWx3 or HxWx4, got shape {array.shape}")
+    if img.mode == "RGB":
+        return img, None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getextrema()[3][0] == 255:  # fully opaque: dropping alpha changes nothing
+            return rgba.convert("RGB"), None
+        base = Image.new("RGBA", rgba.size, (*background, 255))
+        colour = "black" if tuple(background) == BLACK else "white" if tuple(background) == WHITE else str(background)
+        return (Image.alpha_composite(base, rgba).convert("RGB"),
+                f"transparent pixels composited over {colour}")
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        span = a.max() - a.min()
+        a = (a - a.min()) / span * 255 if span > 0 else np.zeros_like(a)
+        return Image.fromarray(a.round().astype(np.uint8)).convert("RGB"), f"{img.mode} values rescaled to 0..255"
+    return img.convert("RGB"), None
+
+
+def fit(image, width: int, height: int, mode: str = "crop_and_resize",
+        resample=Image.BILINEAR) -> tuple[Image.Image, str | None]:
+    """``image`` at width x height by the WebUI's resize modes, and a note saying what was done (None when it
+    already had that size): ``just_resize`` stretches, ``crop_and_resize`` scales to cover and crops the centre,
+    ``resize_and_fill`` scales to fit and pads with black."""
+    img = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image).astype(np.uint8))
+    img = img.convert("RGB")
+    if img.size == (width, height):
+        return img, None
+    w, h = img.size
+    if mode == "just_resize":
+        out = img.resize((width, height), resample)
+    elif mode == "crop_and_resize":
+        k = max(width / w, height / h)
+        scaled = img.resize((max(width, round(w * k)), max(height, round(h * k))), resample)
+        left, top = (scaled.width - width) // 2, (scaled.height - height) // 2
+        out = scaled.crop((left, top, left + width, top + height))
+    elif mode == "resize_and_fill":
+        k = min(width / w, height / h)
+        scaled = img.resize((max(1, round(w * k)), max(1, round(h * k))), resample)
+        out = Image.new("RGB", (width, height))
+        out.paste(scaled, ((width - scaled.width) // 2, (height - scaled.height) // 2))
+    else:
+        raise ValueError(f"unknown resize mode {mode!r}; known: {', '.join(RESIZE_MODES)}")
+    return out, f"{w}x{h} fitted to {width}x{height} by {mode}"

@@ -25,7 +25,7 @@ import torch
 from .controlnets import load_controlnet
 from .metrics import convergence
 from .telemetry import Validation, ZeroConvTelemetry
-from .train import TrainConfig, Trainer
+from .train import LATER_SETTINGS, TrainConfig, Trainer
 
 # Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8
 # is the fill issue's bar; edge F1 and mIoU thresholds are where samples visibly follow the map.
@@ -37,7 +37,9 @@ def _slug(text: str) -> str:
 
 
 def run_key(cfg: TrainConfig) -> str:
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "report_to")}
+    """A run's identity: every setting that changes its numbers (settings added later count only when set)."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "report_to", "num_workers")
+                and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -133,7 +135,7 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     log(f"training into {folder}")
     start = time.perf_counter()
     trainer = Trainer(cfg, cache_dir=Path(runs_dir) / "cache")
-    ZeroConvTelemetry().attach(trainer)
+    ZeroConvTelemetry(every=cfg.telemetry_every).attach(trainer)
     validation = Validation(prompt=validation_prompt).attach(trainer)
     result = trainer.run()
     wall = time.perf_counter() - start
@@ -149,7 +151,7 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
         # Wall time of this process: loading, encoding (unless cached), training and validation.
         "wall_time_s": wall, "train_loop_s": result["wall_time_s"], "resumed": result["resumed"],
         "validation_size": len(validation.items), "validation_prompt": validation_prompt,
-        "config": asdict(cfg),
+        "notes": trainer.notes, "config": asdict(cfg),
     }
     at = report["converged_at_step"]
     report["converged_at_elapsed_s"] = (table["elapsed_s"][table["step"].index(at)]

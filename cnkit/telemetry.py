@@ -70,8 +70,9 @@ class _Table:
 class ZeroConvTelemetry:
     """Per-step probes of the zero convolutions (see the module docstring)."""
 
-    def __init__(self, probe_size: int = 4):
-        self.probe_size = probe_size
+    def __init__(self, probe_size: int = 4, every: int = 1):
+        """``every``: optimizer steps between rows (the probe is a forward pass of the ControlNet)."""
+        self.probe_size, self.every = probe_size, every
 
     def attach(self, trainer) -> ZeroConvTelemetry:
         trainer.add_callback("on_train_start", self.on_train_start)
@@ -83,13 +84,14 @@ class ZeroConvTelemetry:
         if trainer.accelerator.is_main_process:
             self.table.start(trainer.step)
         # The probe batch: the first items of the training set at fixed timesteps and noise.
-        data, g = trainer.data, torch.Generator().manual_seed(SEED_STREAMS["telemetry_probe"])
-        n = min(self.probe_size, len(data))
-        z0 = data.latent_mean[:n] * trainer.pipe.vae.config.scaling_factor
+        g = torch.Generator().manual_seed(SEED_STREAMS["telemetry_probe"])
+        n = min(self.probe_size, len(trainer.data))
+        items = trainer.data.gather(torch.arange(n))
+        z0 = items["latent_mean"] * trainer.pipe.vae.config.scaling_factor
         t = torch.linspace(100, 900, n).long()
         noise = torch.randn(z0.shape, generator=g)
         self.probe = {"noisy": trainer.noise_scheduler.add_noise(z0, noise, t), "t": t,
-                      "text": data.prompt_embeds[data.prompt_ids[:n]], "cond": condition_range(data.conditions[:n])}
+                      "text": items["text"], "cond": condition_range(items["conditions"])}
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
         self.convs = zero_convolutions(net, include_condition_encoder=True)
         if trainer.step == 0:
@@ -109,7 +111,7 @@ class ZeroConvTelemetry:
         return [*down, mid, cond_embedding]
 
     def on_step_end(self, trainer) -> None:
-        if not trainer.accelerator.is_main_process:
+        if not trainer.accelerator.is_main_process or trainer.step % self.every:
             return
         residuals = self.residuals(trainer)
         rows = []
@@ -176,7 +178,7 @@ class Validation:
         prompts = [self.prompt if self.prompt is not None else it.prompt for it in self.items]
         images = generate_many(trainer.pipe, prompts, [[it.condition] for it in self.items], [net],
                                seeds("validation", len(self.items)), steps=self.steps, guidance=self.guidance,
-                               batch=self.batch)
+                               batch=self.batch, size=trainer.resolution)
         net.train(was_training)
         return images
 

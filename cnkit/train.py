@@ -3,7 +3,14 @@
 The locked base (VAE, text encoder, UNet) never gets a gradient: its parameters are frozen, and
 since nothing upstream of the UNet's encoder requires a gradient, autograd builds no graph there;
 only the decoder, where the ControlNet's residuals enter, carries one. The frozen VAE and text
-encoder run once per training item and once per distinct prompt (cached), not every step.
+encoder run once per training item and once per distinct prompt, into an on-disk store read a batch
+at a time (``cnkit.trainset``, ``cnkit.encoded``: memory flat in the dataset), or on the fly.
+
+Memory options for real GPUs, the paper's behaviour by default: ``gradient_checkpointing`` (the
+ControlNet and the locked UNet recompute activations in the backward pass), ``mixed_precision``
+fp16/bf16 (the locked UNet and text encoder in that precision, the ControlNet's master weights in
+fp32 under autocast, the VAE always fp32: fp16 VAEs give black or NaN images), ``use_8bit_adam``
+(bitsandbytes' AdamW8bit).
 
 The loop is plain and knows nothing of telemetry or validation: like minGPT's ``Trainer`` it fires
 events (``on_train_start``, ``on_step_end``, ``on_checkpoint``, ``on_train_end``) and what watches
@@ -21,7 +28,6 @@ uninterrupted one would have drawn.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import time
@@ -29,25 +35,22 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
-from filelock import FileLock
-from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import params as _params
-from .bases import image_size, load_base
+from .bases import image_size, load_base, vae_scale_factor
 from .checkpoints import Checkpoint, claim
 from .controlnets import VARIANTS, make_controlnet
-from .datasets import is_toy
-from .pixels import condition_range, to_model_range
+from .pixels import RESIZE_MODES, condition_range
 from .splits import training_items
 from .telemetry import Validation, ZeroConvTelemetry
+from .trainset import OnTheFly, cached_store
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -78,10 +81,17 @@ class TrainConfig:
     validation_size: int = 32  # held-out conditions per validation (a folder's last items, never trained on)
     resolution: int = 0  # image size; 0 takes the base's (64 for the tiny model, 512 for SD 1.5)
     report_to: str = ""  # "", "tensorboard" or "wandb" (Accelerate trackers)
+    resize_mode: str = "crop_and_resize"  # pairs of another size: crop_and_resize, just_resize or resize_and_fill
+    encode: str = "cache"  # cache (encoded once into a store on disk) or on_the_fly (VAE and text encoder per batch)
+    num_workers: int = 0  # DataLoader workers reading items for encode="on_the_fly"
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
+    use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: optimizer state in 8 bits (GPUs)
+    telemetry_every: int = 1  # optimizer steps between telemetry rows (the probe costs a forward pass)
 
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
-        positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size")
+        positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size",
+                    "telemetry_every")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
@@ -98,6 +108,12 @@ class TrainConfig:
                              f"got {self.timestep_sampling!r}")
         if self.validate_every < 0:
             raise ValueError(f"parameter validate_every must be 0 (off) or more, got {self.validate_every}")
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
+        if self.encode not in ("cache", "on_the_fly"):
+            raise ValueError(f"encode must be cache or on_the_fly, got {self.encode!r}")
+        if self.num_workers < 0 or self.resolution < 0:
+            raise ValueError("num_workers and resolution must be 0 or more")
 
     def samples_per_step(self, num_processes: int = 1) -> int:
         return self.batch_size * self.gradient_accumulation * num_processes
@@ -120,93 +136,17 @@ RECIPES = {
 }
 
 
-class EncodedDataset:
-    """Training items with the frozen encoders already applied: latent posterior (mean, std),
-    condition pixels (uint8) and an index into the distinct prompts' embeddings."""
-
-    def __init__(self, latent_mean, latent_std, conditions, prompt_ids, prompt_embeds, empty_embed):
-        self.latent_mean, self.latent_std = latent_mean, latent_std
-        self.conditions, self.prompt_ids = conditions, prompt_ids
-        self.prompt_embeds, self.empty_embed = prompt_embeds, empty_embed
-
-    def __len__(self) -> int:
-        return len(self.prompt_ids)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"latent_mean": self.latent_mean, "latent_std": self.latent_std, "conditions": self.conditions,
-                "prompt_ids": self.prompt_ids, "prompt_embeds": self.prompt_embeds, "empty_embed": self.empty_embed}
-
-    @classmethod
-    def from_tensors(cls, t: dict) -> EncodedDataset:
-        return cls(t["latent_mean"], t["latent_std"], t["conditions"], t["prompt_ids"], t["prompt_embeds"],
-                   t["empty_embed"])
-
-
-def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
-    tok = pipe.tokenizer
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(prompts), batch):
-            ids = tok(prompts[i:i + batch], padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids.to(pipe.text_encoder.device)
-            out.append(pipe.text_encoder(ids)[0].float().cpu())
-    return torch.cat(out)
-
-
-# Settings a resumed run may change: how long it runs and how often it logs; everything else fixes the run.
-RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to")
+# Settings a resumed run may change: how long it runs, how often it logs and how it reads; the rest fixes the run.
+RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to", "num_workers", "telemetry_every")
+# Settings added after the first runs were kept: they count in a run's identity (cnkit.runs) only when they differ
+# from these values, so the runs kept before they existed are still found.
+LATER_SETTINGS = {"resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
+                  "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
     """The training items of ``cfg``: ``n_train`` toy samples, or a folder's items but its last ``validation_size``."""
     return training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
-
-
-def encode_dataset(pipe, dataset, resolution: int, batch: int = 64, desc: str = "encode") -> EncodedDataset:
-    """Run the frozen VAE and text encoder once over ``dataset``; conditions kept as uint8."""
-    means, stds, conds, prompts = [], [], [], []
-    device = pipe.vae.device
-    for i in tqdm(range(0, len(dataset), batch), desc=desc, leave=False):
-        items = [dataset[j] for j in range(i, min(i + batch, len(dataset)))]
-        imgs, cs = [], []
-        for ex in items:
-            img, cond = ex.image, ex.condition
-            if img.size != (resolution, resolution):
-                img = img.resize((resolution, resolution), Image.BICUBIC)
-                cond = cond.resize((resolution, resolution), Image.NEAREST)
-            imgs.append(np.asarray(img))
-            cs.append(np.asarray(cond))
-            prompts.append(ex.prompt)
-        x = to_model_range(np.stack(imgs)).to(device)
-        with torch.no_grad():
-            post = pipe.vae.encode(x.to(pipe.vae.dtype)).latent_dist
-        means.append(post.mean.float().cpu())
-        stds.append(post.std.float().cpu())
-        conds.append(torch.from_numpy(np.stack(cs)).permute(0, 3, 1, 2).contiguous())
-    distinct = sorted(set(prompts))
-    index = {p: i for i, p in enumerate(distinct)}
-    return EncodedDataset(torch.cat(means), torch.cat(stds), torch.cat(conds),
-                          torch.tensor([index[p] for p in prompts]), encode_prompts(pipe, distinct),
-                          encode_prompts(pipe, [""]))
-
-
-def cached_encoding(cfg: TrainConfig, pipe, resolution: int, cache_dir: Path) -> EncodedDataset:
-    """``encode_dataset`` of the training set, cached on disk by what determines it."""
-    held_out = 0 if is_toy(cfg.dataset) else cfg.validation_size  # a folder's training part depends on it
-    key = hashlib.sha256(json.dumps([str(_params.repo_path(cfg.base)), cfg.dataset, cfg.n_train, cfg.data_seed,
-                                     resolution, held_out]).encode()).hexdigest()[:16]
-    path = cache_dir / f"encoded-{key}.safetensors"
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    # Runs trained side by side (cnkit.experiments --workers) may need the same set: one encodes it, the
-    # others wait for its file instead of encoding it again.
-    with FileLock(str(path.with_suffix(".lock"))):
-        if path.is_file():
-            return EncodedDataset.from_tensors(load_file(path))
-        encoded = encode_dataset(pipe, open_dataset(cfg, resolution), resolution, desc="encode training set")
-        tmp = path.with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in encoded.tensors().items()}, tmp)
-        tmp.rename(path)
-    return encoded
 
 
 class Trainer:
@@ -222,19 +162,37 @@ class Trainer:
         # On a machine without an accelerator, `accelerate launch --multi_gpu --num_processes N` (or
         # torchrun) starts N CPU processes; Accelerate only joins them (gloo) when told it runs on the CPU.
         on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
+        if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # never train fp32 while saying fp16
+            raise ValueError("mixed_precision='fp16' needs a CUDA GPU (none here); use 'bf16' or 'no'")
         self.accelerator = Accelerator(
             cpu=on_cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
             log_with=cfg.report_to or None, project_config=ProjectConfiguration(project_dir=str(self.out)))
         self.callbacks = defaultdict(list)
         self.step = 0
         self.loss_history: list[tuple[int, float]] = []
+        self.notes: list[str] = []  # what was changed on the way in (notes.json in the run folder)
         self.pipe = load_base(cfg.base, device=self.accelerator.device)
         self.resolution = cfg.resolution or image_size(self.pipe)
+        step = vae_scale_factor(self.pipe.vae) * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+        if self.resolution % step:
+            raise ValueError(f"resolution {self.resolution} does not fit this base: it must be a multiple of {step} "
+                             f"(the VAE's factor {vae_scale_factor(self.pipe.vae)} times the UNet's "
+                             f"{len(self.pipe.unet.config.block_out_channels) - 1} downsamplings), e.g. "
+                             f"{max(step, round(self.resolution / step) * step)}")
+        # Mixed precision: the locked UNet and text encoder in half precision, as diffusers' script does; the
+        # ControlNet keeps fp32 master weights (autocast), and the VAE stays fp32 (fp16 VAEs give NaN images).
+        half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
+        if half is not None:
+            self.pipe.unet.to(half)
+            self.pipe.text_encoder.to(half)
         self.controlnet = make_controlnet(self.pipe, cfg.variant, seed=cfg.seed)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
             for module in (self.pipe.unet, self.controlnet):
                 module.to(memory_format=torch.channels_last)
+        if cfg.gradient_checkpointing:
+            self.controlnet.enable_gradient_checkpointing()
+            self.pipe.unet.enable_gradient_checkpointing()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
 
     # --- events, as minGPT's Trainer -------------------------------------------------------
@@ -298,12 +256,14 @@ class Trainer:
                            saved=state["config"] if state else None)
 
     # --- the loop ---------------------------------------------------------------------------
-    def _micro_batch(self, data: EncodedDataset, micro: int) -> dict[str, torch.Tensor]:
+    def _micro_batch(self, data, micro: int) -> dict[str, torch.Tensor]:
+        """Micro-batch ``micro`` of this step: its items (``data.gather``), noise, timesteps and dropped prompts."""
         cfg, acc = self.cfg, self.accelerator
         g = torch.Generator().manual_seed(
             (cfg.seed * 1_000_003 + self.step * 1009 + micro) * 131 + acc.process_index)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
-        z0 = data.latent_mean[idx] + data.latent_std[idx] * torch.randn(data.latent_mean[idx].shape, generator=g)
+        items = data.gather(idx)
+        z0 = items["latent_mean"] + items["latent_std"] * torch.randn(items["latent_mean"].shape, generator=g)
         z0 = z0 * self.pipe.vae.config.scaling_factor
         noise = torch.randn(z0.shape, generator=g)
         n_t = self.noise_scheduler.config.num_train_timesteps
@@ -312,9 +272,9 @@ class Trainer:
         else:
             t = torch.randint(0, n_t, (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.prompt_dropout
-        text = torch.where(drop[:, None, None], data.empty_embed, data.prompt_embeds[data.prompt_ids[idx]])
+        text = torch.where(drop[:, None, None], data.empty_embed, items["text"])
         return {"noisy": self.noise_scheduler.add_noise(z0, noise, t), "noise": noise, "t": t, "text": text,
-                "cond": condition_range(data.conditions[idx])}
+                "cond": condition_range(items["conditions"])}
 
     def loss(self, batch: dict) -> torch.Tensor:
         dev = self.accelerator.device
@@ -338,9 +298,11 @@ class Trainer:
     def _run(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         with acc.main_process_first():
-            self.data = cached_encoding(cfg, self.pipe, self.resolution, self.cache_dir)
+            self.data = (OnTheFly(cfg, self.pipe, self.resolution) if cfg.encode == "on_the_fly"
+                         else cached_store(cfg, self.pipe, self.resolution, self.cache_dir))
+        self._record_notes()
         self.controlnet.train()
-        self.optimizer = torch.optim.AdamW(self.controlnet.parameters(), lr=cfg.learning_rate)
+        self.optimizer = make_optimizer(self.controlnet.parameters(), cfg)
         resumed = self.load_checkpoint()
         self.controlnet, self.optimizer = acc.prepare(self.controlnet, self.optimizer)
         if cfg.report_to:
@@ -375,6 +337,7 @@ class Trainer:
             if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                 self.save_checkpoint()
         bar.close()
+        self._record_notes()
         self.wall_time_s = time.perf_counter() - start
         self.trigger("on_train_end")
         if cfg.report_to:
@@ -382,9 +345,27 @@ class Trainer:
         return {"steps": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
                 "wall_time_s": self.wall_time_s, "resumed": resumed}
 
+    def _record_notes(self) -> None:
+        """The training set's notes (what was changed on the way in) into ``notes.json``."""
+        self.notes = list(self.data.notes)
+        if self.accelerator.is_main_process:
+            (self.out / "notes.json").write_text(json.dumps(self.notes, indent=1))
+
     def _last_checkpoint_step(self) -> int | None:
         state = self.checkpoint.state()
         return state["step"] if state else None
+
+
+def make_optimizer(params, cfg: TrainConfig):
+    """AdamW at the recipe's rate; bitsandbytes' 8-bit AdamW when ``use_8bit_adam`` (a clear error without it)."""
+    if not cfg.use_8bit_adam:
+        return torch.optim.AdamW(params, lr=cfg.learning_rate)
+    try:
+        import bitsandbytes as bnb  # optional: only this option needs it
+    except ImportError as e:
+        raise ImportError("use_8bit_adam needs the bitsandbytes package (pip install bitsandbytes, on a machine "
+                          "with a CUDA GPU); or train with use_8bit_adam=False") from e
+    return bnb.optim.AdamW8bit(params, lr=cfg.learning_rate)
 
 
 def main(argv=None) -> dict:
@@ -399,7 +380,7 @@ def main(argv=None) -> dict:
     args = vars(ap.parse_args(argv))
     recipe = args.pop("recipe")
     trainer = Trainer(TrainConfig.recipe(recipe, **{k: v for k, v in args.items() if v is not None}))
-    ZeroConvTelemetry().attach(trainer)
+    ZeroConvTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
     Validation().attach(trainer)
     result = trainer.run()
     if trainer.accelerator.is_main_process:

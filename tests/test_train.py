@@ -8,7 +8,8 @@ from diffusers import ControlNetModel
 
 from cnkit import metrics
 from cnkit.telemetry import ZeroConvTelemetry
-from cnkit.train import TrainConfig, Trainer, cached_encoding
+from cnkit.train import TrainConfig, Trainer
+from cnkit.trainset import cached_store
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +151,7 @@ def test_cubic_timestep_sampling_favours_high_noise(base_dir, tmp_path):
     means = {}
     for sampling in ("uniform", "cubic"):
         tr = Trainer(_cfg(base_dir, tmp_path / sampling, timestep_sampling=sampling, batch_size=512))
-        tr.data = cached_encoding(tr.cfg, tr.pipe, tr.resolution, tmp_path / "cache")
+        tr.data = cached_store(tr.cfg, tr.pipe, tr.resolution, tmp_path / "cache")
         t = tr._micro_batch(tr.data, 0)["t"].float()
         assert 0 <= t.min() and t.max() <= 999
         means[sampling] = float(t.mean())

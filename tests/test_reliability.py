@@ -1,0 +1,259 @@
+"""Probes of a hostile but fair user, kept as tests: kills at every instant of a checkpoint save, a second process on
+one run folder, a full disk, non-finite numbers, images of the wrong size or with transparency, text that does not
+fit, files that are not what they say. Nothing is lost, nothing is silently wrong, every error says what to do."""
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cnkit import checkpoints, datasets, experiments, toyworld
+from cnkit import generate as G
+from cnkit.checkpoints import Checkpoint, FolderBusy, claim
+from cnkit.controlnets import load_controlnet, make_controlnet
+from cnkit.train import TrainConfig, Trainer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tiny_pipe):
+    path = tmp_path_factory.mktemp("base")
+    tiny_pipe.save_pretrained(path)
+    return path
+
+
+def _cfg(base_dir, out_dir, **kw):
+    return TrainConfig(**(dict(base=str(base_dir), out_dir=str(out_dir), steps=4, batch_size=2, n_train=8,
+                               checkpoint_every=2, learning_rate=1e-3, validate_every=0) | kw))
+
+
+def _state(folder: Path) -> int:
+    return json.loads((folder / "trainer_state.json").read_text())["step"]
+
+
+# --- checkpoints: complete at every instant ------------------------------------------------------
+
+
+def _saved(path: Path, step: int, complete: bool = True) -> Path:
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_text(f"weights of step {step}")
+    if complete:  # the state file is written last
+        (path / "state.json").write_text(json.dumps({"step": step}))
+    return path
+
+
+@pytest.mark.parametrize("leftovers, expected", [
+    ({"checkpoint.old": (2, True), "checkpoint.tmp": (4, True)}, 4),  # killed between the two renames
+    ({"checkpoint": (4, True), "checkpoint.old": (2, True)}, 4),  # killed before the old one was removed
+    ({"checkpoint": (2, True), "checkpoint.tmp": (4, False)}, 2),  # killed while writing the new one
+    ({"checkpoint.tmp": (4, False)}, None),  # killed while writing the first one
+])
+def test_a_kill_at_any_instant_of_a_save_leaves_the_newest_complete_checkpoint(tmp_path, leftovers, expected):
+    for name, (step, complete) in leftovers.items():
+        _saved(tmp_path / name, step, complete)
+    ckpt = Checkpoint(tmp_path / "checkpoint")
+    assert (ckpt.state() or {}).get("step") == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["checkpoint"] if expected else [])
+    ckpt.save(lambda folder: (folder / "weights.bin").write_text("weights of step 6"), {"step": 6})
+    assert ckpt.state()["step"] == 6 and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_a_run_killed_between_the_renames_resumes_from_its_newest_checkpoint(base_dir, tmp_path):
+    Trainer(_cfg(base_dir, tmp_path, steps=2)).run()
+    (tmp_path / "checkpoint").rename(tmp_path / "checkpoint.old")  # what a kill between the renames leaves
+    (tmp_path / "checkpoint.old").rename(tmp_path / "checkpoint.tmp")
+    result = Trainer(_cfg(base_dir, tmp_path, steps=4)).run()
+    assert result["resumed"] and _state(tmp_path / "checkpoint") == 4
+    assert not (tmp_path / "checkpoint.tmp").exists() and not (tmp_path / "checkpoint.old").exists()
+
+
+def test_a_full_disk_says_so_and_keeps_the_last_checkpoint(tmp_path):
+    ckpt = Checkpoint(tmp_path / "checkpoint")
+    ckpt.save(lambda folder: (folder / "w").write_text("2"), {"step": 2})
+
+    def full(folder):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="no space left on the disk .* last complete checkpoint is kept"):
+        ckpt.save(full, {"step": 4})
+    assert ckpt.state()["step"] == 2
+
+    def torch_full(folder):  # torch.save on a full disk raises this, not an OSError
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 2048 vs 1984")
+
+    with pytest.raises(OSError, match="no space left on the disk"):
+        ckpt.save(torch_full, {"step": 4})
+    assert ckpt.state()["step"] == 2
+
+
+# --- one owner per run folder; the configuration fixed at first use ----------------------------------
+
+
+def test_a_second_process_on_the_same_run_folder_is_refused(base_dir, tmp_path):
+    lock = claim(tmp_path, {"a": 1}, "train_config.json", "a run")
+    try:
+        with pytest.raises(FolderBusy, match="another process is writing into"):
+            claim(tmp_path, {"a": 1}, "train_config.json", "a run")
+        done = subprocess.run([sys.executable, "-m", "cnkit.train", f"--base={base_dir}", f"--out_dir={tmp_path}",
+                               "--steps=1", "--batch_size=2", "--n_train=4", "--validate_every=0"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=600,
+                              env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+        assert done.returncode != 0 and "another process is writing into" in done.stderr
+    finally:
+        lock.release()
+    claim(tmp_path, {"a": 1}, "train_config.json", "a run").release()  # a released (or dead) owner frees it
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_overwritten_by_another_configuration(base_dir, tmp_path):
+    tr = Trainer(_cfg(base_dir, tmp_path, steps=3, checkpoint_every=10))
+    tr.add_callback("on_step_end", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 2 else None)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    rows = (tmp_path / "telemetry.csv").read_text() if (tmp_path / "telemetry.csv").exists() else ""
+    with pytest.raises(ValueError, match=r"another configuration \(learning_rate: 0.001 -> 0.0005\)"):
+        Trainer(_cfg(base_dir, tmp_path, learning_rate=5e-4)).run()
+    assert ((tmp_path / "telemetry.csv").read_text() if rows else "") == rows
+
+
+def test_an_out_dir_that_is_a_file_is_named(base_dir, tmp_path):
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(FileExistsError, match="out_dir .* is a file"):
+        Trainer(_cfg(base_dir, f)).run()
+
+
+# --- numbers and sizes -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field", ["scale", "start", "end"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_unit_settings_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"parameter {field} must be a finite number"):
+        G.ControlUnit("data/controlnets/fill-outline", np.zeros((64, 64, 3), np.uint8), **{field: value})
+    with pytest.raises(ValueError, match="connection_weights must be a finite number"):
+        G.ControlUnit("x", np.zeros((64, 64, 3), np.uint8), connection_weights=[1.0] * 12 + [value])
+
+
+def test_non_finite_generation_settings_are_refused(tiny_pipe):
+    with pytest.raises(ValueError, match="guidance must be a finite number"):
+        G.generate(tiny_pipe, "red circle", [], steps=1, guidance=float("nan"))
+
+
+def test_a_controlnet_for_another_base_and_an_impossible_resolution_are_named(tiny_pipe, base_dir, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    other = UNet2DConditionModel(sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+                                 layers_per_block=1, norm_num_groups=8)
+    net = make_controlnet(other, "zero", vae_scale_factor=8)
+    with pytest.raises(ValueError, match=r"does not fit the base: its blocks are \[32, 64\] x 1 layers.*text width "
+                                         r"is 128.*downsamples by 8, the base's VAE by 4"):
+        G.generate(tiny_pipe, "", [G.ControlUnit(net, np.zeros((64, 64, 3), np.uint8))], steps=1)
+    wrong_factor = make_controlnet(tiny_pipe.unet, "zero")  # a bare UNet: SD's factor 8 unless told
+    with pytest.raises(ValueError, match="condition 64x64 px does not fit latents of 16x16.*downsamples by 8"):
+        wrong_factor(torch.zeros(1, 4, 16, 16), 1, encoder_hidden_states=torch.zeros(1, 77, 64),
+                     controlnet_cond=torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="resolution 30 .* multiple of 32"):
+        Trainer(_cfg(base_dir, tmp_path, resolution=30))
+    with pytest.raises(ValueError, match="mixed_precision='fp16' needs a CUDA GPU"):
+        Trainer(_cfg(base_dir, tmp_path, mixed_precision="fp16"))
+
+
+def test_controlnet_folders_that_are_not_loadable_say_why(tmp_path, tiny_pipe):
+    with pytest.raises(FileNotFoundError, match="could not load the ControlNet"):
+        load_controlnet(tmp_path / "nothing-here")
+    net = make_controlnet(tiny_pipe, "zero")
+    net.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    weights = tmp_path / "pickled" / "diffusion_pytorch_model.bin"
+    torch.save({"payload": Image.new("RGB", (1, 1))}, weights)  # an object: weights_only refuses it
+    with pytest.raises(ValueError, match="only pickle weights that torch refuses to unpickle safely"):
+        load_controlnet(tmp_path / "pickled")
+    net.save_pretrained(tmp_path / "mismatch")
+    cfg = json.loads((tmp_path / "mismatch" / "config.json").read_text())
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(cfg | {"block_out_channels": [32, 64, 64, 32]}))
+    with pytest.raises(ValueError, match="weights .* do not fit its config.json"):
+        load_controlnet(tmp_path / "mismatch")
+
+
+# --- pixels and text that change on the way in are reported, the same in training and generation -------------
+
+
+def _folder(tmp_path, size=(64, 48), alpha=False, n=6):
+    rows = []
+    for i in range(n):
+        s = toyworld.sample("fill", i, size=64)
+        image, cond = Image.fromarray(s.image).resize(size), Image.fromarray(s.conditions["outline"]).resize(size)
+        if alpha:  # a transparent background around the outline
+            a = (np.asarray(cond)[..., 0] > 0).astype(np.uint8) * 255
+            cond = Image.fromarray(np.dstack([np.asarray(cond), a]), "RGBA")
+        (tmp_path / "source").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "target").mkdir(parents=True, exist_ok=True)
+        cond.save(tmp_path / "source" / f"{i}.png")
+        image.save(tmp_path / "target" / f"{i}.png")
+        rows.append({"source": f"source/{i}.png", "target": f"target/{i}.png", "prompt": s.prompt})
+    (tmp_path / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def test_pairs_of_another_size_are_fitted_by_the_chosen_mode_and_reported(base_dir, tmp_path):
+    data = _folder(tmp_path / "data")
+    with pytest.warns(UserWarning, match=r"4 of 4 training pairs are 64x48, not 64x64: fitted by crop_and_resize"):
+        Trainer(_cfg(base_dir, tmp_path / "run", dataset=str(data), validation_size=2, steps=1)).run()
+    notes = json.loads((tmp_path / "run" / "notes.json").read_text())
+    assert any("fitted by crop_and_resize" in n for n in notes)
+    with pytest.raises(ValueError, match="resize_mode must be one of"):
+        TrainConfig(resize_mode="stretch")
+
+
+def test_a_transparent_condition_is_the_same_condition_in_training_and_generation(tmp_path):
+    data = _folder(tmp_path, size=(64, 64), alpha=True, n=1)
+    with pytest.warns(UserWarning, match="transparent pixels .* composited over black"):
+        trained = np.asarray(datasets.load(str(data))[0].condition)
+    rgba = np.asarray(Image.open(data / "source" / "0.png"))
+    assert rgba.shape[2] == 4
+    unit = G.ControlUnit("x", rgba)
+    seen, notes = G.unit_condition(unit)
+    assert np.array_equal(seen, trained) and any("composited over black" in n for n in notes)
+
+
+def test_prompts_longer_than_the_text_encoder_reads_are_reported(base_dir, tmp_path):
+    data = _folder(tmp_path / "data", size=(64, 64))
+    rows = [json.loads(r) for r in (data / "prompt.json").read_text().splitlines()]
+    rows[0]["prompt"] = " ".join(["red circle"] * 1000)
+    (data / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match="1 of 4 training prompts are longer than the 77 tokens"):
+        Trainer(_cfg(base_dir, tmp_path / "run", dataset=str(data), validation_size=2, steps=1)).run()
+
+
+# --- files that are not what they say -----------------------------------------------------------------
+
+
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_line(tmp_path):
+    data = _folder(tmp_path, size=(64, 64), n=2)
+    (data / "prompt.json").write_bytes((data / "prompt.json").read_bytes().replace(b"circle", b"circ\xe9le", 1))
+    with pytest.raises(datasets.DatasetError, match=r"prompt.json, line 1: not UTF-8 text"):
+        datasets.load(str(data))
+
+
+def test_a_notebook_parameter_that_is_not_a_number_is_named_before_anything_runs():
+    with pytest.raises(ValueError, match="parameter steps must be int, got 'ten'"):
+        experiments.run_config(steps="ten")
+    with pytest.raises(ValueError, match="parameter learning_rate must be a finite number"):
+        experiments.run_config(learning_rate="nan")
+
+
+def test_checkpoints_module_names_a_read_only_folder(tmp_path, monkeypatch):
+    def refuse(*a, **k):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(checkpoints.FileLock, "acquire", refuse)
+    with pytest.raises(OSError, match="cannot write to .* pass an out_dir you can write to"):
+        claim(tmp_path / "run", {}, "c.json", "a run")
