@@ -8,9 +8,9 @@ at a time (``cnkit.trainset``, ``cnkit.encoded``: memory flat in the dataset), o
 
 Memory options for real GPUs, the paper's behaviour by default: ``gradient_checkpointing`` (the
 ControlNet and the locked UNet recompute activations in the backward pass), ``mixed_precision``
-fp16/bf16 (the locked UNet and text encoder in that precision, the ControlNet's master weights in
-fp32 under autocast, the VAE always fp32: fp16 VAEs give black or NaN images), ``use_8bit_adam``
-(bitsandbytes' AdamW8bit).
+fp16/bf16 (autocast; on a GPU the locked UNet and text encoder are stored in that precision, the
+ControlNet's master weights stay fp32, the VAE always fp32: fp16 VAEs give black or NaN images;
+fp16 on a CPU is refused), ``use_8bit_adam`` (bitsandbytes' AdamW8bit).
 
 The loop is plain and knows nothing of telemetry or validation: like minGPT's ``Trainer`` it fires
 events (``on_train_start``, ``on_step_end``, ``on_checkpoint``, ``on_train_end``) and what watches
@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file
@@ -164,6 +165,9 @@ class Trainer:
         on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
         if cfg.mixed_precision == "fp16" and not torch.cuda.is_available():  # never train fp32 while saying fp16
             raise ValueError("mixed_precision='fp16' needs a CUDA GPU (none here); use 'bf16' or 'no'")
+        # Accelerate keeps one precision per process; a notebook that trains twice with different settings needs
+        # it reset (the distributed part, PartialState, is kept).
+        AcceleratorState._reset_state()
         self.accelerator = Accelerator(
             cpu=on_cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
             log_with=cfg.report_to or None, project_config=ProjectConfiguration(project_dir=str(self.out)))
@@ -179,10 +183,11 @@ class Trainer:
                              f"(the VAE's factor {vae_scale_factor(self.pipe.vae)} times the UNet's "
                              f"{len(self.pipe.unet.config.block_out_channels) - 1} downsamplings), e.g. "
                              f"{max(step, round(self.resolution / step) * step)}")
-        # Mixed precision: the locked UNet and text encoder in half precision, as diffusers' script does; the
-        # ControlNet keeps fp32 master weights (autocast), and the VAE stays fp32 (fp16 VAEs give NaN images).
+        # Mixed precision: on a GPU the locked UNet and text encoder are stored in half precision, as diffusers'
+        # script does; the ControlNet keeps fp32 master weights (autocast), and the VAE stays fp32 (fp16 VAEs give
+        # NaN images). CPU autocast leaves GroupNorm in fp32 and cannot take half weights there: the base stays fp32.
         half = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision)
-        if half is not None:
+        if half is not None and self.accelerator.device.type == "cuda":
             self.pipe.unet.to(half)
             self.pipe.text_encoder.to(half)
         self.controlnet = make_controlnet(self.pipe, cfg.variant, seed=cfg.seed)
