@@ -172,11 +172,23 @@ def off_palette(image: np.ndarray) -> float:
 
 
 def condition_disc(condition: np.ndarray) -> np.ndarray:
-    """The disc an outline condition encloses (any Fill50K-style outline: light lines on dark)."""
+    """The disc an outline condition draws (any Fill50K-style outline: light lines on dark). A closed outline: its
+    interior, grown by half a thin line (the line is drawn across the circle's edge). An outline the image's edge
+    cuts (Fill50K's circles may leave the frame) encloses nothing: the circle is then fitted to its pixels."""
     lines = np.asarray(condition)[..., :3].max(-1) > 127
     inside = ndimage.binary_fill_holes(lines) & ~lines
-    # The line is drawn across the circle's edge: grow the interior by half a (thin) line.
-    return ndimage.binary_dilation(inside, iterations=1) if inside.any() else inside
+    if inside.any():
+        return ndimage.binary_dilation(inside, iterations=1)
+    ys, xs = np.nonzero(lines)
+    if len(xs) < 3:
+        return inside
+    # algebraic least-squares circle (Kasa): x^2 + y^2 = a x + b y + c
+    (a, b, c), *_ = np.linalg.lstsq(np.stack([xs, ys, np.ones_like(xs)], 1).astype(float),
+                                    (xs**2 + ys**2).astype(float), rcond=None)
+    cx, cy = a / 2, b / 2
+    r = np.sqrt(max(c + cx**2 + cy**2, 0.0))
+    yy, xx = np.mgrid[:lines.shape[0], :lines.shape[1]]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
 
 
 def disc_iou(image: np.ndarray, condition) -> float:

@@ -19,10 +19,12 @@ gets the same seed, whatever the batching, and two measurements never share nois
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from . import toyworld
-from .datasets import is_toy, load
+from .datasets import Example, is_toy, load
+from .pixels import fit
 
 # Index offsets of the held-out ranges of every toy world (training uses 0 .. n_train - 1).
 VALIDATION = 10**7
@@ -87,16 +89,23 @@ class HeldOutItem:
         self.sample = s
 
 
-def held_out_items(dataset: str, n: int, size: int, data_seed: int = 0, validation_size: int | None = None) -> list:
+def held_out_items(dataset: str, n: int, size: int, data_seed: int = 0, validation_size: int | None = None,
+                   resize_mode: str = "crop_and_resize") -> list:
     """``n`` conditions no run on ``dataset`` trains on, at ``size``: toy samples from ``VALIDATION`` on
     (``HeldOutItem``, with truth), or a folder's last items (at most ``validation_size``, which training
-    leaves out)."""
+    leaves out), fitted to ``size`` as training fits its pairs (``resize_mode``)."""
     if is_toy(dataset):
         ds = load(dataset, n=n, seed=data_seed, size=size, offset=VALIDATION)
         return [HeldOutItem(ds, i) for i in range(n)]
     ds = load(dataset)
     k = min(n, validation_size if validation_size is not None else n)
-    return [ds[i] for i in range(len(ds) - k, len(ds))]
+    return [_fitted(ds[i], size, resize_mode) for i in range(len(ds) - k, len(ds))]
+
+
+def _fitted(ex: Example, size: int, mode: str) -> Example:
+    """``ex`` at ``size`` x ``size``: images bicubic, conditions as generation fits them (``cnkit.pixels.fit``)."""
+    return Example(fit(ex.image, size, size, mode, Image.BICUBIC)[0], fit(ex.condition, size, size, mode)[0],
+                   ex.prompt)
 
 
 def held_out_images(n: int = 64, seed: int = 0) -> np.ndarray:

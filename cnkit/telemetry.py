@@ -154,7 +154,7 @@ class Validation:
         # Held-out conditions: toy worlds draw past the training range; folders use their last items.
         cfg = trainer.cfg
         self.items = held_out_items(cfg.dataset, self.n or cfg.validation_size, trainer.resolution, cfg.data_seed,
-                                    cfg.validation_size)
+                                    cfg.validation_size, cfg.resize_mode)
         self.metrics = fidelity_metrics_for(trainer.cfg.dataset, with_truth=hasattr(self.items[0], "sample"))
         self.metric_name = next(iter(self.metrics))
         if trainer.accelerator.is_main_process:
