@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.cnkit-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup figures test lint unit notebooks nbval lab pretrain controlnets clean
+.PHONY: setup figures test test-fast lint unit notebooks nbval lab pretrain controlnets clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,10 @@ figures: setup
 	$(PY) -m cnkit.report --profile full
 
 test: lint unit nbval
+
+# The unit tests without those marked slow (the SD-scale path, two-process runs, memory measurements): minutes.
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(VENV)/bin/ruff check cnkit tests bench studies

@@ -49,6 +49,14 @@ def load_base(base: str, device=None) -> StableDiffusionPipeline:
 _LOADED: dict[str, Any] = {}
 
 
+def forget(base=None) -> None:
+    """Drop ``base`` (or every base) from ``load_pipeline``'s cache; an SD-scale base holds ~4 GB."""
+    if base is None:
+        _LOADED.clear()
+    else:
+        _LOADED.pop(str(base), None)
+
+
 def load_pipeline(base) -> StableDiffusionPipeline:
     """``load_base``, once per process (generation and evaluations call it per image set); a pipeline
     passed in is returned as it is."""

@@ -9,21 +9,25 @@
   columns diffusers' ``train_controlnet.py`` reads; other names through ``columns=``);
 - a Hugging Face ``datasets`` dataset: a folder written by ``save_to_disk`` or a hub name (the
   hub needs a network or a warm cache), with the same columns;
+- a folder of parquet shards (a hub dataset's files as downloaded), read a row group at a time,
+  never loaded whole;
 - a toy world: ``"toy:fill"`` or ``"toy:shapes/segmentation"`` (options ``n``, ``seed``, ``size``).
 
 Bad input fails with a message that names the file or row and the fix. Paths and JSON are checked
 when the dataset is opened; image bytes are decoded when an item is read, or all at once by
 ``validate()``.
 
-Condition conversion (documented because it changes pixels): conditions are returned as RGB.
-Grayscale (``L``, ``I``, ``1``...) and palette images are converted with PIL, which replicates
-the grey level into the three channels; images with alpha (``RGBA``, ``LA``) are composited over
-black, because ControlNet conditions draw on black and a transparent pixel means "no condition".
-Target images with alpha are composited over white, as an image viewer shows them.
+Condition conversion (documented because it changes pixels; ``cnkit.pixels.to_rgb``, which generation uses
+too): conditions are returned as RGB. Grayscale (``L``, ``I``, ``1``...) and palette images are converted with
+PIL, which replicates the grey level into the three channels; images with alpha (``RGBA``, ``LA``) are composited
+over black, because ControlNet conditions draw on black and a transparent pixel means "no condition". Target
+images with alpha are composited over white, as an image viewer shows them. Compositing is warned about once.
 """
 
 from __future__ import annotations
 
+import bisect
+import io
 import json
 import warnings
 from pathlib import Path
@@ -174,6 +178,71 @@ def is_toy(spec) -> bool:
     return str(spec).startswith("toy:")
 
 
+class ParquetShards:
+    """A folder of parquet shards (how the hub stores datasets: ``data/train-00000-of-00042.parquet``, ...), read a
+    row group at a time through pyarrow and never loaded whole: item ``i`` decodes the row group that holds it, and
+    the last group read is kept, so a pass in order (encoding a training set) decodes each group once. Images are
+    the ``datasets`` Image feature's ``{"bytes", "path"}`` structs, or paths."""
+
+    def __init__(self, root: Path, columns: dict[str, str]):
+        import pyarrow.parquet as pq  # with the 'datasets' extra
+
+        files = sorted(root.rglob("*.parquet"))
+        train = [f for f in files if "train" in f.name]
+        self.root, self.columns, self.groups, first = root, columns, [], 0
+        for f in train or files:
+            meta = pq.ParquetFile(f)
+            missing = [c for c in columns.values() if c not in meta.schema_arrow.names]
+            if missing:
+                raise DatasetError(f"{f} has no column(s) {', '.join(missing)} (it has "
+                                   f"{', '.join(meta.schema_arrow.names)}); pass columns={{'image': ..., "
+                                   "'condition': ..., 'prompt': ...}}")
+            for g in range(meta.num_row_groups):
+                self.groups.append((f, g, first))
+                first += meta.metadata.row_group(g).num_rows
+        self.n, self._cached = first, (None, [])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def _rows(self, k: int) -> list[dict]:
+        import pyarrow.parquet as pq
+
+        if self._cached[0] != k:
+            f, g, _ = self.groups[k]
+            table = pq.ParquetFile(f).read_row_group(g, columns=list(dict.fromkeys(self.columns.values())))
+            self._cached = (k, table.to_pylist())
+        return self._cached[1]
+
+    def _image(self, value, where: str, background) -> Image.Image:
+        if isinstance(value, dict) and value.get("bytes"):
+            try:
+                with Image.open(io.BytesIO(value["bytes"])) as img:
+                    img.load()
+                    return _converted(img, background)
+            except (UnidentifiedImageError, OSError) as e:
+                raise DatasetError(f"{where}: not a readable image ({e}); fix or drop the row") from e
+        path = value.get("path") if isinstance(value, dict) else value
+        if isinstance(path, str):
+            return open_image(self.root / path if not Path(path).is_absolute() else Path(path), where, background)
+        raise DatasetError(f"{where}: expected an image (bytes or a path), got {type(value).__name__}")
+
+    def __getitem__(self, i: int) -> Example:
+        if not 0 <= i < self.n:
+            raise IndexError(i)
+        k = bisect.bisect_right([g[2] for g in self.groups], i) - 1
+        f, g, first = self.groups[k]
+        row, c, where = self._rows(k)[i - first], self.columns, f"{f.name}, row {i - first} of row group {g}"
+        image = self._image(row[c["image"]], where, WHITE)
+        condition = self._image(row[c["condition"]], where, BLACK)
+        if condition.size != image.size:
+            raise DatasetError(f"{where}: condition is {condition.size} but image is {image.size}; "
+                               "resize one so they match")
+        return Example(image, condition, str(row[c["prompt"]]))
+
+    validate = PairFolder.validate
+
+
 def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 0):
     world, _, condition = spec.partition("/")
     return ToyWorld(world, n=n, seed=seed, size=size, condition=condition or None, offset=offset)
@@ -198,8 +267,10 @@ def load(path_or_name, columns: dict[str, str] | None = None, **toy_options):
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds["train"]
             return HFDataset(ds, columns, str(path))
+        if any(path.rglob("*.parquet")):
+            return ParquetShards(path, columns)
         raise DatasetError(f"{path} is not a dataset folder: expected prompt.json (Fill50K), "
-                           "metadata.jsonl (imagefolder) or a datasets.save_to_disk folder")
+                           "metadata.jsonl (imagefolder), a datasets.save_to_disk folder or parquet shards")
     if path.exists():
         raise DatasetError(f"{path} is a file; pass the folder that holds prompt.json or metadata.jsonl")
     if isinstance(path_or_name, str) and "/" in path_or_name and not path_or_name.startswith((".", "/")):

@@ -170,7 +170,7 @@ class Validation:
         if self.every:
             self.validate(trainer)
 
-    def generate(self, trainer) -> np.ndarray:
+    def images(self, trainer) -> np.ndarray:
         """The held-out items' images with the net as it is now: fixed seeds (the validation stream)."""
         net = trainer.accelerator.unwrap_model(trainer.controlnet)
         was_training = net.training
@@ -186,7 +186,7 @@ class Validation:
         if not trainer.accelerator.is_main_process:
             return
         start = time.perf_counter()
-        images = self.generate(trainer)
+        images = self.images(trainer)
         scores = {name: [fn(img, it) for img, it in zip(images, self.items)] for name, fn in self.metrics.items()}
         primary = scores[self.metric_name]
         k = min(8, len(images))

@@ -19,13 +19,13 @@ from pathlib import Path
 import ipywidgets as w
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from . import annotators, toyworld
 from .bases import load_pipeline
 from .generate import ControlUnit, generate
 from .params import repo_path
-from .pixels import from_model_range
+from .pixels import WHITE, from_model_range, to_rgb
 from .weighting import CONTROL_MODES
 
 MODE_LABELS = {"balanced": "Balanced", "prompt": "My prompt is more important",
@@ -83,7 +83,13 @@ class UnitPanel:
             if not files:
                 raise ValueError("upload an image for this unit, or choose a toy-world sample as its source")
             item = files[0] if isinstance(files, (tuple, list)) else next(iter(files.values()))
-            return np.asarray(Image.open(io.BytesIO(bytes(item["content"]))).convert("RGB"))
+            try:
+                with Image.open(io.BytesIO(bytes(item["content"]))) as img:
+                    img.load()
+                    return np.asarray(to_rgb(img, WHITE)[0])  # as a viewer shows it, as generation reads sources
+            except (UnidentifiedImageError, OSError) as e:
+                raise ValueError(f"the uploaded file {item.get('name', '')!r} is not an image PIL can read ({e}); "
+                                 "upload a PNG or JPEG") from None
         return toyworld.sample(self.world.value, int(self.index.value))
 
     def annotator_settings(self) -> dict:

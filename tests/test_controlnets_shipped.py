@@ -3,6 +3,7 @@ the stock diffusers class, and the cards' figures reproduce on a small fixed sam
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from diffusers import ControlNetModel
 
@@ -24,32 +25,34 @@ def test_shipped_controlnet_matches_its_card_and_loads(name):
     assert data["evaluation"]["n"] >= 64 and data["config"]["dataset"] == SHIPPED[name]["train"]["dataset"]
 
 
-def test_fill_net_places_the_disc_where_an_unseen_outline_says_with_an_empty_prompt():
-    data = card_data(OUT / "fill-outline")
-    ev = data["evaluation"]
-    assert ev["prompt"] == "" and ev["n"] >= 64 and ev["disc_iou"] >= 0.8
-    # Measured with the condition in the conditional CFG branch only (an empty prompt makes both branches the
-    # same, so a condition in both cancels guidance); the plain placement is on the card too.
-    assert ev["cfg_weighting"] == "flat" and "condition in both CFG branches" in data["also_measured"]
-
-
 def test_two_nets_composed_in_one_call_satisfy_both_conditions():
-    text = (OUT / "README.md").read_text()
-    import json
+    """The two shipped shapes nets in one call on 4 held-out two-shape scenes, regenerated here (the card's 32-scene
+    numbers are in data/controlnets/README.md): each condition is followed where it speaks."""
+    from cnkit.bases import load_pipeline
+    from cnkit.evaluations import evaluate_composition
 
-    summary = json.loads(text.split("```json", 1)[1].split("```", 1)[0])
-    assert summary["n"] >= 32 and summary["segmentation_miou"] >= 0.7 and summary["outline_edge_f1"] >= 0.7
+    got = evaluate_composition(load_pipeline("data/tiny-sd"), str(OUT / "shapes-segmentation"),
+                               str(OUT / "shapes-outline"), n=4)
+    assert got["segmentation_miou"] >= 0.6 and got["outline_edge_f1"] >= 0.6, got
 
 
 @pytest.mark.slow
 def test_fill_net_card_figures_reproduce_on_a_fixed_sample():
+    """The card's headline is the mean of the per-item values it lists, the bar holds on it, and those values are
+    what the net gives now on the first 8 items (same items, seeds and pipeline)."""
     from cnkit.bases import load_pipeline
     from cnkit.evaluations import evaluate_controlnet
 
-    ev = card_data(OUT / "fill-outline")["evaluation"]
-    recorded = ev["per_item"]["disc_iou"][:8]
+    data = card_data(OUT / "fill-outline")
+    ev = data["evaluation"]
+    recorded = ev["per_item"]["disc_iou"]
+    assert ev["prompt"] == "" and len(recorded) == ev["n"] >= 64
+    assert abs(np.mean(recorded) - ev["disc_iou"]) < 1e-3 and ev["disc_iou"] >= data["bar"]["at_least"] == 0.8
+    # measured with the condition in the conditional CFG branch only (an empty prompt makes both branches the same,
+    # so a condition in both cancels guidance); the plain placement is on the card too
+    assert ev["cfg_weighting"] == "flat" and "condition in both CFG branches" in data["also_measured"]
     small = evaluate_controlnet(load_pipeline("data/tiny-sd"), str(OUT / "fill-outline"), "toy:fill", n=8, prompt="",
                                 cfg_weighting=ev["cfg_weighting"])
     again = small["per_item"]["disc_iou"]
     # Same items, seeds and pipeline: equal up to float round-off across machines (<= 1 image may flip).
-    assert sum(abs(a - b) > 0.02 for a, b in zip(again, recorded)) <= 1, (again, recorded)
+    assert sum(abs(a - b) > 0.02 for a, b in zip(again, recorded[:8])) <= 1, (again, recorded[:8])

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnkit import datasets
+from cnkit import datasets, toyworld
 from cnkit.datasets import DatasetError
 
 
@@ -115,3 +115,27 @@ def test_toy_world_by_name_and_unknown_paths(tmp_path):
         datasets.load(tmp_path)
     with pytest.raises(DatasetError, match="could not load hub dataset"):
         datasets.load("nobody/no-such-dataset-offline")
+
+
+def test_parquet_shards_are_read_a_row_group_at_a_time(tmp_path):
+    """A hub dataset's files (parquet shards with the datasets Image feature), read without loading them whole."""
+    import datasets as hf
+    import pyarrow.parquet as pq
+
+    world = toyworld.ToyWorld("fill", n=10)
+    rows = {"image": [world[i].image for i in range(10)], "conditioning_image": [world[i].condition for i in range(10)],
+            "text": [world[i].prompt for i in range(10)]}
+    ds = hf.Dataset.from_dict(rows).cast_column("image", hf.Image()).cast_column("conditioning_image", hf.Image())
+    (tmp_path / "data").mkdir()
+    for k, (a, b) in enumerate([(0, 6), (6, 10)]):
+        ds.select(range(a, b)).to_parquet(str(tmp_path / "data" / f"train-0000{k}-of-00002.parquet"), batch_size=2)
+    assert pq.ParquetFile(tmp_path / "data" / "train-00000-of-00002.parquet").num_row_groups == 3
+    got = datasets.load(tmp_path)
+    assert len(got) == 10 and type(got).__name__ == "ParquetShards"
+    for i in (0, 7, 9, 3):
+        assert np.array_equal(np.asarray(got[i].image), np.asarray(world[i].image))
+        assert np.array_equal(np.asarray(got[i].condition), np.asarray(world[i].condition))
+        assert got[i].prompt == world[i].prompt
+    assert len(got._cached[1]) == 2  # one row group held, not the dataset
+    with pytest.raises(datasets.DatasetError, match="has no column.*caption"):
+        datasets.load(tmp_path, columns={"prompt": "caption"})

@@ -16,7 +16,7 @@ def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(
         conv = json.loads((folder / "convergence.json").read_text())
         assert conv["steps"] == cfg.steps and conv["threads"] >= 1
         assert (tmp_path / "logs" / f"{folder.name}.log").is_file()  # the worker's progress, not the terminal's
-    assert len(list((tmp_path / "cache").glob("encoded-*.safetensors"))) == 1  # encoded once, under a lock
+    assert len(list((tmp_path / "cache").glob("encoded-*/store.json"))) == 1  # encoded once, under a lock
     assert "2 to train, 2 at a time" in lines[0] and len(lines) == 3
     again = []
     assert experiments.train_all(configs, tmp_path, workers=2, log=again.append) == []

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from diffusers import ControlNetModel
 
 from cnkit import runs, toyworld
@@ -43,9 +44,9 @@ def test_a_run_is_trained_once_and_read_back(base_dir, tmp_path):
     assert again.folder == run.folder and "not retrained" in logs[-1]
     other = runs.train(_cfg(base_dir, seed=1), tmp_path, log=logs.append)
     assert other.folder != run.folder and "training into" in logs[-1]
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # seeds share the data's encoding
+    assert len(list((tmp_path / "cache").glob("encoded-*/store.json"))) == 1  # seeds share the encoded data
     runs.train(_cfg(base_dir, data_seed=1), tmp_path, log=logs.append)
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("encoded-*/store.json"))) == 2
 
 
 def test_shapes_validation_records_edge_f1_and_miou(base_dir, tmp_path):
@@ -73,23 +74,35 @@ def test_a_folder_trains_on_all_but_its_validation_items(base_dir, tmp_path):
         open_dataset(_cfg(base_dir, dataset=str(folder), validation_size=10), 64)
 
 
-@pytest.mark.slow
-def test_two_cpu_processes_under_accelerate_launch(base_dir, tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: two CPU processes
-    joined by gloo, each drawing its own batches, one gradient."""
-    out = tmp_path / "run"
+def _two_processes(base_dir, out, steps):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "cnkit.train", f"--base={base_dir}", "--steps=3", "--batch_size=2", "--n_train=8",
-           "--validate_every=0", "--checkpoint_every=3", f"--out_dir={out}"]
+           "-m", "cnkit.train", f"--base={base_dir}", f"--steps={steps}", "--batch_size=2", "--n_train=40",
+           "--validate_every=0", "--checkpoint_every=2", f"--out_dir={out}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
-    assert result["samples_seen"] == 3 * 2 * 2  # steps x batch x processes
-    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
-    assert state["num_processes"] == 2 and state["step"] == 3
-    ControlNetModel.from_pretrained(out / "checkpoint")
+    return json.loads([ln for ln in done.stdout.splitlines() if ln.startswith("{")][-1])
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_under_accelerate_launch_resume_to_the_same_net(base_dir, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs: two CPU processes joined by
+    gloo, each drawing its own batches from the one encoded store, one gradient; a run stopped at step 2 and
+    resumed to 4 ends where the uninterrupted run to 4 does."""
+    from safetensors.torch import load_file
+
+    result = _two_processes(base_dir, tmp_path / "straight", 4)
+    assert result["samples_seen"] == 4 * 2 * 2  # steps x batch x processes
+    state = json.loads((tmp_path / "straight" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["num_processes"] == 2 and state["step"] == 4
+    assert len(list((tmp_path / "straight" / "cache").glob("encoded-*/shard-*.safetensors"))) == 1  # encoded once
+    _two_processes(base_dir, tmp_path / "resumed", 2)
+    assert _two_processes(base_dir, tmp_path / "resumed", 4)["resumed"]
+    a, b = (load_file(tmp_path / run / "checkpoint" / "diffusion_pytorch_model.safetensors")
+            for run in ("straight", "resumed"))
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+    ControlNetModel.from_pretrained(tmp_path / "resumed" / "checkpoint")
 
 
 @pytest.mark.parametrize("variant", ["gaussian", "lite"])

@@ -37,14 +37,14 @@ def test_size_and_formats():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")], "safetensors only"
 
 
-def test_card_records_the_bars(shipped):
+def test_vae_reconstruction_reproduces_the_card(shipped):
+    """The card's VAE PSNR (bar: 30 dB), recomputed on the same 64 held-out images."""
+    from cnkit.pretrain import vae_psnr
+    from cnkit.splits import held_out_images
+
     data = card.card_data(TINY)
-    ev = data["evaluation"]
-    assert ev["settings"]["n"] >= 256 and ev["settings"]["steps"] <= 30
-    assert data["stats"]["vae_psnr_db"] >= 30
-    assert min(ev["fill"].values()) >= 0.95
-    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met yet (3.5% as shipped);
-    # issue 3 stays open, and its assertion belongs here once a longer recipe reaches it.
+    psnr = vae_psnr(shipped.vae, held_out_images(64, data["recipe"]["seed"]))
+    assert psnr == pytest.approx(data["stats"]["vae_psnr_db"], abs=0.05) and psnr >= 30
 
 
 def test_draws_the_prompted_circle(shipped):
@@ -56,8 +56,20 @@ def test_draws_the_prompted_circle(shipped):
 
 
 def test_evaluation_reproduces_the_card_on_a_fixed_sample(shipped):
+    """The card's rates are the means of the per-image outcomes evaluation.json lists, the fill bars hold on them, and
+    those outcomes are what the base gives now on a fixed sample of 16 prompts per world."""
     recorded = json.loads((TINY / "evaluation.json").read_text())
     s = recorded["settings"]
+    card_rates = card.card_data(TINY)["evaluation"]
+    per_fill = recorded["per_image"]["fill"]
+    assert s["n"] == len(per_fill) >= 256 and s["steps"] <= 30
+    for rate, key in (("one_disc", "one_disc"), ("fill_colour", "fill_ok"), ("background_colour", "background_ok")):
+        assert abs(card_rates["fill"][rate] - np.mean([r[key] for r in per_fill])) < 1e-9
+        assert card_rates["fill"][rate] >= 0.95
+    shapes_correct = np.mean([r["correct"] for r in recorded["per_image"]["shapes"]])
+    assert abs(card_rates["shapes"]["correct"] - shapes_correct) < 1e-9
+    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met (3.5% as shipped): issue 19 pretrains
+    # further on a GPU; its assertion belongs here then.
     # Without the training prompts to exclude, draw a longer list and match the recorded prompts.
     fills, shapes = splits.held_out_prompts(8 * SAMPLE, s["seed"])
     fills = fills[:SAMPLE]
