@@ -13,7 +13,7 @@ diffusers reads an imagefolder ``metadata.jsonl`` that lists only the first ``--
 
 For each seed, one after the other (never two trainings at once):
 
-1. a zero ControlNet for the base (``cnkit.controlnets.make_controlnet(unet, "zero", vae_scale_factor=4,
+1. a zero ControlNet for the base (``python -m cnkit.controlnets init``: ``make_controlnet(base, "zero",
    seed=seed)``), saved as a diffusers folder: diffusers' own ``ControlNetModel.from_unet`` builds SD's
    factor-8 condition encoder, which does not fit the tiny base's factor-4 VAE;
 2. diffusers' script, started from that folder: its recipe (uniform timesteps, AdamW with gradient
@@ -105,17 +105,12 @@ def prepare_data(folder: Path, n_train: int, n_val: int, size: int, data_seed: i
 
 
 def zero_controlnet(base: str, folder: Path, seed: int) -> Path:
-    """A zero ControlNet for ``base`` with its VAE's condition-encoder factor, as a diffusers folder:
-    the very net the kit's trainer starts from with this seed."""
-    if (folder / "config.json").is_file():
-        return folder
-    from cnkit.controlnets import make_controlnet
-    from cnkit.tiny import vae_scale_factor
-    from cnkit.train import load_base
+    """A zero ControlNet for ``base`` with its VAE's condition-encoder factor, as a diffusers folder (what
+    ``python -m cnkit.controlnets init`` writes): the very net the kit's trainer starts from with this seed."""
+    if not (folder / "config.json").is_file():
+        from cnkit.controlnets import main as controlnets_cli
 
-    pipe = load_base(base)
-    net = make_controlnet(pipe.unet, "zero", vae_scale_factor=vae_scale_factor(pipe.vae), seed=seed)
-    net.save_pretrained(folder, safe_serialization=True)
+        controlnets_cli(["init", "--base", base, "--variant", "zero", "--seed", str(seed), "--out", str(folder)])
     return folder
 
 
@@ -139,8 +134,10 @@ def diffusers_command(args, launcher: str, script: Path, base: Path, data: Path,
 
 
 def kit_command(args, base: Path, data: Path, out: Path, seed: int) -> list[str]:
+    # the kit's recipe (TrainConfig's defaults, python -m cnkit.train --recipe=kit: cubic timesteps, 50% empty
+    # prompts), with the learning rate both trainers share
     flags = [f"--base={base}", f"--dataset={data}", f"--steps={args.steps}", f"--batch_size={args.batch_size}",
-             f"--learning_rate={args.learning_rate}", "--timestep_sampling=cubic", "--prompt_dropout=0.5",
+             f"--learning_rate={args.learning_rate}",
              f"--validate_every={args.validate_every}", f"--validation_size={args.n_val}", f"--seed={seed}",
              f"--checkpoint_every={args.validate_every}", f"--out_dir={out}"]
     return [sys.executable, str(Path(__file__).resolve()), "kit-worker", f"--keep={out / 'kept'}",
@@ -162,7 +159,7 @@ def kit_worker(argv: list[str]) -> None:
         ap.add_argument(f"--{f.name}", default=f.default)
     args = vars(ap.parse_args(argv))
     keep, timing = Path(args.pop("keep")), Path(args.pop("timing"))
-    trainer = Trainer(TrainConfig(**args))
+    trainer = Trainer(TrainConfig.recipe("kit", **args))
     log = open(timing, "a")
 
     def write(row: dict) -> None:
@@ -297,7 +294,7 @@ def evaluation_pipeline(base: str):
     """The locked base as the kit's Validation sees it (its trainer holds the UNet channels-last on a CPU)."""
     import torch
 
-    from cnkit.train import load_base
+    from cnkit.bases import load_base
 
     pipe = load_base(base)
     if pipe.device.type == "cpu":
@@ -455,12 +452,9 @@ def main(argv=None) -> None:
     base = (ROOT / args.base) if (ROOT / args.base).exists() else Path(args.base)
     data = prepare_data(out / "data" / "fill50k-like", args.n_train, args.n_val, args.size, args.data_seed)
 
-    from types import SimpleNamespace
+    from cnkit.splits import held_out_items
 
-    from cnkit.telemetry import held_out_items
-
-    items = held_out_items(SimpleNamespace(dataset=str(data), validation_size=args.n_val, data_seed=0), args.size,
-                           args.n_val)
+    items = held_out_items(str(data), args.n_val, args.size, 0, args.n_val)
     truths = fill50k_like.read_truth(data)[-args.n_val:]
     ceiling = metric_ceiling(items, truths)
     print(f"data: {data} ({args.n_train} + {args.n_val} items); measures on the ground truth: {ceiling}", flush=True)
@@ -495,7 +489,13 @@ def main(argv=None) -> None:
         check["every_step_max_abs_diff"] = max(abs(mine[s] - v) for s, v in kit_val.items() if s in mine)
         checks[str(seed)] = check
         print(f"seed {seed}: the kit's validation.csv reproduced: {check}", flush=True)
+        summary = write_results(out, rows, args, commands, ceiling, checks, t0)  # after each seed: nothing lost
 
+    print(json.dumps(summary["runs"], indent=1))
+    print(f"wrote {out / 'results.csv'} and {out / 'summary.json'} in {summary['study_wall_s']:.0f} s")
+
+
+def write_results(out: Path, rows: list[dict], args, commands, ceiling, checks, t0: float) -> dict:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, RESULT_FIELDS)
         w.writeheader()
@@ -504,8 +504,7 @@ def main(argv=None) -> None:
     summary = summarise(rows, args, commands, ceiling, checks)
     summary["study_wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    print(json.dumps(summary["runs"], indent=1))
-    print(f"wrote {out / 'results.csv'} and {out / 'summary.json'} in {summary['study_wall_s']:.0f} s")
+    return summary
 
 
 if __name__ == "__main__":

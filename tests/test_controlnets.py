@@ -91,3 +91,21 @@ def test_controlnet_checkpoint_is_a_stock_diffusers_folder(tiny_pipe, tmp_path):
     assert (tmp_path / "diffusion_pytorch_model.safetensors").is_file()
     again = ControlNetModel.from_pretrained(tmp_path)
     assert all(torch.equal(p, q) for p, q in zip(net.parameters(), again.parameters()))
+
+
+def test_init_writes_a_zero_net_matched_to_the_base_and_a_wrong_factor_is_named(tiny_pipe, tmp_path, capsys):
+    """python -m cnkit.controlnets init: the net diffusers' stock train_controlnet.py can start from on the kit's
+    base (its own from_unet builds SD's factor 8, which fails at the first step on the tiny base's factor 4)."""
+    from cnkit.controlnets import condition_factor, main
+
+    tiny_pipe.save_pretrained(tmp_path / "base")
+    main(["init", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "net"), "--seed", "3"])
+    assert "downsamples by 4" in capsys.readouterr().out
+    net = ControlNetModel.from_pretrained(tmp_path / "net")  # the stock class loads it
+    assert condition_factor(net) == 4 and all(p.abs().sum() == 0 for p in net.controlnet_down_blocks.parameters())
+    down, mid = net(torch.zeros(1, 4, 16, 16), 1, encoder_hidden_states=torch.zeros(1, 77, 64),
+                    controlnet_cond=torch.zeros(1, 3, 64, 64), return_dict=False)  # fits the 64-px base
+    assert mid.shape[-1] == 2
+    assert condition_factor(make_controlnet(tiny_pipe, "zero")) == 4  # from a pipeline: the base's factor
+    with pytest.raises(ValueError, match="vae_scale_factor=8 does not match the base's VAE, which downsamples by 4"):
+        make_controlnet(tiny_pipe, "zero", vae_scale_factor=8)
