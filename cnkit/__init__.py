@@ -1,7 +1,8 @@
 """cnkit: a kit for understanding and reproducing ControlNet (Zhang, Rao, Agrawala, ICCV 2023).
 
 The map, bottom-up. Each module holds one idea and imports only modules of its own layer or below, so the
-package reads from the top of this list down and has no import cycle (``tests/test_layout.py`` checks both).
+package reads from the top of this list down and has no import cycle (``tests/test_layout.py`` checks both). A
+subpackage's modules are on the map by dotted name (``architectures.base``).
 
 - 0 foundations: ``params`` (notebook parameters), ``pixels`` (pixel conventions), ``card`` (model cards),
   ``checkpoints`` (crash-safe run folders), ``summary`` (summary.json), ``viz`` (plots from numbers)
@@ -10,7 +11,8 @@ package reads from the top of this list down and has no import cycle (``tests/te
 - 2 models: ``tokenizer``, ``tiny`` (the embedded base's parts), ``sd15`` (a random base of SD 1.5's exact
   shape, for testing the real path on a CPU), ``bases`` (loading any base), ``controlnets``
   (ControlNet variants, building and loading them), ``export`` (the original single-file layout the WebUI and
-  ComfyUI load, both ways)
+  ComfyUI load, both ways), ``architectures`` (a subpackage: ControlNet and its successors, ControlNet-XS,
+  T2I-Adapter, ControlNeXt, Control-LoRA, a multi-condition net, built from any base behind one interface)
 - 3 measures: ``metrics``: pure functions of images, masks and curves (numpy); no model, no generation
 - 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``generate`` (generation from
   control units; the one image loop every measurement uses)
@@ -30,6 +32,9 @@ LAYERS = {
     "params": 0, "pixels": 0, "card": 0, "checkpoints": 0, "summary": 0, "viz": 0,
     "toyworld": 1, "datasets": 1, "splits": 1,
     "tokenizer": 2, "tiny": 2, "sd15": 2, "bases": 2, "controlnets": 2, "export": 2,
+    "architectures": 2, "architectures.base": 2, "architectures.controlnet": 2, "architectures.controlnet_xs": 2,
+    "architectures.t2i_adapter": 2, "architectures.controlnext": 2, "architectures.control_lora": 2,
+    "architectures.union": 2,
     "metrics": 3,
     "weighting": 4, "annotators": 4, "generate": 4,
     "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,

@@ -1,0 +1,254 @@
+"""cnkit.architectures: every architecture builds from the tiny base (factor 4) and from a small SD-layout UNet
+(factor 8), predicts noise of the UNet's shape, leaves the locked base untouched by a training step, reports its
+injections, round-trips its checkpoint through the class that loads it, and behaves at step 0 as its method says."""
+
+import importlib.util
+from types import SimpleNamespace
+
+import diffusers
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+
+from cnkit import architectures as A
+from cnkit.architectures.base import ControlAdapter
+from cnkit.architectures.controlnext import ControlNeXtModel
+from cnkit.architectures.t2i_adapter import feature_shapes
+from cnkit.controlnets import ControlNetLiteModel
+
+# (registry name, build options): every architecture that can be built here, T2I-Adapter in both of its types.
+CASES = [("controlnet", {}), ("controlnet-gaussian", {}), ("controlnet-lite", {}), ("controlnet-xs", {}),
+         ("t2i-adapter", {}), ("t2i-adapter", {"adapter_type": "light_adapter"}), ("controlnext", {}), ("union", {})]
+IDS = [n + ("-light" if o else "") for n, o in CASES]
+KIT_CLASSES = {"cnkit.controlnets.ControlNetLiteModel": ControlNetLiteModel,
+               "cnkit.architectures.controlnext.ControlNeXtModel": ControlNeXtModel}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread: these models are tiny, and two threads on a shared 2-core machine made each call
+    ~50x slower (oversubscription) instead of faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny base (own copy: building an architecture locks the UNet, and the shared tiny_pipe must stay as is)."""
+    from cnkit.tiny import build_tiny_sd
+
+    pipe = build_tiny_sd(seed=0)
+    return SimpleNamespace(unet=pipe.unet, factor=4, latent=16, text=64, pipe=pipe)
+
+
+@pytest.fixture(scope="module")
+def sd_layout():
+    """SD 1.5's block layout (three cross-attention blocks, one plain, 2 layers) at small widths, VAE factor 8."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        unet = UNet2DConditionModel(
+            sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(32, 32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+    return SimpleNamespace(unet=unet.eval(), factor=8, latent=8, text=32)
+
+
+def inputs(base, name, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    size = base.latent * base.factor
+    cond = torch.rand(batch, 6 if name == "union" else 3, size, size, generator=g)
+    return {"sample": torch.randn(batch, 4, base.latent, base.latent, generator=g),
+            "timestep": torch.tensor([10, 700][:batch]),
+            "encoder_hidden_states": torch.randn(batch, 8, base.text, generator=g), "cond": cond}
+
+
+def build(name, options, base, seed=0):
+    adapter = A.build(name, base.unet, vae_scale_factor=base.factor, seed=seed, **options)
+    return adapter.eval()
+
+
+@pytest.mark.parametrize("base_name", ["tiny", "sd_layout"])
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_builds_predicts_and_behaves_at_step_0_as_its_method_says(name, options, base_name, request):
+    base = request.getfixturevalue(base_name)
+    adapter = build(name, options, base)
+    x = inputs(base, name)
+    with torch.no_grad():
+        eps = adapter.predict_noise(base.unet, **x)
+        plain = base.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample
+    assert eps.shape == x["sample"].shape
+    with torch.no_grad():
+        assert torch.equal(adapter(base.unet, **x), eps)  # forward is predict_noise (what DDP wrappers call)
+    assert torch.isfinite(eps).all()
+    if adapter.preserves_base_at_init:  # zero connections: the base's output, bit for bit
+        assert torch.equal(eps, plain)
+    else:  # Gaussian connections, T2I-Adapter's features, ControlNeXt's cross normalisation act from step 0
+        assert (eps - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("base_name", ["tiny", "sd_layout"])
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_injections_match_their_points(name, options, base_name, request):
+    base = request.getfixturevalue(base_name)
+    adapter = build(name, options, base)
+    x = inputs(base, name)
+    points = adapter.injection_points()
+    injections = adapter.injections(base.unet, **x)
+    hooked = ControlAdapter.injections(adapter, base.unet, **x)  # the points' outputs in a real forward pass
+    assert len(points) == len(injections) == len(hooked) > 0
+    for (point, module), inj, seen in zip(points, injections, hooked):
+        assert torch.equal(inj, seen), point
+        assert inj.shape[0] == 2 and inj.shape[-1] <= base.latent, point
+        if isinstance(module, torch.nn.Conv2d):
+            assert inj.shape[1] == module.out_channels, point
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_one_training_step_moves_the_adapter_and_not_the_base(name, options, tiny):
+    adapter = build(name, options, tiny).train()
+    before = {k: v.clone() for k, v in tiny.unet.state_dict().items()}
+    trainable = adapter.trainable_parameters()
+    assert not {id(p) for p in trainable} & {id(p) for p in tiny.unet.parameters()}
+    start = [p.detach().clone() for p in trainable]
+    x = inputs(tiny, name, seed=1)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    loss = F.mse_loss(adapter.predict_noise(tiny.unet, **x), torch.randn_like(x["sample"]))
+    loss.backward()
+    assert all(p.grad is None for p in tiny.unet.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    optimizer.step()
+    after = tiny.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert any(not torch.equal(a, p) for a, p in zip(start, trainable))
+    print(f"{name} {options or ''}: {sum(p.numel() for p in trainable):,} trainable parameters (tiny base)")
+
+
+@pytest.mark.parametrize("name,options", CASES, ids=IDS)
+def test_checkpoint_round_trips_through_the_class_that_loads_it(name, options, tiny, tmp_path):
+    adapter = build(name, options, tiny, seed=3)
+    with torch.no_grad():  # move every weight off its initial value, zero convolutions included
+        for p in adapter.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    folder = adapter.save_pretrained(tmp_path / name)
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
+    own = adapter.net.state_dict()
+    # The model class itself loads the folder: diffusers' own where one exists.
+    module, cls_name = adapter.loads_with.rsplit(".", 1)
+    cls = getattr(diffusers, cls_name) if module == "diffusers" else KIT_CLASSES[adapter.loads_with]
+    direct = cls.from_pretrained(str(folder)).state_dict()
+    assert own.keys() == direct.keys() and all(torch.equal(own[k], direct[k]) for k in own)
+    loaded = A.load(folder, tiny.unet).eval()
+    assert type(loaded) is type(adapter) and loaded.options == adapter.options
+    assert loaded.vae_scale_factor == adapter.vae_scale_factor == 4
+    back = loaded.net.state_dict()
+    assert all(torch.equal(own[k], back[k]) for k in own)
+    x = inputs(tiny, name)
+    with torch.no_grad():
+        assert torch.equal(adapter.predict_noise(tiny.unet, **x), loaded.predict_noise(tiny.unet, **x))
+
+
+def test_controlnet_predict_noise_is_what_the_trainer_computes(tiny):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from cnkit.train import Trainer
+
+    adapter = build("controlnet", {}, tiny)
+    with torch.no_grad():  # non-zero connections, so the residuals matter
+        for _, conv in adapter.injection_points():
+            conv.weight.normal_(std=0.05)
+    x = inputs(tiny, "controlnet")
+    noise = torch.randn_like(x["sample"])
+    with torch.no_grad():
+        eps = adapter.predict_noise(tiny.unet, **x)
+        down, mid = adapter.net(x["sample"], x["timestep"], encoder_hidden_states=x["encoder_hidden_states"],
+                                controlnet_cond=x["cond"], return_dict=False)
+        direct = tiny.unet(x["sample"], x["timestep"], x["encoder_hidden_states"],
+                           down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        assert torch.equal(eps, direct)
+        assert not torch.equal(eps, tiny.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample)
+        AcceleratorState._reset_state()
+        trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), controlnet=adapter.net, pipe=tiny.pipe)
+        batch = {"noisy": x["sample"], "t": x["timestep"], "text": x["encoder_hidden_states"], "cond": x["cond"],
+                 "noise": noise}
+        assert torch.equal(Trainer.loss(trainer, batch), F.mse_loss(eps.float(), noise))
+    AcceleratorState._reset_state()
+
+
+def test_t2i_adapter_features_fit_the_down_blocks(tiny, sd_layout):
+    for base in (tiny, sd_layout):
+        for adapter_type in ("full_adapter", "light_adapter"):
+            adapter = A.build("t2i-adapter", base.unet, vae_scale_factor=base.factor, adapter_type=adapter_type)
+            feats = adapter.features(inputs(base, "t2i-adapter")["cond"])
+            assert [(f.shape[1], f.shape[-1]) for f in feats] == feature_shapes(base.unet, base.latent)
+    assert adapter.net.total_downscale_factor == 8 * 8  # SD's layout: VAE factor x 2^(blocks - 1), as SD 1.5's 64
+    narrow = UNet2DConditionModel(sample_size=8, block_out_channels=(32, 32, 64, 96), layers_per_block=1,
+                                  cross_attention_dim=32, attention_head_dim=2, norm_num_groups=8)
+    with pytest.raises(ValueError, match="light_adapter"):
+        A.build("t2i-adapter", narrow, adapter_type="light_adapter")
+
+
+def test_controlnet_xs_shares_the_base_instead_of_copying_it(tiny):
+    adapter = build("controlnet-xs", {}, tiny)
+    fused = adapter.fused(tiny.unet)
+    base_ids = {id(p) for p in tiny.unet.parameters()}
+    fused_ids = {id(p) for p in fused.parameters()}
+    assert fused_ids == base_ids | {id(p) for p in adapter.net.parameters()}
+    assert {id(p) for p in adapter.parameters()} == {id(p) for p in adapter.net.parameters()}
+    assert list(adapter.net.config.conditioning_embedding_out_channels) == [16, 32, 96]  # factor 4, the tiny VAE's
+
+
+def test_controlnext_injects_once_with_the_main_branchs_statistics(tiny):
+    adapter = build("controlnext", {}, tiny)
+    x = inputs(tiny, "controlnext")
+    main = []
+    hook = tiny.unet.down_blocks[0].register_forward_hook(lambda m, a, out: main.append(out[0]))
+    try:
+        (injection,) = adapter.injections(tiny.unet, **x)
+    finally:
+        hook.remove()
+    assert injection.shape == main[0].shape  # the first down block's output: 32 channels at 8x8
+    for got, want in ((injection.mean((1, 2, 3)), main[0].mean((1, 2, 3))), (injection.std(dim=(1, 2, 3)),
+                                                                              main[0].std(dim=(1, 2, 3)))):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_union_serves_any_subset_of_its_conditions(tiny):
+    adapter = build("union", {"condition_dropout": 0.5}, tiny)
+    x = inputs(tiny, "union")
+    first, second = x["cond"][:, :3], x["cond"][:, 3:]
+    packed = adapter.pack([first, None])
+    assert torch.equal(packed[:, :3], first) and not packed[:, 3:].any()
+    dropped = adapter.drop_conditions(torch.ones(64, 6, 4, 4), torch.Generator().manual_seed(0))
+    per_map = dropped.amax(dim=(2, 3))
+    assert ((per_map == 0) | (per_map == 1)).all() and 0 < per_map.mean() < 1
+    assert torch.equal(per_map[:, 0], per_map[:, 2]) and torch.equal(per_map[:, 3], per_map[:, 5])
+    with torch.no_grad():
+        assert adapter.predict_noise(tiny.unet, **{**x, "cond": [None, second]}).shape == x["sample"].shape
+    assert adapter.net.config.conditioning_channels == 6
+    adapter.train()
+    adapter.drops_in_predict = False  # a trainer drawing the dropout with its own generator
+    with torch.no_grad():
+        assert torch.equal(adapter.predict_noise(tiny.unet, **x), adapter.eval().predict_noise(tiny.unet, **x))
+
+
+def test_registry_names_the_known_architectures_and_control_lora_says_what_it_needs(tiny):
+    assert set(A.ARCHITECTURES) == {"controlnet", "controlnet-gaussian", "controlnet-lite", "controlnet-xs",
+                                    "t2i-adapter", "controlnext", "control-lora", "union"}
+    with pytest.raises(ValueError, match="known architectures: controlnet, "):
+        A.build("controlnet-xxl", tiny.unet)
+    if importlib.util.find_spec("peft") is None:
+        with pytest.raises(ImportError, match=r"peft>=0\.17"):
+            A.build("control-lora", tiny.unet, vae_scale_factor=4)
+
+
+def test_a_condition_of_the_wrong_size_is_a_clear_error(tiny):
+    adapter = build("t2i-adapter", {}, tiny)
+    x = inputs(tiny, "t2i-adapter")
+    with pytest.raises(ValueError, match="downsamples by 4"):
+        adapter.predict_noise(tiny.unet, **{**x, "cond": x["cond"][..., :32, :32]})
