@@ -59,7 +59,7 @@ def main(argv=None) -> list[dict]:
     unet.requires_grad_(False).eval()
     rows.append({"architecture": "(base UNet forward, no grad)", "trainable": 0,
                  "seconds": _timed(base_forward, args.steps, args.warmup)})
-    cases = [(name, {}) for name in A.ARCHITECTURES if name != "control-lora"]
+    cases = [(name, {}) for name in A.ARCHITECTURES]
     cases.insert(cases.index(("t2i-adapter", {})) + 1, ("t2i-adapter", {"adapter_type": "light_adapter"}))
     for name, options in cases:
         adapter = A.build(name, unet, vae_scale_factor=factor, seed=0, **options).train()

@@ -12,7 +12,7 @@ subpackage's modules are on the map by dotted name (``architectures.base``).
   shape, for testing the real path on a CPU), ``bases`` (loading any base), ``controlnets``
   (ControlNet variants, building and loading them), ``export`` (the original single-file layout the WebUI and
   ComfyUI load, both ways), ``architectures`` (a subpackage: ControlNet and its successors, ControlNet-XS,
-  T2I-Adapter, ControlNeXt, Control-LoRA, a multi-condition net, built from any base behind one interface)
+  T2I-Adapter, ControlNeXt, a multi-condition net, built from any base behind one interface)
 - 3 measures: ``metrics``: pure functions of images, masks and curves (numpy); no model, no generation
 - 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``generate`` (generation from
   control units; the one image loop every measurement uses)
@@ -33,7 +33,7 @@ LAYERS = {
     "toyworld": 1, "datasets": 1, "splits": 1,
     "tokenizer": 2, "tiny": 2, "sd15": 2, "bases": 2, "controlnets": 2, "export": 2,
     "architectures": 2, "architectures.base": 2, "architectures.controlnet": 2, "architectures.controlnet_xs": 2,
-    "architectures.t2i_adapter": 2, "architectures.controlnext": 2, "architectures.control_lora": 2,
+    "architectures.t2i_adapter": 2, "architectures.controlnext": 2,
     "architectures.union": 2,
     "metrics": 3,
     "weighting": 4, "annotators": 4, "generate": 4,

@@ -2,7 +2,6 @@
 (factor 8), predicts noise of the UNet's shape, leaves the locked base untouched by a training step, reports its
 injections, round-trips its checkpoint through the class that loads it, and behaves at step 0 as its method says."""
 
-import importlib.util
 from types import SimpleNamespace
 
 import diffusers
@@ -237,14 +236,11 @@ def test_union_serves_any_subset_of_its_conditions(tiny):
         assert torch.equal(adapter.predict_noise(tiny.unet, **x), adapter.eval().predict_noise(tiny.unet, **x))
 
 
-def test_registry_names_the_known_architectures_and_control_lora_says_what_it_needs(tiny):
+def test_registry_names_the_known_architectures(tiny):
     assert set(A.ARCHITECTURES) == {"controlnet", "controlnet-gaussian", "controlnet-lite", "controlnet-xs",
-                                    "t2i-adapter", "controlnext", "control-lora", "union"}
+                                    "t2i-adapter", "controlnext", "union"}
     with pytest.raises(ValueError, match="known architectures: controlnet, "):
         A.build("controlnet-xxl", tiny.unet)
-    if importlib.util.find_spec("peft") is None:
-        with pytest.raises(ImportError, match=r"peft>=0\.17"):
-            A.build("control-lora", tiny.unet, vae_scale_factor=4)
 
 
 def test_a_condition_of_the_wrong_size_is_a_clear_error(tiny):

@@ -1,8 +1,9 @@
 """ControlNet and its successors, built from any base UNet behind one interface (``base.ControlAdapter``).
 
 One idea per file: ``base`` (the interface), ``controlnet`` (the paper's net and its Fig. 8 ablations),
-``controlnet_xs``, ``t2i_adapter``, ``controlnext``, ``control_lora`` (needs peft: not built yet), ``union``
-(several conditions in one net). ``build(name, base)`` makes a fresh adapter, ``load(folder)`` a saved one.
+``controlnet_xs``, ``t2i_adapter``, ``controlnext``, ``union`` (several conditions in one net). Control-LoRA is
+not here yet: it needs the peft package (diffusers' ``ControlNetModel.add_adapter``), not yet a dependency.
+``build(name, base)`` makes a fresh adapter, ``load(folder)`` a saved one.
 
     pipe = cnkit.tiny.build_tiny_sd()
     adapter = build("t2i-adapter", pipe, seed=0)   # matched to the base's VAE factor (4) and block widths
@@ -15,7 +16,6 @@ import json
 from pathlib import Path
 
 from .base import ARCHITECTURE_FILE, ControlAdapter, resolve_base
-from .control_lora import ControlLoRA
 from .controlnet import ControlNet, ControlNetGaussian, ControlNetLite
 from .controlnet_xs import ControlNetXS
 from .controlnext import ControlNeXt
@@ -24,7 +24,7 @@ from .union import UnionControlNet
 
 ARCHITECTURES: dict[str, type[ControlAdapter]] = {
     cls.name: cls for cls in (ControlNet, ControlNetGaussian, ControlNetLite, ControlNetXS, T2IAdapterArchitecture,
-                              ControlNeXt, ControlLoRA, UnionControlNet)
+                              ControlNeXt, UnionControlNet)
 }
 
 
@@ -58,5 +58,5 @@ def load(folder, unet=None) -> ControlAdapter:
     return architecture(name).load(folder, unet)
 
 
-__all__ = ["ARCHITECTURES", "ControlAdapter", "ControlLoRA", "ControlNet", "ControlNetGaussian", "ControlNetLite",
+__all__ = ["ARCHITECTURES", "ControlAdapter", "ControlNet", "ControlNetGaussian", "ControlNetLite",
            "ControlNetXS", "ControlNeXt", "T2IAdapterArchitecture", "UnionControlNet", "architecture", "build", "load"]
