@@ -159,7 +159,9 @@ def annotate(name: str, source, weights: str | None = None, **settings) -> np.nd
         return source.conditions[kind]
     image = source.image if isinstance(source, toyworld.Sample) else as_rgb(source)
     det = detector(name, weights)
-    size = image.shape[0]
+    # controlnet-aux rounds its working size to a multiple of 64: below 64 px that is 0 and OpenCV fails. Detect
+    # at 64 px or more, then bring the map back to the source's size (below).
+    size = max(64, min(image.shape[:2]))
     accepted = inspect.signature(det.__call__).parameters  # detectors differ in which of these they take
     kwargs = {k: v for k, v in {"detect_resolution": size, "image_resolution": size, "output_type": "np"}.items()
               if k in accepted}

@@ -153,7 +153,11 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
     if isinstance(spec, torch.nn.Module):
         return watch_condition_size(spec)
     path = repo_path(spec)
-    if path.is_file() and export.is_original_layout(path):
+    if path.is_file():
+        if not export.is_original_layout(path):
+            raise ValueError(f"{path} is a file, but not a safetensors file in the original ControlNet layout "
+                             "(control_model.* keys): pass a diffusers ControlNet folder (config.json and weights) or "
+                             "such a file (python -m cnkit.export writes one)")
         stored = export.stored_config(path) is not None
         return watch_condition_size(export.load_original(path, config=None if stored else base_unet))
     config = path / "config.json"

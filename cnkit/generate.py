@@ -100,6 +100,16 @@ def unit_condition(unit: ControlUnit) -> tuple[np.ndarray, list[str]]:
     return np.asarray(image), [f"condition: {note}"] if note else []
 
 
+def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
+    """Notes for prompts longer than the text encoder reads (it sees the first ``model_max_length`` tokens)."""
+    limit, notes = tokenizer.model_max_length, []
+    for what, text in prompts.items():
+        n = len(tokenizer(text, truncation=False).input_ids) if text else 0
+        if n > limit:
+            notes.append(f"{what}: {n} tokens, cut to the {limit} the text encoder reads")
+    return notes
+
+
 def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guidance: float,
                       cfg_weighting: str | None):
     """diffusers' pipeline over ``nets``: (controlnet, mode, connection_weights) per unit."""
@@ -157,9 +167,9 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
     if not units:
         plain = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
         plain.set_progress_bar_config(disable=True)
-        return Generation(plain(**common).images, [], [], settings)
+        return Generation(plain(**common).images, [], prompt_notes(pipe.tokenizer, {"prompt": prompt}), settings)
 
-    notes, conditions = [], []
+    notes, conditions = prompt_notes(pipe.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt}), []
     for k, unit in enumerate(units):
         raw, changed = unit_condition(unit)
         cond, note = fit_condition(raw, size, size, unit.resize_mode)

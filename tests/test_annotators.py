@@ -65,3 +65,12 @@ def test_weight_based_annotator_loads_from_a_local_folder(tmp_path):
     annotators.detector.cache_clear()
     out = annotators.annotate("hed", toyworld.sample("shapes", 1).image, weights=str(tmp_path))
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
+
+
+def test_small_grey_transparent_and_odd_shaped_sources_are_annotated_at_their_own_size():
+    """controlnet-aux works at a multiple of 64 px: smaller sources (a 1x1, a 32x32) are detected at 64 and the map
+    returned at the source's size; grey and transparent sources are made RGB first (cnkit.pixels.to_rgb)."""
+    for source in (np.zeros((1, 1, 3), np.uint8), np.full((32, 32), 200, np.uint8), np.zeros((32, 48, 4), np.uint8),
+                   np.zeros((10, 300, 3), np.uint8)):
+        out = annotators.annotate("canny", source)
+        assert out.shape == (*source.shape[:2], 3) and out.dtype == np.uint8

@@ -257,3 +257,15 @@ def test_checkpoints_module_names_a_read_only_folder(tmp_path, monkeypatch):
     monkeypatch.setattr(checkpoints.FileLock, "acquire", refuse)
     with pytest.raises(OSError, match="cannot write to .* pass an out_dir you can write to"):
         claim(tmp_path / "run", {}, "c.json", "a run")
+
+
+def test_a_long_prompt_in_generation_is_noted_and_a_file_that_is_no_controlnet_is_named(tiny_pipe, tmp_path):
+    from cnkit.controlnets import make_controlnet as build
+
+    net = build(tiny_pipe, "zero")
+    out = G.generate(tiny_pipe, "red circle " * 60, [G.ControlUnit(net, np.zeros((64, 64, 3), np.uint8))], steps=1)
+    assert any("tokens, cut to the 77 the text encoder reads" in n for n in out.notes)
+    text = tmp_path / "notes.txt"
+    text.write_text("not a net")
+    with pytest.raises(ValueError, match="is a file, but not a safetensors file in the original ControlNet layout"):
+        load_controlnet(text)
