@@ -51,7 +51,7 @@ from .controlnets import VARIANTS, make_controlnet
 from .pixels import RESIZE_MODES, condition_range
 from .splits import training_items
 from .telemetry import Validation, ZeroConvTelemetry
-from .trainset import OnTheFly, cached_store
+from .trainset import OnTheFly, cached_store, micro_batch_generator
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -264,8 +264,7 @@ class Trainer:
     def _micro_batch(self, data, micro: int) -> dict[str, torch.Tensor]:
         """Micro-batch ``micro`` of this step: its items (``data.gather``), noise, timesteps and dropped prompts."""
         cfg, acc = self.cfg, self.accelerator
-        g = torch.Generator().manual_seed(
-            (cfg.seed * 1_000_003 + self.step * 1009 + micro) * 131 + acc.process_index)
+        g = micro_batch_generator(cfg.seed, self.step, micro, acc.process_index)
         idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
         items = data.gather(idx)
         z0 = items["latent_mean"] + items["latent_std"] * torch.randn(items["latent_mean"].shape, generator=g)
@@ -309,6 +308,8 @@ class Trainer:
         self.controlnet.train()
         self.optimizer = make_optimizer(self.controlnet.parameters(), cfg)
         resumed = self.load_checkpoint()
+        if hasattr(self.data, "plan"):  # on the fly: workers read ahead what the loop will ask for
+            self.data.plan(self.step, acc.process_index)
         self.controlnet, self.optimizer = acc.prepare(self.controlnet, self.optimizer)
         if cfg.report_to:
             acc.init_trackers("cnkit", config={k: v for k, v in asdict(cfg).items()})

@@ -112,33 +112,76 @@ def cached_store(cfg, pipe, resolution: int, cache_dir: Path) -> EncodedStore:
     return store
 
 
+def micro_batch_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    """The random stream of one micro-batch: which items, then its noise, timesteps and dropped prompts. A pure
+    function of (seed, step, micro-batch, process), so a resumed run draws exactly what the uninterrupted one did,
+    and a reader can know ahead which items the trainer will ask for."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) * 131 + process)
+
+
+class _Planned(torch.utils.data.IterableDataset):
+    """The items the trainer will ask for, micro-batch after micro-batch from ``step`` on (as it draws them), read
+    and fitted in DataLoader workers ahead of the loop. Worker k reads every ``workers``-th micro-batch."""
+
+    def __init__(self, dataset, fitter, seed: int, step: int, accumulation: int, process: int, batch: int):
+        self.dataset, self.fitter, self.args = dataset, fitter, (seed, step, accumulation, process, batch)
+
+    def __iter__(self):
+        seed, step, accumulation, process, batch = self.args
+        info = torch.utils.data.get_worker_info()
+        k, workers = (info.id, info.num_workers) if info else (0, 1)
+        count = 0
+        while True:
+            for micro in range(accumulation):
+                if count % workers == k:
+                    g = micro_batch_generator(seed, step, micro, process)
+                    idx = torch.randint(len(self.dataset), (batch,), generator=g)
+                    examples = [self.dataset[int(i)] for i in idx]
+                    fitter = Fitter(self.fitter.resolution, self.fitter.mode, self.fitter.tokenizer)  # this batch's
+                    yield idx, examples, [fitter(ex) for ex in examples], fitter.state()
+                count += 1
+            step += 1
+
+
 class OnTheFly:
     """The training set encoded batch by batch (no cache: for data too big for the disk, or that a user wants
     augmented): ``gather`` fits the items, runs the frozen VAE and text encoder on them, and returns what a store
-    would. Items are read by ``num_workers`` DataLoader workers when asked."""
+    would. With ``num_workers``, DataLoader workers read and fit the items the trainer will ask for ahead of it
+    (``plan``); anything else (the telemetry's probe) is read on the spot."""
 
     def __init__(self, cfg, pipe, resolution: int):
-        self.pipe = pipe
+        self.pipe, self.cfg = pipe, cfg
         self.dataset = training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
         self.fitter = Fitter(resolution, cfg.resize_mode, pipe.tokenizer)
         self.empty_embed = encode_prompts(pipe, [""])
-        self.num_workers = cfg.num_workers
         self.notes: list[str] = []
-        self.seen, self._said = 0, set()
+        self.seen, self._said, self._ahead, self._next = 0, set(), None, None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def _items(self, idx) -> list:
-        if not self.num_workers:
-            return [self.dataset[int(i)] for i in idx]
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=len(idx), sampler=[int(i) for i in idx],
-                                             num_workers=self.num_workers, collate_fn=list)
-        return next(iter(loader))
+    def plan(self, step: int, process: int) -> None:
+        """Start the workers reading ahead from optimizer step ``step`` (the trainer calls this before its loop)."""
+        if self.cfg.num_workers:
+            planned = _Planned(self.dataset, self.fitter, self.cfg.seed, step, self.cfg.gradient_accumulation,
+                               process, self.cfg.batch_size)
+            self._ahead = iter(torch.utils.data.DataLoader(planned, batch_size=None, num_workers=self.cfg.num_workers,
+                                                           prefetch_factor=2))
+
+    def _fitted(self, idx) -> tuple[list, list]:
+        if self._ahead is not None:
+            self._next = self._next or next(self._ahead)
+            if torch.equal(self._next[0], torch.as_tensor(idx)):
+                _, examples, fitted, counts = self._next
+                self._next = None
+                self.fitter.resized.update(counts["resized"])  # what the worker changed in this batch
+                self.fitter.long += counts["long"]
+                return examples, fitted
+        examples = [self.dataset[int(i)] for i in idx]
+        return examples, [self.fitter(ex) for ex in examples]
 
     def gather(self, idx) -> dict[str, torch.Tensor]:
-        examples = self._items(idx)
-        fitted = [self.fitter(ex) for ex in examples]
+        examples, fitted = self._fitted(idx)
         self.seen += len(examples)
         notes = self.fitter.notes(self.seen)
         _warn([note for kind, note in notes.items() if kind not in self._said])  # each kind once, when first seen

@@ -114,6 +114,16 @@ def test_runs_share_one_store_and_on_the_fly_trains_without_one(base_dir, tmp_pa
     assert np.allclose([x for _, x in fly.loss_history], [x for _, x in cached], rtol=1e-4)
 
 
+def test_on_the_fly_workers_read_ahead_exactly_the_items_the_loop_draws(base_dir, tmp_path):
+    losses = {}
+    for workers in (0, 1):
+        tr = Trainer(_cfg(base_dir, tmp_path / f"w{workers}", encode="on_the_fly", num_workers=workers, steps=3,
+                          gradient_accumulation=2))
+        tr.run()
+        losses[workers] = tr.loss_history
+    assert losses[0] == losses[1]
+
+
 def test_gradient_checkpointing_keeps_loss_and_gradients(base_dir, tmp_path):
     grads = {}
     for ckpt in (False, True):
