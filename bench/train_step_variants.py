@@ -59,11 +59,12 @@ def run_variant(variant: str, base: str, steps: int, batch: int, profile: bool) 
 
             for module in (trainer.pipe.unet, trainer.controlnet):
                 module.set_attn_processor(AttnProcessor())
-        trainer.controlnet.train()
-        opt = torch.optim.AdamW(trainer.controlnet.parameters(), lr=cfg.learning_rate, fused=variant == "fused-adamw")
-        trainer.controlnet, opt = trainer.accelerator.prepare(trainer.controlnet, opt)
+        trainer.adapter.train()
+        opt = torch.optim.AdamW(trainer.adapter.trainable_parameters(), lr=cfg.learning_rate,
+                                fused=variant == "fused-adamw")
+        trainer.adapter, opt = trainer.accelerator.prepare(trainer.adapter, opt)
         if variant == "compile":
-            trainer.controlnet = torch.compile(trainer.controlnet)
+            trainer.adapter = torch.compile(trainer.adapter)
             trainer.pipe.unet = torch.compile(trainer.pipe.unet)
         ctx = contextlib.nullcontext()
         if variant == "sdpa-math":

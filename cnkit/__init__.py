@@ -14,11 +14,12 @@ subpackage's modules are on the map by dotted name (``architectures.base``).
   ComfyUI load, both ways), ``architectures`` (a subpackage: ControlNet and its successors, ControlNet-XS,
   T2I-Adapter, ControlNeXt, a multi-condition net, built from any base behind one interface)
 - 3 measures: ``metrics``: pure functions of images, masks and curves (numpy); no model, no generation
-- 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``generate`` (generation from
-  control units; the one image loop every measurement uses)
+- 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``adapter_pipeline`` (diffusers'
+  text-to-image pipeline driven by any architecture), ``generate`` (generation from control units; the one image
+  loop every measurement uses)
 - 5 training: ``encoded`` (the encoded training set on disk, read a batch at a time), ``trainset`` (the training
-  set as the trainer reads it: fitted, encoded once or on the fly), ``train`` (the ControlNet trainer),
-  ``telemetry`` (what watches it), ``pretrain`` (the base's)
+  set as the trainer reads it: fitted, encoded once or on the fly), ``train`` (the trainer of ControlNet and its
+  successors), ``telemetry`` (what watches it: injection points, validation), ``pretrain`` (the base's)
 - 6 experiments: ``evaluations`` (drivers that generate images to measure them), ``runs`` (runs kept by
   configuration), ``experiments`` (the notebooks' runs), ``shipped`` (what the kit ships, and its cards)
 - 7 surfaces: ``report`` (``make figures``), ``widgets`` (the playground)
@@ -36,7 +37,7 @@ LAYERS = {
     "architectures.t2i_adapter": 2, "architectures.controlnext": 2,
     "architectures.union": 2,
     "metrics": 3,
-    "weighting": 4, "annotators": 4, "generate": 4,
+    "weighting": 4, "annotators": 4, "adapter_pipeline": 4, "generate": 4,
     "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,
     "evaluations": 6, "runs": 6, "experiments": 6, "shipped": 6,
     "report": 7, "widgets": 7,

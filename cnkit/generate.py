@@ -17,6 +17,7 @@ image depends on its own item and seed only. With no nets it is plain text-to-im
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,10 @@ from diffusers import (
 from PIL import Image
 
 from . import annotators, pixels, toyworld
+from .adapter_pipeline import adapter_pipeline, run_adapter_pipeline
+from .architectures import ControlAdapter, ControlNet, UnionControlNet
+from .architectures import load as load_adapter
+from .architectures.base import ARCHITECTURE_FILE
 from .bases import image_size, load_pipeline
 from .controlnets import check_fits, load_controlnet
 from .params import coerce
@@ -44,7 +49,8 @@ SCHEDULERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler}
 class ControlUnit:
     """One control unit (see the module docstring)."""
 
-    controlnet: Any  # a folder, a hub id, an original-layout .safetensors file, or a ControlNetModel / lite model
+    controlnet: Any  # a folder, a hub id, an original-layout .safetensors file, a ControlNetModel / lite model, or
+    # any cnkit.architectures adapter (or the folder it saved)
     image: Any = None  # the condition, or the annotator's source: PIL image, HxWx3 uint8, toy Sample
     annotator: str | None = None  # cnkit.annotators name; None: ``image`` is the condition itself
     annotator_settings: dict = field(default_factory=dict)
@@ -108,6 +114,43 @@ def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
         if n > limit:
             notes.append(f"{what}: {n} tokens, cut to the {limit} the text encoder reads")
     return notes
+
+
+def successor(net, unet) -> ControlAdapter | None:
+    """``net`` as an adapter when it is one of ControlNet's successors (an adapter, or a folder one saved), else None:
+    the paper's nets (also as adapters, or folders of any kind) go to diffusers' ControlNet pipeline."""
+    if isinstance(net, ControlAdapter):
+        adapter = net
+    elif isinstance(net, str | Path) and (Path(net) / ARCHITECTURE_FILE).is_file():
+        adapter = load_adapter(Path(net), unet)
+    else:
+        return None
+    if isinstance(adapter, UnionControlNet):
+        raise ValueError("a union (multi-condition) ControlNet takes several condition maps per unit, which "
+                         "cnkit.generate does not pass yet: generate with a single-condition net")
+    return None if isinstance(adapter, ControlNet) else adapter
+
+
+def _plain_nets(nets: list) -> list:
+    """The paper's nets as diffusers' ControlNet pipeline takes them (an adapter of the paper's kind: its model)."""
+    return [net.net if isinstance(net, ControlNet) and not isinstance(net, UnionControlNet) else net for net in nets]
+
+
+def _one_successor(units_nets: list, unet, modes=(), weights=(), cfg_weighting=None) -> ControlAdapter | None:
+    """The successor adapter among the units' nets, if any; a clear error where the kit cannot mix it."""
+    found = [successor(net, unet) for net in units_nets]
+    adapters = [a for a in found if a is not None]
+    if not adapters:
+        return None
+    if len(units_nets) > 1:
+        raise ValueError(f"a {adapters[0].name} unit cannot be combined with other units in one call yet: only "
+                         "units of the paper's ControlNet (and its lite and Gaussian variants) add their residuals "
+                         "at the same connections; generate with that unit alone")
+    if any(m != "balanced" for m in modes) or any(w is not None for w in weights) or cfg_weighting is not None:
+        raise ValueError(f"control modes, connection weights and cfg_weighting act on a ControlNet's 13 connections; "
+                         f"a {adapters[0].name} unit has other injection points: use mode='balanced', no connection "
+                         "weights and cfg_weighting=None")
+    return adapters[0]
 
 
 def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guidance: float,
@@ -175,7 +218,14 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
         cond, note = fit_condition(raw, size, size, unit.resize_mode)
         notes += [f"unit {k + 1}: {n}" for n in changed + ([note] if note else [])]
         conditions.append(cond)
-    nets = [(u.controlnet, u.mode, u.connection_weights) for u in units]
+    adapter = _one_successor([u.controlnet for u in units], pipe.unet, [u.mode for u in units],
+                             [u.connection_weights for u in units], cfg_weighting)
+    if adapter is not None:  # a successor: diffusers' text-to-image pipeline with the adapter in its UNet
+        unit = units[0]
+        run = adapter_pipeline(pipe, sched, adapter, unit.scale, unit.start, unit.end)
+        out = run_adapter_pipeline(run, conditions * num_images, **common)
+        return Generation(out.images, conditions, notes, settings)
+    nets = [(net, u.mode, u.connection_weights) for net, u in zip(_plain_nets([u.controlnet for u in units]), units)]
     control = _control_pipeline(pipe, sched, nets, size // factor, guidance, cfg_weighting)
     out = control(image=[list(conditions) for _ in range(num_images)],
                   controlnet_conditioning_scale=[u.scale for u in units],
@@ -205,8 +255,11 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     pipe = load_pipeline(base)
     size = size or image_size(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    if controlnets:
-        nets = [(net, mode, None) for net in controlnets]
+    adapter = _one_successor(controlnets, pipe.unet, [mode], [], cfg_weighting) if controlnets else None
+    if adapter is not None:
+        run = adapter_pipeline(pipe, sched, adapter)
+    elif controlnets:
+        nets = [(net, mode, None) for net in _plain_nets(controlnets)]
         run = _control_pipeline(pipe, sched, nets, size // pipe.vae_scale_factor, guidance, cfg_weighting)
     else:
         run = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
@@ -214,11 +267,13 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     out = []
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
-        images = {"image": [[fit_condition(c, size, size)[0] for c in item] for item in conditions[i:j]]
-                  } if controlnets else {}
-        result = run(prompts[i:j], **images, negative_prompt=[negative_prompt] * (j - i),
-                     num_inference_steps=steps, guidance_scale=guidance,
-                     generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
-                     height=size, width=size, output_type="np").images
+        fitted = [[fit_condition(c, size, size)[0] for c in item] for item in conditions[i:j]]
+        call = dict(prompt=prompts[i:j], negative_prompt=[negative_prompt] * (j - i), num_inference_steps=steps,
+                    guidance_scale=guidance, generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
+                    height=size, width=size, output_type="np")
+        if adapter is not None:
+            result = run_adapter_pipeline(run, [item[0] for item in fitted], **call).images
+        else:
+            result = run(**call, **({"image": fitted} if controlnets else {})).images
         out.append(from_pipeline(result))
     return np.concatenate(out)

@@ -24,7 +24,7 @@ import torch
 
 from .controlnets import load_controlnet
 from .metrics import convergence
-from .telemetry import Validation, ZeroConvTelemetry
+from .telemetry import InjectionTelemetry, Validation
 from .train import LATER_SETTINGS, TrainConfig, Trainer
 
 # Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8
@@ -135,7 +135,7 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     log(f"training into {folder}")
     start = time.perf_counter()
     trainer = Trainer(cfg, cache_dir=Path(runs_dir) / "cache")
-    ZeroConvTelemetry(every=cfg.telemetry_every).attach(trainer)
+    InjectionTelemetry(every=cfg.telemetry_every).attach(trainer)
     validation = Validation(prompt=validation_prompt).attach(trainer)
     result = trainer.run()
     wall = time.perf_counter() - start

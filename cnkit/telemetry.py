@@ -1,16 +1,21 @@
-"""What watches a ControlNet while it trains: zero-convolution probes and the validation hook.
+"""What watches a ControlNet (or a successor) while it trains: injection-point probes and the validation hook.
 
 Both attach to ``cnkit.train.Trainer`` through ``add_callback`` and write tidy tables into the run
 folder, so notebooks plot from files:
 
-- ``ZeroConvTelemetry`` -> ``telemetry.csv``: after every optimizer step, one row per connection
-  into the UNet (the 12 skips and the middle block) and one for the condition encoder's last
-  convolution: step, samples seen, connection, latent size, mean |weight|, weight norm, bias norm,
-  gradient norm, and the RMS of the residual it adds on a fixed probe batch (fixed items, noise
-  and timesteps, so the number moves only because the weights do).
+- ``InjectionTelemetry`` (also named ``ZeroConvTelemetry``) -> ``telemetry.csv``: after every optimizer
+  step, one row per injection point, the layers through which control enters the base. For the paper's
+  ControlNet those are its zero convolutions, one per connection into the UNet (the 12 skips and the
+  middle block), plus one row for the condition encoder's last convolution; for a successor its
+  ``ControlAdapter.injection_points()`` (ControlNet-XS's control-to-base convolutions, T2I-Adapter's
+  feature blocks, ControlNeXt's cross normalisation). Columns: step, samples seen, point, latent size,
+  mean |weight|, weight norm, bias norm, gradient norm, and the RMS of what the point adds on a fixed
+  probe batch (fixed items, noise and timesteps, so the number moves only because the weights do).
 - ``Validation`` -> ``validation.csv`` and ``samples/step-XXXXXX.png``: every ``validate_every``
   steps (and at steps 0 and the last), images generated with fixed seeds from fixed held-out
-  conditions by diffusers' ``StableDiffusionControlNetPipeline``, and their condition fidelity.
+  conditions through ``cnkit.generate.generate_many`` (diffusers' ``StableDiffusionControlNetPipeline``
+  for the paper's nets, its text-to-image pipeline around the adapter for the successors), and their
+  condition fidelity.
 
 On resume both tables are cut back to the checkpoint's step, so a resumed run's tables equal an
 uninterrupted run's.
@@ -26,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from .architectures.controlnet import ControlNet
 from .controlnets import make_controlnet, zero_convolutions
 from .generate import generate_many
 from .metrics import fidelity_metrics_for
@@ -67,14 +73,17 @@ class _Table:
             csv.DictWriter(f, self.fields).writerows(rows)
 
 
-class ZeroConvTelemetry:
-    """Per-step probes of the zero convolutions (see the module docstring)."""
+class InjectionTelemetry:
+    """Per-step probes of the injection points (see the module docstring): for the paper's ControlNet its 13 zero
+    convolutions and the condition encoder's last convolution; for a successor ``adapter.injection_points()``,
+    its outputs from ``adapter.injections`` (a point without parameters, like ControlNeXt's cross normalisation,
+    has empty weight columns)."""
 
     def __init__(self, probe_size: int = 4, every: int = 1):
         """``every``: optimizer steps between rows (the probe is a forward pass of the ControlNet)."""
         self.probe_size, self.every = probe_size, every
 
-    def attach(self, trainer) -> ZeroConvTelemetry:
+    def attach(self, trainer) -> InjectionTelemetry:
         trainer.add_callback("on_train_start", self.on_train_start)
         trainer.add_callback("on_step_end", self.on_step_end)
         return self
@@ -92,39 +101,60 @@ class ZeroConvTelemetry:
         noise = torch.randn(z0.shape, generator=g)
         self.probe = {"noisy": trainer.noise_scheduler.add_noise(z0, noise, t), "t": t,
                       "text": items["text"], "cond": condition_range(items["conditions"])}
-        net = trainer.accelerator.unwrap_model(trainer.controlnet)
-        self.convs = zero_convolutions(net, include_condition_encoder=True)
+        adapter = trainer.accelerator.unwrap_model(trainer.adapter)
+        self.zero_convs = isinstance(adapter, ControlNet)  # the paper's net: its condition encoder is watched too
+        self.points = (zero_convolutions(adapter.net, include_condition_encoder=True) if self.zero_convs
+                       else adapter.injection_points())
         if trainer.step == 0:
             self.on_step_end(trainer)  # the step-0 row: zero weights, zero residuals
 
     @torch.no_grad()
     def residuals(self, trainer) -> list[torch.Tensor]:
-        net = trainer.accelerator.unwrap_model(trainer.controlnet)
+        """What every point adds on the probe batch now, in ``self.points``' order."""
+        adapter = trainer.accelerator.unwrap_model(trainer.adapter)
         dev = trainer.accelerator.device
-        p = self.probe
-        was_training = net.training
-        net.eval()
-        down, mid = net(p["noisy"].to(dev), p["t"].to(dev), encoder_hidden_states=p["text"].to(dev),
-                        controlnet_cond=p["cond"].to(dev), return_dict=False)
-        cond_embedding = net.controlnet_cond_embedding(p["cond"].to(dev))
-        net.train(was_training)
-        return [*down, mid, cond_embedding]
+        p = {k: v.to(dev) for k, v in self.probe.items()}
+        was_training = adapter.training
+        adapter.eval()
+        try:
+            if not self.zero_convs:
+                return adapter.injections(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p["cond"])
+            net = adapter.net
+            down, mid = net(p["noisy"], p["t"], encoder_hidden_states=p["text"], controlnet_cond=p["cond"],
+                            return_dict=False)
+            return [*down, mid, net.controlnet_cond_embedding(p["cond"])]
+        finally:
+            adapter.train(was_training)
 
     def on_step_end(self, trainer) -> None:
         if not trainer.accelerator.is_main_process or trainer.step % self.every:
             return
         residuals = self.residuals(trainer)
         rows = []
-        for i, ((name, conv), r) in enumerate(zip(self.convs, residuals)):
-            w, b = conv.weight.detach(), conv.bias.detach()
-            grads = [p.grad.flatten() for p in (conv.weight, conv.bias) if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0
+        for i, ((name, point), r) in enumerate(zip(self.points, residuals)):
             rows.append({"step": trainer.step, "samples_seen": trainer.samples_seen, "connection": i, "name": name,
-                         "latent_size": r.shape[-1], "weight_mean_abs": float(w.abs().mean()),
-                         "weight_norm": float(torch.linalg.vector_norm(w)),
-                         "bias_norm": float(torch.linalg.vector_norm(b)), "grad_norm": grad_norm,
+                         "latent_size": r.shape[-1], **weight_stats(point),
                          "residual_rms": float(r.float().pow(2).mean().sqrt())})
         self.table.append(rows)
+
+
+ZeroConvTelemetry = InjectionTelemetry  # the name from before successors were trained; the same table
+
+
+def weight_stats(point: torch.nn.Module) -> dict:
+    """The telemetry's weight columns for one injection point: of its ``weight`` and ``bias`` when it is one layer,
+    else of all its parameters (as one "weight"); empty for a point without parameters."""
+    params = dict(point.named_parameters())
+    if not params:
+        return {"weight_mean_abs": "", "weight_norm": "", "bias_norm": "", "grad_norm": ""}
+    if "weight" in params:
+        w, b = params["weight"].detach(), params.get("bias")
+    else:
+        w, b = torch.cat([q.detach().flatten() for q in params.values()]), None
+    grads = [q.grad.flatten() for q in params.values() if q.grad is not None]
+    return {"weight_mean_abs": float(w.abs().mean()), "weight_norm": float(torch.linalg.vector_norm(w)),
+            "bias_norm": float(torch.linalg.vector_norm(b.detach())) if b is not None else 0.0,
+            "grad_norm": float(torch.linalg.vector_norm(torch.cat(grads))) if grads else 0.0}
 
 
 # fidelity is the primary metric (named in "metric"); edge_f1 and miou are filled for the shapes world.
@@ -172,7 +202,7 @@ class Validation:
 
     def images(self, trainer) -> np.ndarray:
         """The held-out items' images with the net as it is now: fixed seeds (the validation stream)."""
-        net = trainer.accelerator.unwrap_model(trainer.controlnet)
+        net = trainer.accelerator.unwrap_model(trainer.adapter)  # generate takes any architecture's adapter
         was_training = net.training
         net.eval()
         prompts = [self.prompt if self.prompt is not None else it.prompt for it in self.items]

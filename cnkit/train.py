@@ -44,14 +44,19 @@ from diffusers import DDPMScheduler
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
+from . import architectures
 from . import params as _params
 from .bases import image_size, load_base, vae_scale_factor
 from .checkpoints import Checkpoint, claim
-from .controlnets import VARIANTS, make_controlnet
+from .controlnets import VARIANTS
 from .pixels import RESIZE_MODES, condition_range
 from .splits import training_items
-from .telemetry import Validation, ZeroConvTelemetry
+from .telemetry import InjectionTelemetry, Validation
 from .trainset import OnTheFly, cached_store, micro_batch_generator
+
+# What cnkit.train builds for each TrainConfig.architecture (the ControlNet's variant picks among the first three).
+CONTROLNET_BY_VARIANT = {"zero": "controlnet", "gaussian": "controlnet-gaussian", "lite": "controlnet-lite"}
+TRAINABLE_ARCHITECTURES = ("controlnet", "controlnet-xs", "t2i-adapter", "controlnext")
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -65,7 +70,9 @@ class TrainConfig:
 
     base: str = "data/tiny-sd"  # a local diffusers pipeline folder or a hub id
     dataset: str = "toy:fill"  # anything cnkit.datasets.load reads, or a toy world "toy:fill"
-    variant: str = "zero"  # zero (the paper), gaussian, lite
+    variant: str = "zero"  # zero (the paper), gaussian, lite: the ControlNet's initialisation or Fig. 8's lite net
+    architecture: str = "controlnet"  # how control enters the base (cnkit.architectures): controlnet, controlnet-xs,
+    # t2i-adapter, controlnext; ``variant`` applies to controlnet only
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # per process and micro-batch
     gradient_accumulation: int = 1  # micro-batches per optimizer step
@@ -102,6 +109,14 @@ class TrainConfig:
             raise ValueError(f"parameter learning_rate must be within (0, 1), got {self.learning_rate}")
         if self.variant not in VARIANTS:
             raise ValueError(f"unknown variant {self.variant!r}; known variants: {', '.join(VARIANTS)}")
+        if self.architecture not in TRAINABLE_ARCHITECTURES:
+            raise ValueError(f"unknown architecture {self.architecture!r} for cnkit.train; it trains: "
+                             f"{', '.join(TRAINABLE_ARCHITECTURES)}"
+                             + (" (union needs a dataset with several conditions per item, which cnkit.datasets "
+                                "does not read yet)" if self.architecture == "union" else ""))
+        if self.architecture != "controlnet" and self.variant != "zero":
+            raise ValueError(f"variant={self.variant!r} is a ControlNet variant; with architecture="
+                             f"{self.architecture!r} leave variant at 'zero'")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.timestep_sampling not in TIMESTEP_SAMPLING:
@@ -141,7 +156,7 @@ RECIPES = {
 RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to", "num_workers", "telemetry_every")
 # Settings added after the first runs were kept: they count in a run's identity (cnkit.runs) only when they differ
 # from these values, so the runs kept before they existed are still found.
-LATER_SETTINGS = {"resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
+LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1}
 
 
@@ -190,15 +205,27 @@ class Trainer:
         if half is not None and self.accelerator.device.type == "cuda":
             self.pipe.unet.to(half)
             self.pipe.text_encoder.to(half)
-        self.controlnet = make_controlnet(self.pipe, cfg.variant, seed=cfg.seed)
+        # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
+        # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
+        name = CONTROLNET_BY_VARIANT[cfg.variant] if cfg.architecture == "controlnet" else cfg.architecture
+        self.adapter = architectures.build(name, self.pipe, seed=cfg.seed)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
-            for module in (self.pipe.unet, self.controlnet):
+            for module in (self.pipe.unet, self.adapter.net):
                 module.to(memory_format=torch.channels_last)
         if cfg.gradient_checkpointing:
-            self.controlnet.enable_gradient_checkpointing()
+            if not getattr(self.adapter.net, "_supports_gradient_checkpointing", False):
+                raise ValueError(f"gradient_checkpointing: the {name} model ({type(self.adapter.net).__name__}) "
+                                 "does not support it; train it with gradient_checkpointing=False")
+            self.adapter.net.enable_gradient_checkpointing()
             self.pipe.unet.enable_gradient_checkpointing()
         self.noise_scheduler = DDPMScheduler.from_config(self.pipe.scheduler.config)
+
+    @property
+    def controlnet(self):
+        """The trained model itself (a diffusers ``ControlNetModel`` for the paper's architecture): what a
+        checkpoint holds and what the matching diffusers class loads."""
+        return self.accelerator.unwrap_model(self.adapter).net
 
     # --- events, as minGPT's Trainer -------------------------------------------------------
     def add_callback(self, event: str, fn) -> None:
@@ -226,13 +253,14 @@ class Trainer:
         return Checkpoint(self.checkpoint_dir, state_file="trainer_state.json")
 
     def save_checkpoint(self) -> None:
-        """A stock diffusers ControlNet folder (safetensors) plus the optimizer's state and step, replacing the
-        last one so that a complete checkpoint exists at every instant (``cnkit.checkpoints``)."""
+        """The adapter's folder (for the paper's net a stock diffusers ControlNet folder, safetensors) plus the
+        optimizer's state and step, replacing the last one so that a complete checkpoint exists at every instant
+        (``cnkit.checkpoints``)."""
         if not self.accelerator.is_main_process:
             return
 
         def write(folder: Path) -> None:
-            self.accelerator.unwrap_model(self.controlnet).save_pretrained(folder, safe_serialization=True)
+            self.accelerator.unwrap_model(self.adapter).save_pretrained(folder)
             torch.save(self.optimizer.state_dict(), folder / "optimizer.pt")
 
         self.checkpoint.save(write, {
@@ -284,10 +312,8 @@ class Trainer:
         dev = self.accelerator.device
         noisy, t, text = batch["noisy"].to(dev), batch["t"].to(dev), batch["text"].to(dev)
         with self.accelerator.autocast():
-            down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=batch["cond"].to(dev),
-                                        return_dict=False)
-            pred = self.pipe.unet(noisy, t, text, down_block_additional_residuals=down,
-                                  mid_block_additional_residual=mid).sample
+            # the prepared module is called (not predict_noise) so that DDP sees the forward it synchronises
+            pred = self.adapter(self.pipe.unet, noisy, t, text, batch["cond"].to(dev))
         return F.mse_loss(pred.float(), batch["noise"].to(dev))
 
     def run(self) -> dict:
@@ -305,24 +331,25 @@ class Trainer:
             self.data = (OnTheFly(cfg, self.pipe, self.resolution) if cfg.encode == "on_the_fly"
                          else cached_store(cfg, self.pipe, self.resolution, self.cache_dir))
         self._record_notes()
-        self.controlnet.train()
-        self.optimizer = make_optimizer(self.controlnet.parameters(), cfg)
+        self.adapter.train()
+        self.optimizer = make_optimizer(self.adapter.trainable_parameters(), cfg)
         resumed = self.load_checkpoint()
         if hasattr(self.data, "plan"):  # on the fly: workers read ahead what the loop will ask for
             self.data.plan(self.step, acc.process_index)
-        self.controlnet, self.optimizer = acc.prepare(self.controlnet, self.optimizer)
+        self.adapter, self.optimizer = acc.prepare(self.adapter, self.optimizer)
         if cfg.report_to:
             acc.init_trackers("cnkit", config={k: v for k, v in asdict(cfg).items()})
         self.resumed = resumed
         self.trigger("on_train_start")
-        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"controlnet ({cfg.variant})",
+        label = f"controlnet ({cfg.variant})" if cfg.architecture == "controlnet" else cfg.architecture
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=label,
                    disable=not acc.is_main_process)
         start = time.perf_counter()
         while self.step < cfg.steps:
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(cfg.gradient_accumulation):
-                with acc.accumulate(self.controlnet):
+                with acc.accumulate(self.adapter):
                     loss = self.loss(self._micro_batch(self.data, micro))
                     acc.backward(loss)
                     total += loss.item() / cfg.gradient_accumulation
@@ -386,7 +413,7 @@ def main(argv=None) -> dict:
     args = vars(ap.parse_args(argv))
     recipe = args.pop("recipe")
     trainer = Trainer(TrainConfig.recipe(recipe, **{k: v for k, v in args.items() if v is not None}))
-    ZeroConvTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
+    InjectionTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
     Validation().attach(trainer)
     result = trainer.run()
     if trainer.accelerator.is_main_process:
