@@ -172,7 +172,7 @@ def test_controlnet_predict_noise_is_what_the_trainer_computes(tiny):
         assert torch.equal(eps, direct)
         assert not torch.equal(eps, tiny.unet(x["sample"], x["timestep"], x["encoder_hidden_states"]).sample)
         AcceleratorState._reset_state()
-        trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), controlnet=adapter.net, pipe=tiny.pipe)
+        trainer = SimpleNamespace(accelerator=Accelerator(cpu=True), adapter=adapter, pipe=tiny.pipe)
         batch = {"noisy": x["sample"], "t": x["timestep"], "text": x["encoder_hidden_states"], "cond": x["cond"],
                  "noise": noise}
         assert torch.equal(Trainer.loss(trainer, batch), F.mse_loss(eps.float(), noise))
