@@ -16,6 +16,7 @@ image depends on its own item and seed only. With no nets it is plain text-to-im
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,20 @@ def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     return notes
 
 
+PAPERS_NETS = ("controlnet", "controlnet-gaussian", "controlnet-lite")  # what diffusers' ControlNet pipeline runs
+
+
 def successor(net, unet) -> ControlAdapter | None:
     """``net`` as an adapter when it is one of ControlNet's successors (an adapter, or a folder one saved), else None:
     the paper's nets (also as adapters, or folders of any kind) go to diffusers' ControlNet pipeline."""
     if isinstance(net, ControlAdapter):
         adapter = net
     elif isinstance(net, str | Path) and (Path(net) / ARCHITECTURE_FILE).is_file():
+        # the name first: a folder of the paper's kind (the trainer writes the file for every run) is loaded once,
+        # by the ControlNet pipeline's loader, not twice
+        name = json.loads((Path(net) / ARCHITECTURE_FILE).read_text()).get("architecture")
+        if name in PAPERS_NETS:
+            return None
         adapter = load_adapter(Path(net), unet)
     else:
         return None

@@ -134,7 +134,7 @@ def test_generate_takes_a_successor_as_an_object_or_its_folder(tiny_pipe, t2i_fo
     assert np.abs(many[0].astype(int) - np.asarray(by_object).astype(int)).max() <= 1
 
 
-def test_mixing_a_successor_with_other_units_is_a_clear_error(tiny_pipe, t2i_folder):
+def test_mixing_a_successor_with_other_units_is_a_clear_error(tiny_pipe, t2i_folder, tmp_path):
     adapter, _ = t2i_folder
     cond = np.zeros((64, 64, 3), np.uint8)
     net = architectures.build("controlnet", tiny_pipe, seed=0)
@@ -142,5 +142,9 @@ def test_mixing_a_successor_with_other_units_is_a_clear_error(tiny_pipe, t2i_fol
         generate(tiny_pipe, "x", [ControlUnit(adapter, cond), ControlUnit(net, cond)], steps=2)
     with pytest.raises(ValueError, match="use mode='balanced'"):
         generate(tiny_pipe, "x", [ControlUnit(adapter, cond, mode="prompt")], steps=2)
-    # the paper's net given as an adapter still goes through diffusers' ControlNet pipeline
-    assert generate(tiny_pipe, "x", [ControlUnit(net, cond)], steps=2).images
+    # the paper's net, as an adapter or as the folder the trainer writes (with its architecture file), still goes
+    # through diffusers' ControlNet pipeline, and both give the same image
+    folder = net.save_pretrained(tmp_path / "net")
+    by_object = generate(tiny_pipe, "x", [ControlUnit(net, cond)], steps=2).images[0]
+    by_folder = generate(tiny_pipe, "x", [ControlUnit(str(folder), cond)], steps=2).images[0]
+    assert np.array_equal(np.asarray(by_object), np.asarray(by_folder))
