@@ -19,6 +19,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from .architectures import ControlAdapter
+from .pixels import condition_range
 
 
 class ControlledUNet(nn.Module):
@@ -65,7 +66,7 @@ def condition_tensor(conditions) -> torch.Tensor:
     """PIL or HxWx3 uint8 conditions -> (N, 3, H, W) floats in [0, 1], what the adapters were trained on
     (``cnkit.pixels.condition_range``)."""
     arrays = [np.asarray(c.convert("RGB") if hasattr(c, "convert") else c) for c in conditions]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div(255)
+    return condition_range(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
 
 
 def adapter_pipeline(pipe, scheduler, adapter: ControlAdapter, scale: float = 1.0, start: float = 0.0,

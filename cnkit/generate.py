@@ -33,7 +33,7 @@ from PIL import Image
 
 from . import annotators, pixels, toyworld
 from .adapter_pipeline import adapter_pipeline, run_adapter_pipeline
-from .architectures import ControlAdapter, ControlNet, UnionControlNet
+from .architectures import PAPER_NETS, ControlAdapter, ControlNet, UnionControlNet
 from .architectures import load as load_adapter
 from .architectures.base import ARCHITECTURE_FILE
 from .bases import image_size, load_pipeline
@@ -117,9 +117,6 @@ def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     return notes
 
 
-PAPERS_NETS = ("controlnet", "controlnet-gaussian", "controlnet-lite")  # what diffusers' ControlNet pipeline runs
-
-
 def successor(net, unet) -> ControlAdapter | None:
     """``net`` as an adapter when it is one of ControlNet's successors (an adapter, or a folder one saved), else None:
     the paper's nets (also as adapters, or folders of any kind) go to diffusers' ControlNet pipeline."""
@@ -129,7 +126,7 @@ def successor(net, unet) -> ControlAdapter | None:
         # the name first: a folder of the paper's kind (the trainer writes the file for every run) is loaded once,
         # by the ControlNet pipeline's loader, not twice
         name = json.loads((Path(net) / ARCHITECTURE_FILE).read_text()).get("architecture")
-        if name in PAPERS_NETS:
+        if name in PAPER_NETS.values():
             return None
         adapter = load_adapter(Path(net), unet)
     else:

@@ -52,10 +52,9 @@ from .controlnets import VARIANTS
 from .pixels import RESIZE_MODES, condition_range
 from .splits import training_items
 from .telemetry import InjectionTelemetry, Validation
-from .trainset import OnTheFly, cached_store, micro_batch_generator
+from .trainset import OnTheFly, cached_store, draw_items, micro_batch_generator
 
-# What cnkit.train builds for each TrainConfig.architecture (the ControlNet's variant picks among the first three).
-CONTROLNET_BY_VARIANT = {"zero": "controlnet", "gaussian": "controlnet-gaussian", "lite": "controlnet-lite"}
+# What cnkit.train trains (for controlnet, the variant picks one of architectures.PAPER_NETS).
 TRAINABLE_ARCHITECTURES = ("controlnet", "controlnet-xs", "t2i-adapter", "controlnext")
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
@@ -207,7 +206,7 @@ class Trainer:
             self.pipe.text_encoder.to(half)
         # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
         # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
-        name = CONTROLNET_BY_VARIANT[cfg.variant] if cfg.architecture == "controlnet" else cfg.architecture
+        name = architectures.PAPER_NETS[cfg.variant] if cfg.architecture == "controlnet" else cfg.architecture
         self.adapter = architectures.build(name, self.pipe, seed=cfg.seed)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
@@ -293,7 +292,7 @@ class Trainer:
         """Micro-batch ``micro`` of this step: its items (``data.gather``), noise, timesteps and dropped prompts."""
         cfg, acc = self.cfg, self.accelerator
         g = micro_batch_generator(cfg.seed, self.step, micro, acc.process_index)
-        idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
+        idx = draw_items(g, len(data), cfg.batch_size)
         items = data.gather(idx)
         z0 = items["latent_mean"] + items["latent_std"] * torch.randn(items["latent_mean"].shape, generator=g)
         z0 = z0 * self.pipe.vae.config.scaling_factor

@@ -119,6 +119,12 @@ def micro_batch_generator(seed: int, step: int, micro: int, process: int) -> tor
     return torch.Generator().manual_seed((seed * 1_000_003 + step * 1009 + micro) * 131 + process)
 
 
+def draw_items(g: torch.Generator, n: int, batch: int) -> torch.Tensor:
+    """A micro-batch's items, the first draw from its stream: one definition for the trainer and the readers that
+    read ahead what it will ask for."""
+    return torch.randint(n, (batch,), generator=g)
+
+
 class _Planned(torch.utils.data.IterableDataset):
     """The items the trainer will ask for, micro-batch after micro-batch from ``step`` on (as it draws them), read
     and fitted in DataLoader workers ahead of the loop. Worker k reads every ``workers``-th micro-batch."""
@@ -135,7 +141,7 @@ class _Planned(torch.utils.data.IterableDataset):
             for micro in range(accumulation):
                 if count % workers == k:
                     g = micro_batch_generator(seed, step, micro, process)
-                    idx = torch.randint(len(self.dataset), (batch,), generator=g)
+                    idx = draw_items(g, len(self.dataset), batch)
                     examples = [self.dataset[int(i)] for i in idx]
                     fitter = Fitter(self.fitter.resolution, self.fitter.mode, self.fitter.tokenizer)  # this batch's
                     yield idx, examples, [fitter(ex) for ex in examples], fitter.state()

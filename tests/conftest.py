@@ -18,6 +18,14 @@ def tiny_pipe():
     return build_tiny_sd(seed=0)
 
 
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tiny_pipe):
+    """``tiny_pipe`` saved as a base folder, what TrainConfig(base=...) reads (tests only read it)."""
+    path = tmp_path_factory.mktemp("base")
+    tiny_pipe.save_pretrained(path)
+    return path
+
+
 @pytest.fixture
 def unet_inputs():
     g = torch.Generator().manual_seed(0)

@@ -16,13 +16,6 @@ from cnkit.train import TrainConfig, open_dataset
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_pipe):
-    path = tmp_path_factory.mktemp("base")
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
 def _cfg(base_dir, **kw):
     return TrainConfig(**(dict(base=str(base_dir), steps=2, batch_size=2, n_train=8, checkpoint_every=2,
                                learning_rate=1e-3, validate_every=1, validation_size=2) | kw))

@@ -12,13 +12,6 @@ from cnkit.train import TrainConfig, Trainer
 from cnkit.trainset import cached_store
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_pipe):
-    path = tmp_path_factory.mktemp("base")
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
 def _cfg(base_dir, out_dir, **kw):
     return TrainConfig(**(dict(base=str(base_dir), out_dir=str(out_dir), steps=4, batch_size=2, n_train=8,
                                checkpoint_every=2, learning_rate=1e-3, validate_every=0) | kw))

@@ -16,13 +16,6 @@ from cnkit.train import TrainConfig, Trainer, main
 SUCCESSORS = {"controlnet-xs": ControlNetXSAdapter, "t2i-adapter": T2IAdapter, "controlnext": ControlNeXtModel}
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_pipe):
-    path = tmp_path_factory.mktemp("base")
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
 def _cfg(base_dir, out_dir, **kw):
     return TrainConfig(**(dict(base=str(base_dir), out_dir=str(out_dir), steps=2, batch_size=2, n_train=8,
                                checkpoint_every=1, validate_every=1, validation_size=2) | kw))

@@ -18,13 +18,6 @@ from cnkit.trainset import Fitter, cached_store, encode_prompts
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tiny_pipe):
-    path = tmp_path_factory.mktemp("base")
-    tiny_pipe.save_pretrained(path)
-    return path
-
-
 def _cfg(base_dir, out_dir, **kw):
     return TrainConfig(**(dict(base=str(base_dir), out_dir=str(out_dir), steps=2, batch_size=2, n_train=40,
                                checkpoint_every=2, validate_every=0) | kw))

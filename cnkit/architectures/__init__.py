@@ -27,6 +27,9 @@ ARCHITECTURES: dict[str, type[ControlAdapter]] = {
                               ControlNeXt, UnionControlNet)
 }
 
+# The paper's net and its Fig. 8 ablations by ControlNet variant: what diffusers' ControlNet pipeline runs.
+PAPER_NETS: dict[str, str] = {cls.variant: cls.name for cls in (ControlNet, ControlNetGaussian, ControlNetLite)}
+
 
 def architecture(name: str) -> type[ControlAdapter]:
     """The class registered as ``name``; a clear error naming the known ones."""
@@ -58,5 +61,5 @@ def load(folder, unet=None) -> ControlAdapter:
     return architecture(name).load(folder, unet)
 
 
-__all__ = ["ARCHITECTURES", "ControlAdapter", "ControlNet", "ControlNetGaussian", "ControlNetLite",
+__all__ = ["ARCHITECTURES", "PAPER_NETS", "ControlAdapter", "ControlNet", "ControlNetGaussian", "ControlNetLite",
            "ControlNetXS", "ControlNeXt", "T2IAdapterArchitecture", "UnionControlNet", "architecture", "build", "load"]
