@@ -43,7 +43,7 @@ class ControlledUNet(nn.Module):
         return self.unet.device
 
     def reset(self, steps: int) -> None:
-        self.steps, self.calls = steps, 0
+        self.steps, self.calls, self.prepared = steps, 0, {}
 
     def forward(self, sample, timestep, encoder_hidden_states, return_dict: bool = True, **unused):
         if self.cond is None:
@@ -53,7 +53,10 @@ class ControlledUNet(nn.Module):
         # one call per denoising step (guidance batches both branches): control between start and end only
         keep = not (i / n < self.start or (i + 1) / n > self.end)
         repeat = sample.shape[0] // self.cond.shape[0]  # classifier-free guidance doubles the batch
-        cond = torch.cat([self.cond] * repeat).to(sample.device, sample.dtype)
+        key = (repeat, sample.device, sample.dtype)
+        if key not in self.prepared:  # one tensor per generation: adapters may cache what depends on it alone
+            self.prepared[key] = torch.cat([self.cond] * repeat).to(sample.device, sample.dtype)
+        cond = self.prepared[key]
         scale = self.scale * keep
         if scale == 0:
             out = self.unet(sample, timestep, encoder_hidden_states).sample
@@ -88,4 +91,4 @@ def run_adapter_pipeline(run: StableDiffusionPipeline, conditions, num_images_pe
     try:
         return run(**call, num_images_per_prompt=num_images_per_prompt)
     finally:
-        run.unet.cond = None
+        run.unet.cond, run.unet.prepared = None, {}

@@ -1,4 +1,4 @@
-"""The training runs behind the notebooks (02-04, 06-09), as configurations.
+"""The training runs behind the notebooks (02-04, 06-10), as configurations.
 
 Notebooks build their runs here, from their parameters (``run_config`` for 02-04), so that ``make figures``
 trains each run once and notebooks share them through ``cnkit.runs`` (cached by configuration): the ablation's ``zero``
@@ -75,10 +75,25 @@ def sampling_comparison(seed: int = 0, smoke: bool = False, **overrides):
     return ablation("zero", seed, smoke, **{"timestep_sampling": "uniform", **overrides})
 
 
+# Notebook 10's tasks, each with the budget of runs the other notebooks already train, so that ControlNet's own
+# runs there are those runs (fill: the ablation's zero runs, 600 steps validated every 25; segmentation: Table 2's
+# zero runs, 400 steps validated every 100) and only the successors add training.
+ARCHITECTURE_TASKS = {"fill": {}, "segmentation": {**SHORT, **SEGMENTATION}}
+SUCCESSORS = ("controlnet-xs", "t2i-adapter", "controlnext")
+
+
+def architecture_run(architecture: str, task: str, seed: int, smoke: bool = False, **overrides):
+    """Notebook 10: the recipe with only the architecture changed, on a task of ``ARCHITECTURE_TASKS``."""
+    if task not in ARCHITECTURE_TASKS:
+        raise ValueError(f"unknown task {task!r}; known: {', '.join(ARCHITECTURE_TASKS)}")
+    return run_config(smoke, **{**ARCHITECTURE_TASKS[task], "architecture": architecture, "seed": seed, **overrides})
+
+
 def all_configs(smoke: bool = False) -> list:
     return ([ablation(v, s, smoke) for s in SEEDS for v in VARIANTS] + [sampling_comparison(SEEDS[0], smoke)]
             + [reconstruction(v, s, smoke) for s in SEEDS for v in ("zero", "lite")]
-            + [dataset_size(n, s, smoke) for n in DATASET_SIZES for s in SEEDS])
+            + [dataset_size(n, s, smoke) for n in DATASET_SIZES for s in SEEDS]
+            + [architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS])
 
 
 def default_workers() -> int:

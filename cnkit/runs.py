@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from . import architectures
 from .controlnets import load_controlnet
 from .metrics import convergence
 from .telemetry import InjectionTelemetry, Validation
@@ -44,7 +45,10 @@ def run_key(cfg: TrainConfig) -> str:
 
 
 def run_folder(cfg: TrainConfig, runs_dir) -> Path:
-    return Path(runs_dir) / f"{cfg.variant}-{_slug(cfg.dataset)}-seed{cfg.seed}-{run_key(cfg)}"
+    """``<variant or architecture>-<dataset>-seed<seed>-<key>``: the paper's net is named by its variant (zero,
+    gaussian, lite), a successor by its architecture."""
+    kind = cfg.variant if cfg.architecture == "controlnet" else cfg.architecture
+    return Path(runs_dir) / f"{kind}-{_slug(cfg.dataset)}-seed{cfg.seed}-{run_key(cfg)}"
 
 
 def default_runs_dir(out_dir, runs_dir: str = "") -> Path:
@@ -98,8 +102,16 @@ class Run:
     def sample_grid(self, step: int) -> Path:
         return self.folder / "samples" / f"step-{int(step):06d}.png"
 
+    @property
+    def architecture(self) -> str:
+        return self.config.get("architecture", "controlnet")
+
     def controlnet(self):
-        return load_controlnet(self.checkpoint)
+        """The trained net: a diffusers ``ControlNetModel`` for the paper's architecture, else the successor's
+        ``cnkit.architectures`` adapter (what ``cnkit.generate`` takes either way)."""
+        if self.architecture == "controlnet":
+            return load_controlnet(self.checkpoint)
+        return architectures.load(self.checkpoint)
 
     def curve(self, label: str, **style) -> dict:
         """The run's validation fidelity and loss, as ``viz.convergence_figure`` draws one curve."""

@@ -289,3 +289,14 @@ def growth_summary(telemetry: dict) -> dict:
                                    "weight_mean_abs_mean": float(np.mean([r[2] for r in v]))}
                                for k, v in by_size.items()},
             "first_step_with_nonzero_weight": first_moved, "steps": int(steps.max()), "rows_per_step": int(last.sum())}
+
+
+def injected_rms(telemetry: dict) -> tuple[list[int], list[float]]:
+    """From a run's ``telemetry.csv`` (columns): per step, the RMS over the injection points of what each adds to
+    the base on the probe batch (a ControlNet's condition-encoder row is not an injection into the base and is
+    left out). One number per step that any architecture has, so their growth can be drawn side by side."""
+    steps = np.asarray(telemetry["step"], int)
+    rms = np.asarray(telemetry["residual_rms"], float)
+    into_base = np.array(["controlnet_cond_embedding" not in n for n in telemetry["name"]])
+    out_steps = sorted(set(steps.tolist()))
+    return out_steps, [float(np.sqrt(np.mean(rms[(steps == s) & into_base] ** 2))) for s in out_steps]

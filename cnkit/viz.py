@@ -158,11 +158,8 @@ def convergence_figure(runs: list[dict], threshold: float, metric: str):
     return fig
 
 
-def spread_curves(groups: dict[str, list[tuple[list, list]]], threshold: float | None, metric: str,
-                  xlabel: str = "optimizer step"):
-    """One line per group: the mean over its runs (seeds) of fidelity against step, with the band from
-    the lowest to the highest run and every run's raw points. ``groups``: label -> [(steps, fidelity)]."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+def _spread_on(ax, groups: dict[str, list[tuple[list, list]]]) -> None:
+    """On ``ax``: per group, the mean over its runs against step, the min-max band and every run's points."""
     for k, (label, series) in enumerate(groups.items()):
         colour = plt.cm.tab10(k)
         steps = np.asarray(series[0][0], float)
@@ -171,12 +168,42 @@ def spread_curves(groups: dict[str, list[tuple[list, list]]], threshold: float |
         ax.plot(steps, ys.mean(0), "-", color=colour, label=f"{label} (mean of {len(series)}, band: min-max)")
         for y in ys:
             ax.plot(steps, y, ".", color=colour, ms=2.5, alpha=0.6)
+
+
+def spread_curves(groups: dict[str, list[tuple[list, list]]], threshold: float | None, metric: str,
+                  xlabel: str = "optimizer step"):
+    """One line per group: the mean over its runs (seeds) of fidelity against step, with the band from
+    the lowest to the highest run and every run's raw points. ``groups``: label -> [(steps, fidelity)]."""
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    _spread_on(ax, groups)
     if threshold is not None:
         ax.axhline(threshold, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(f"condition fidelity ({metric})")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def spread_panels(panels: dict[str, dict[str, list[tuple[list, list]]]], ylabel: str,
+                  thresholds: dict[str, float] | None = None, ylim=None, yscale: str = "linear"):
+    """``spread_curves`` side by side, one panel per title: ``panels``: title -> label -> [(steps, values)]."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    for ax, (title, groups) in zip(axes[0], panels.items()):
+        _spread_on(ax, groups)
+        if thresholds and title in thresholds:
+            ax.axhline(thresholds[title], color="grey", lw=0.8, ls="--")
+        if yscale == "symlog":  # starts at exactly zero (zero convolutions), then spans decades
+            ax.set_yscale("symlog", linthresh=1e-3)
+        else:
+            ax.set_yscale(yscale)
+        if ylim:
+            ax.set_ylim(*ylim)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     return fig
 
@@ -201,6 +228,28 @@ def grouped_bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: 
     if title:
         ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def bar_panels(panels: dict[str, dict[str, list[float]]], log_panels=()):
+    """One small bar chart per quantity, side by side: ``panels``: title -> label -> values (one per seed; the bar
+    is their mean, each value a dot; None values, e.g. never converged, are left out and counted in the label)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items()):
+        labels = list(values)
+        for k, label in enumerate(labels):
+            got = [v for v in values[label] if v is not None]
+            if got:
+                ax.bar(k, np.mean(got), 0.7, color=plt.cm.tab10(k), alpha=0.8)
+                ax.plot([k] * len(got), got, "k.", ms=3)
+            missing = len(values[label]) - len(got)
+            if missing:
+                ax.text(k, 0, f"{missing}x\nnever", ha="center", va="bottom", fontsize=6)
+        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+        if title in log_panels:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -28,8 +28,18 @@ def test_every_run_the_figure_notebooks_train_is_in_all_configs():
     wanted = ([experiments.ablation(v, s) for v in experiments.VARIANTS for s in experiments.SEEDS]
               + [experiments.sampling_comparison(experiments.SEEDS[0])]
               + [experiments.dataset_size(n, s) for n in experiments.DATASET_SIZES for s in experiments.SEEDS]
-              + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS])
-    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25
+              + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS]
+              + [experiments.architecture_run(a, t, s) for a in ("controlnet", *experiments.SUCCESSORS)
+                 for t in experiments.ARCHITECTURE_TASKS for s in experiments.SEEDS])
+    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 18
+
+
+def test_notebook_10s_controlnet_runs_are_the_ablation_and_table_2_runs():
+    for s in experiments.SEEDS:
+        assert experiments.architecture_run("controlnet", "fill", s) == experiments.ablation("zero", s)
+        assert experiments.architecture_run("controlnet", "segmentation", s) == experiments.reconstruction("zero", s)
+    xs = experiments.architecture_run("controlnet-xs", "fill", 0)
+    assert run_folder(xs, "r").name.startswith("controlnet-xs-toy-fill-seed0-")
 
 
 def test_runs_start_longest_first_and_side_by_side_runs_use_different_training_sets():

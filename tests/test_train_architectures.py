@@ -141,3 +141,28 @@ def test_mixing_a_successor_with_other_units_is_a_clear_error(tiny_pipe, t2i_fol
     by_object = generate(tiny_pipe, "x", [ControlUnit(net, cond)], steps=2).images[0]
     by_folder = generate(tiny_pipe, "x", [ControlUnit(str(folder), cond)], steps=2).images[0]
     assert np.array_equal(np.asarray(by_object), np.asarray(by_folder))
+
+
+def test_a_t2i_adapter_computes_its_features_once_per_generation(tiny_pipe, t2i_folder):
+    adapter, _ = t2i_folder
+    calls = []
+    hook = adapter.net.register_forward_hook(lambda *a: calls.append(1))
+    cond = np.zeros((64, 64, 3), np.uint8)
+    cond[16:48, 16:48] = 255
+    try:
+        first = generate(tiny_pipe, "a disc", [ControlUnit(adapter, cond)], steps=4, seed=0).images[0]
+        assert len(calls) == 1  # 4 denoising steps, both guidance branches: one pass of the adapter
+        other = generate(tiny_pipe, "a disc", [ControlUnit(adapter, 255 - cond)], steps=4, seed=0).images[0]
+        assert len(calls) == 2  # nothing kept from the last generation
+    finally:
+        hook.remove()
+    assert not np.array_equal(np.asarray(first), np.asarray(other))
+    # with gradients (training) the features are computed at every call, as before
+    g = torch.Generator().manual_seed(0)
+    sample, c = torch.randn(1, 4, 16, 16, generator=g), torch.rand(1, 3, 64, 64, generator=g)
+    text = torch.randn(1, 77, 64, generator=g)
+    with torch.no_grad():
+        once = adapter.predict_noise(tiny_pipe.unet, sample, torch.tensor([500]), text, c)
+        again = adapter.predict_noise(tiny_pipe.unet, sample, torch.tensor([500]), text, c)
+    fresh = adapter.predict_noise(tiny_pipe.unet, sample, torch.tensor([500]), text, c.clone())
+    assert torch.equal(once, again) and torch.allclose(once, fresh, atol=1e-6)

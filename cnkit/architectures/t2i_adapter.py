@@ -97,8 +97,14 @@ class T2IAdapterArchitecture(ControlAdapter):
 
     def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         check_condition(self.name, sample, cond, self.vae_scale_factor, self.net.config.in_channels)
+        # The method's point: the features depend on the condition alone, so a denoising loop (no gradients) that
+        # passes the same condition tensor at every step computes them once per generation, not once per step.
+        cached = getattr(self, "_once", None)
+        if torch.is_grad_enabled() or cached is None or cached[0] is not cond or cached[1] != conditioning_scale:
+            cached = (cond, conditioning_scale, self.features(cond, conditioning_scale))
+            self._once = None if torch.is_grad_enabled() else cached
         # diffusers pops from this list: a fresh list per call.
-        feats = list(self.features(cond, conditioning_scale))
+        feats = list(cached[2])
         return unet(sample, timestep, encoder_hidden_states, down_intrablock_additional_residuals=feats).sample
 
     def injection_points(self):

@@ -1,0 +1,98 @@
+"""ControlNet's successors' published claims, and the verdict the kit's measurements give each (notebook 10).
+
+Each claim is stated as its paper states it, with the number the paper gives, and tested by a rule on the
+notebook's measurements (``rows``: architecture -> the measured row, below). A rule compares the successor with
+ControlNet measured on the same base, data, budget and seeds; where the paper's number is a ratio at SD scale,
+the rule asks for that ratio here. ``verdicts(rows)`` returns one dict per claim: the claim, its source, what the
+kit measured (text) and ``held`` (True / False; None when an architecture it needs was not measured).
+
+A measured row: ``trainable_params``, ``seconds_per_step``, ``seconds_per_image``, ``file_bytes``, and per task
+``converged_at_step`` (one per seed; None where fidelity never stayed above the threshold) and ``fidelity_final``
+(one per seed).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def _median_step(steps: list) -> float:
+    """The median detected convergence step over seeds, a run that never converged counting as never (inf)."""
+    return float(np.median([math.inf if s is None else s for s in steps]))
+
+
+def _ratio(rows, name, key, inverse=False) -> float:
+    a, b = rows[name][key], rows["controlnet"][key]
+    return b / a if inverse else a / b
+
+
+def _params(name: str, at_most: float, stated: str):
+    def rule(rows):
+        r = _ratio(rows, name, "trainable_params")
+        return r <= at_most, (f"{rows[name]['trainable_params']:,} trainable parameters against ControlNet's "
+                              f"{rows['controlnet']['trainable_params']:,}: {r:.1%} (claim: {stated})")
+    return rule
+
+
+def _faster(name: str, key: str, at_least: float, what: str):
+    def rule(rows):
+        r = _ratio(rows, name, key, inverse=True)
+        return r >= at_least, (f"{what}: {rows[name][key]:.3f} s against ControlNet's {rows['controlnet'][key]:.3f} s, "
+                               f"{r:.2f}x (held if at least {at_least}x)")
+    return rule
+
+
+def _fidelity_at_least(name: str):
+    def rule(rows):
+        tasks = list(rows["controlnet"]["fidelity_final"])
+        means = {t: (float(np.mean(rows[name]["fidelity_final"][t])),
+                     float(np.mean(rows["controlnet"]["fidelity_final"][t]))) for t in tasks}
+        text = "; ".join(f"{t}: {a:.2f} against ControlNet's {b:.2f}" for t, (a, b) in means.items())
+        return all(a >= b for a, b in means.values()), f"final fidelity, mean of seeds - {text}"
+    return rule
+
+
+def _converges_sooner(name: str, task: str = "fill"):
+    def rule(rows):
+        own, cn = rows[name]["converged_at_step"][task], rows["controlnet"]["converged_at_step"][task]
+        ok = all(s is not None for s in own) and _median_step(own) <= _median_step(cn)
+        return ok, (f"{task}: converged at steps {own} (seeds) against ControlNet's {cn}; held if every seed "
+                    "converges within the budget and the median step is no later than ControlNet's")
+    return rule
+
+
+# (architecture, source, the claim as published, rule)
+CLAIMS = [
+    ("controlnet-xs", "Zavadski et al. 2023 (arXiv 2312.06573)",
+     "a fraction of ControlNet's parameters (SD 1.5: 14M-55M against 361M, 4-15%)", _params("controlnet-xs", 0.15,
+                                                                                           "at most 15%")),
+    ("controlnet-xs", "Zavadski et al. 2023", "about twice as fast during training",
+     _faster("controlnet-xs", "seconds_per_step", 1.5, "seconds per training step")),
+    ("controlnet-xs", "Zavadski et al. 2023", "about twice as fast during inference",
+     _faster("controlnet-xs", "seconds_per_image", 1.5, "seconds per generated image")),
+    ("controlnet-xs", "Zavadski et al. 2023", "better image quality than ControlNet (FID) at a fraction of its size",
+     _fidelity_at_least("controlnet-xs")),
+    ("t2i-adapter", "Mou et al. 2023 (arXiv 2302.08453)",
+     "a light adapter (~77M parameters; ControlNet SD 1.5: 361M, 21%)", _params("t2i-adapter", 0.25, "at most 25%")),
+    ("t2i-adapter", "Mou et al. 2023", "runs once per generation, not at every denoising step: cheaper sampling",
+     _faster("t2i-adapter", "seconds_per_image", 1.0, "seconds per generated image")),
+    ("controlnext", "Peng et al. 2024 (arXiv 2408.06070)", "up to 90% fewer trainable parameters than ControlNet",
+     _params("controlnext", 0.10, "at most 10%")),
+    ("controlnext", "Peng et al. 2024",
+     "converges fast: Fill50K in about a thousand steps, where ControlNet converges suddenly and later",
+     _converges_sooner("controlnext")),
+]
+
+
+def verdicts(rows: dict[str, dict]) -> list[dict]:
+    """Every claim whose architecture (and ControlNet) was measured: the claim, the measurement, held or not."""
+    out = []
+    for name, source, claim, rule in CLAIMS:
+        if name not in rows or "controlnet" not in rows:
+            out.append({"architecture": name, "source": source, "claim": claim, "kit": "not measured", "held": None})
+            continue
+        held, text = rule(rows)
+        out.append({"architecture": name, "source": source, "claim": claim, "kit": text, "held": bool(held)})
+    return out

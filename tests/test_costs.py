@@ -1,0 +1,50 @@
+"""cnkit.costs (an architecture's costs, measured on equal terms) and cnkit.successor_claims (the verdicts)."""
+
+import pytest
+
+from cnkit import architectures, costs, runs, successor_claims
+from cnkit.train import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def trained(base_dir, tmp_path_factory):
+    runs_dir = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(base=str(base_dir), architecture="controlnext", steps=4, batch_size=2, n_train=8,
+                      validate_every=2, validation_size=2, seed=0)
+    return runs.train(cfg, runs_dir, threshold=0.0), runs_dir
+
+
+def test_a_runs_costs_are_measured_from_its_own_architecture_base_and_data(trained):
+    run, runs_dir = trained
+    assert run.folder.name.startswith("controlnext-toy-fill-seed0-") and run.architecture == "controlnext"
+    m = costs.measure(run, runs_dir, timing_steps=2, n_images=2)
+    adapter = architectures.load(run.checkpoint)
+    assert m["trainable_params"] == sum(p.numel() for p in adapter.trainable_parameters()) == 46_456
+    assert m["file_bytes"] == (run.checkpoint / "diffusion_pytorch_model.safetensors").stat().st_size
+    assert len(m["step_times"]) == 2 and m["seconds_per_step"] > 0 and m["seconds_per_image"] > 0
+    row = costs.comparison_row("controlnext", m, {"fill": [run]})
+    at = run.convergence["converged_at_step"]
+    assert row["converged_at_step"] == {"fill": [at]} == {"fill": [0]}  # threshold 0: converged from the start
+    assert row["converged_at_s"]["fill"] == [at * m["seconds_per_step"]]
+    assert row["converged_at_s_as_trained"]["fill"][0] >= 0
+    assert row["fidelity_final"]["fill"] == [run.convergence["fidelity_final"]]
+
+
+def _row(params, step_s, image_s, fill_steps, fidelity):
+    return {"trainable_params": params, "seconds_per_step": step_s, "seconds_per_image": image_s, "file_bytes": 1,
+            "converged_at_step": {"fill": fill_steps}, "fidelity_final": {"fill": fidelity, "seg": fidelity}}
+
+
+def test_verdicts_are_computed_from_the_rows():
+    rows = {"controlnet": _row(1000, 1.0, 1.0, [300, 400, None], [0.8, 0.8, 0.8]),
+            "controlnet-xs": _row(100, 0.5, 0.9, [200, 200, 200], [0.9, 0.9, 0.9]),
+            "controlnext": _row(101, 0.9, 0.9, [100, None, 100], [0.5, 0.5, 0.5])}
+    got = {(v["architecture"], v["claim"][:20]): v["held"] for v in successor_claims.verdicts(rows)}
+    xs = [v for v in successor_claims.verdicts(rows) if v["architecture"] == "controlnet-xs"]
+    assert [v["held"] for v in xs] == [True, True, False, True]  # 10% params, 2.0x per step, 1.1x per image, fidelity
+    assert "2.00x" in xs[1]["kit"]
+    nxt = [v for v in successor_claims.verdicts(rows) if v["architecture"] == "controlnext"]
+    assert [v["held"] for v in nxt] == [False, False]  # 10.1% params; one seed never converged
+    rows["controlnext"]["converged_at_step"]["fill"] = [100, 500, 100]
+    assert [v["held"] for v in successor_claims.verdicts(rows) if v["architecture"] == "controlnext"][1] is True
+    assert all(v is None for (a, _), v in got.items() if a == "t2i-adapter")  # not measured: no verdict
