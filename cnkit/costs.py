@@ -86,11 +86,10 @@ def measure(run: Run, runs_dir, timing_steps: int = 8, n_images: int = 8, repeat
     (its checkpoint), seconds per training step and per image (generating ``n_images`` of its held-out conditions
     with the trained net)."""
     cfg = TrainConfig(**run.config)
-    name = architectures.PAPER_NETS[cfg.variant] if cfg.architecture == "controlnet" else cfg.architecture
     pipe = load_pipeline(cfg.base)
     size = cfg.resolution or image_size(pipe)
     items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
-    return {"trainable_params": trainable_parameters(name, pipe), "file_bytes": file_bytes(run.checkpoint),
+    return {"trainable_params": trainable_parameters(cfg.adapter_name, pipe), "file_bytes": file_bytes(run.checkpoint),
             **step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps),
             **image_seconds(pipe, run.checkpoint, [it.condition for it in items], [it.prompt for it in items],
                             repeats=repeats)}

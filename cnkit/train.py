@@ -130,6 +130,11 @@ class TrainConfig:
         if self.num_workers < 0 or self.resolution < 0:
             raise ValueError("num_workers and resolution must be 0 or more")
 
+    @property
+    def adapter_name(self) -> str:
+        """The ``cnkit.architectures`` name this run builds (for controlnet, its variant's paper net)."""
+        return architectures.PAPER_NETS[self.variant] if self.architecture == "controlnet" else self.architecture
+
     def samples_per_step(self, num_processes: int = 1) -> int:
         return self.batch_size * self.gradient_accumulation * num_processes
 
@@ -206,7 +211,7 @@ class Trainer:
             self.pipe.text_encoder.to(half)
         # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
         # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
-        name = architectures.PAPER_NETS[cfg.variant] if cfg.architecture == "controlnet" else cfg.architecture
+        name = cfg.adapter_name
         self.adapter = architectures.build(name, self.pipe, seed=cfg.seed)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
