@@ -37,7 +37,7 @@ LAYERS = {
     "tokenizer": 2, "tiny": 2, "sd15": 2, "bases": 2, "controlnets": 2, "export": 2,
     "architectures": 2, "architectures.base": 2, "architectures.controlnet": 2, "architectures.controlnet_xs": 2,
     "architectures.t2i_adapter": 2, "architectures.controlnext": 2,
-    "architectures.union": 2,
+    "architectures.union": 2, "architectures.control_lora": 2,
     "metrics": 3,
     "weighting": 4, "annotators": 4, "adapter_pipeline": 4, "generate": 4,
     "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,

@@ -29,9 +29,10 @@ from .splits import held_out_items, seeds
 from .train import TrainConfig, Trainer
 
 
-def trainable_parameters(name: str, base) -> int:
-    """Parameters the optimizer trains for architecture ``name`` built on ``base`` (a pipeline or a folder)."""
-    return sum(p.numel() for p in architectures.build(name, base, seed=0).trainable_parameters())
+def trainable_parameters(name: str, base, **options) -> int:
+    """Parameters the optimizer trains for architecture ``name`` built on ``base`` (a pipeline or a folder) with its
+    build ``options``."""
+    return sum(p.numel() for p in architectures.build(name, base, seed=0, **options).trainable_parameters())
 
 
 def file_bytes(checkpoint) -> int:
@@ -67,7 +68,7 @@ def image_seconds(base, checkpoint, conditions: list, prompts: list[str], repeat
                   guidance: float = 3.0) -> dict:
     """The median wall seconds per image of ``cnkit.generate_many`` with the net in ``checkpoint`` on these
     conditions (one batch, fixed seeds), after one warm-up call that also loads the net."""
-    nets = [architectures.load(checkpoint)]
+    nets = [architectures.load(checkpoint, load_pipeline(base).unet)]
     call = dict(prompts=prompts, conditions=[[c] for c in conditions], controlnets=nets,
                 seeds=seeds("validation", len(prompts)), steps=steps, guidance=guidance, batch=len(prompts))
     generate_many(base, **{**call, "prompts": prompts[:1], "conditions": call["conditions"][:1],
@@ -89,7 +90,8 @@ def measure(run: Run, runs_dir, timing_steps: int = 8, n_images: int = 8, repeat
     pipe = load_pipeline(cfg.base)
     size = cfg.resolution or image_size(pipe)
     items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
-    return {"trainable_params": trainable_parameters(cfg.adapter_name, pipe), "file_bytes": file_bytes(run.checkpoint),
+    return {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
+            "file_bytes": file_bytes(run.checkpoint),
             **step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps),
             **image_seconds(pipe, run.checkpoint, [it.condition for it in items], [it.prompt for it in items],
                             repeats=repeats)}

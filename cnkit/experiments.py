@@ -79,7 +79,7 @@ def sampling_comparison(seed: int = 0, smoke: bool = False, **overrides):
 # runs there are those runs (fill: the ablation's zero runs, 600 steps validated every 25; segmentation: Table 2's
 # zero runs, 400 steps validated every 100) and only the successors add training.
 ARCHITECTURE_TASKS = {"fill": {}, "segmentation": {**SHORT, **SEGMENTATION}}
-SUCCESSORS = ("controlnet-xs", "t2i-adapter", "controlnext")
+SUCCESSORS = ("control-lora", "controlnet-xs", "t2i-adapter", "controlnext")
 
 
 def architecture_run(architecture: str, task: str, seed: int, smoke: bool = False, **overrides):

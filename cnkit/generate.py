@@ -117,24 +117,29 @@ def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     return notes
 
 
-def successor(net, unet) -> ControlAdapter | None:
-    """``net`` as an adapter when it is one of ControlNet's successors (an adapter, or a folder one saved), else None:
-    the paper's nets (also as adapters, or folders of any kind) go to diffusers' ControlNet pipeline."""
-    if isinstance(net, ControlAdapter):
-        adapter = net
-    elif isinstance(net, str | Path) and (Path(net) / ARCHITECTURE_FILE).is_file():
-        # the name first: a folder of the paper's kind (the trainer writes the file for every run) is loaded once,
-        # by the ControlNet pipeline's loader, not twice
-        name = json.loads((Path(net) / ARCHITECTURE_FILE).read_text()).get("architecture")
-        if name in PAPER_NETS.values():
-            return None
-        adapter = load_adapter(Path(net), unet)
-    else:
+def loaded_adapters(nets: list, unet) -> list:
+    """``nets`` with every folder that only cnkit reads (a successor's, a Control-LoRA's) loaded as its adapter, once;
+    the rest as given (a folder of the paper's kind is read by the ControlNet pipeline's loader: the trainer writes
+    the architecture file for every run, so the name decides, before anything is loaded)."""
+    out = []
+    for net in nets:
+        if isinstance(net, str | Path) and (Path(net) / ARCHITECTURE_FILE).is_file():
+            name = json.loads((Path(net) / ARCHITECTURE_FILE).read_text()).get("architecture")
+            if name not in PAPER_NETS.values():
+                net = load_adapter(Path(net), unet)
+        out.append(net)
+    return out
+
+
+def successor(net) -> ControlAdapter | None:
+    """``net`` when it is one of ControlNet's successors (an adapter), else None: the paper's nets and Control-LoRA
+    (ControlNetModels, also as adapters) go to diffusers' ControlNet pipeline."""
+    if not isinstance(net, ControlAdapter):
         return None
-    if isinstance(adapter, UnionControlNet):
+    if isinstance(net, UnionControlNet):
         raise ValueError("a union (multi-condition) ControlNet takes several condition maps per unit, which "
                          "cnkit.generate does not pass yet: generate with a single-condition net")
-    return None if isinstance(adapter, ControlNet) else adapter
+    return None if isinstance(net, ControlNet) else net
 
 
 def _plain_nets(nets: list) -> list:
@@ -142,9 +147,9 @@ def _plain_nets(nets: list) -> list:
     return [net.net if isinstance(net, ControlNet) and not isinstance(net, UnionControlNet) else net for net in nets]
 
 
-def _one_successor(units_nets: list, unet, modes=(), weights=(), cfg_weighting=None) -> ControlAdapter | None:
-    """The successor adapter among the units' nets, if any; a clear error where the kit cannot mix it."""
-    found = [successor(net, unet) for net in units_nets]
+def _one_successor(units_nets: list, modes=(), weights=(), cfg_weighting=None) -> ControlAdapter | None:
+    """The successor adapter among the units' (loaded) nets, if any; a clear error where the kit cannot mix it."""
+    found = [successor(net) for net in units_nets]
     adapters = [a for a in found if a is not None]
     if not adapters:
         return None
@@ -224,14 +229,14 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
         cond, note = fit_condition(raw, size, size, unit.resize_mode)
         notes += [f"unit {k + 1}: {n}" for n in changed + ([note] if note else [])]
         conditions.append(cond)
-    adapter = _one_successor([u.controlnet for u in units], pipe.unet, [u.mode for u in units],
-                             [u.connection_weights for u in units], cfg_weighting)
+    unit_nets = loaded_adapters([u.controlnet for u in units], pipe.unet)
+    adapter = _one_successor(unit_nets, [u.mode for u in units], [u.connection_weights for u in units], cfg_weighting)
     if adapter is not None:  # a successor: diffusers' text-to-image pipeline with the adapter in its UNet
         unit = units[0]
         run = adapter_pipeline(pipe, sched, adapter, unit.scale, unit.start, unit.end)
         out = run_adapter_pipeline(run, conditions * num_images, **common)
         return Generation(out.images, conditions, notes, settings)
-    nets = [(net, u.mode, u.connection_weights) for net, u in zip(_plain_nets([u.controlnet for u in units]), units)]
+    nets = [(net, u.mode, u.connection_weights) for net, u in zip(_plain_nets(unit_nets), units)]
     control = _control_pipeline(pipe, sched, nets, size // factor, guidance, cfg_weighting)
     out = control(image=[list(conditions) for _ in range(num_images)],
                   controlnet_conditioning_scale=[u.scale for u in units],
@@ -261,7 +266,8 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     pipe = load_pipeline(base)
     size = size or image_size(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
-    adapter = _one_successor(controlnets, pipe.unet, [mode], [], cfg_weighting) if controlnets else None
+    controlnets = loaded_adapters(controlnets, pipe.unet)
+    adapter = _one_successor(controlnets, [mode], [], cfg_weighting) if controlnets else None
     if adapter is not None:
         run = adapter_pipeline(pipe, sched, adapter)
     elif controlnets:

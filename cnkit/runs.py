@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from . import architectures
+from .bases import load_pipeline
 from .controlnets import load_controlnet
 from .metrics import convergence
 from .telemetry import InjectionTelemetry, Validation
@@ -111,7 +112,8 @@ class Run:
         ``cnkit.architectures`` adapter (what ``cnkit.generate`` takes either way)."""
         if self.architecture == "controlnet":
             return load_controlnet(self.checkpoint)
-        return architectures.load(self.checkpoint)
+        # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it
+        return architectures.load(self.checkpoint, load_pipeline(self.config["base"]).unet)
 
     def curve(self, label: str, **style) -> dict:
         """The run's validation fidelity and loss, as ``viz.convergence_figure`` draws one curve."""

@@ -36,6 +36,14 @@ def _params(name: str, at_most: float, stated: str):
     return rule
 
 
+def _smaller_file(name: str, at_most: float, stated: str):
+    def rule(rows):
+        r = _ratio(rows, name, "file_bytes")
+        return r <= at_most, (f"weights file {rows[name]['file_bytes'] / 1024:,.0f} KB against ControlNet's "
+                              f"{rows['controlnet']['file_bytes'] / 1024:,.0f} KB: {r:.1%} (claim: {stated})")
+    return rule
+
+
 def _faster(name: str, key: str, at_least: float, what: str):
     def rule(rows):
         r = _ratio(rows, name, key, inverse=True)
@@ -78,6 +86,9 @@ CLAIMS = [
      "a light adapter (~77M parameters; ControlNet SD 1.5: 361M, 21%)", _params("t2i-adapter", 0.25, "at most 25%")),
     ("t2i-adapter", "Mou et al. 2023", "runs once per generation, not at every denoising step: cheaper sampling",
      _faster("t2i-adapter", "seconds_per_image", 1.0, "seconds per generated image")),
+    ("control-lora", "Stability AI 2023 (huggingface.co/stabilityai/control-lora)",
+     "far smaller files: rank 128, ~377 MB against ~4.7 GB for the full ControlNet (8%)",
+     _smaller_file("control-lora", 0.10, "at most 10%")),
     ("controlnext", "Peng et al. 2024 (arXiv 2408.06070)", "up to 90% fewer trainable parameters than ControlNet",
      _params("controlnext", 0.10, "at most 10%")),
     ("controlnext", "Peng et al. 2024",

@@ -103,8 +103,7 @@ class InjectionTelemetry:
                       "text": items["text"], "cond": condition_range(items["conditions"])}
         adapter = trainer.accelerator.unwrap_model(trainer.adapter)
         self.zero_convs = isinstance(adapter, ControlNet)  # the paper's net: its condition encoder is watched too
-        self.points = (zero_convolutions(adapter.net, include_condition_encoder=True) if self.zero_convs
-                       else adapter.injection_points())
+        self.points = adapter.watched_points()
         if trainer.step == 0:
             self.on_step_end(trainer)  # the step-0 row: zero weights, zero residuals
 

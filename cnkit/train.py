@@ -41,7 +41,6 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from . import architectures
@@ -55,7 +54,7 @@ from .telemetry import InjectionTelemetry, Validation
 from .trainset import OnTheFly, cached_store, draw_items, micro_batch_generator
 
 # What cnkit.train trains (for controlnet, the variant picks one of architectures.PAPER_NETS).
-TRAINABLE_ARCHITECTURES = ("controlnet", "controlnet-xs", "t2i-adapter", "controlnext")
+TRAINABLE_ARCHITECTURES = ("controlnet", "control-lora", "controlnet-xs", "t2i-adapter", "controlnext")
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -70,8 +69,9 @@ class TrainConfig:
     base: str = "data/tiny-sd"  # a local diffusers pipeline folder or a hub id
     dataset: str = "toy:fill"  # anything cnkit.datasets.load reads, or a toy world "toy:fill"
     variant: str = "zero"  # zero (the paper), gaussian, lite: the ControlNet's initialisation or Fig. 8's lite net
-    architecture: str = "controlnet"  # how control enters the base (cnkit.architectures): controlnet, controlnet-xs,
-    # t2i-adapter, controlnext; ``variant`` applies to controlnet only
+    architecture: str = "controlnet"  # how control enters the base (cnkit.architectures): controlnet, control-lora,
+    # controlnet-xs, t2i-adapter, controlnext; ``variant`` applies to controlnet only
+    lora_rank: int = 8  # control-lora: the rank of the LoRA updates of its frozen copy
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # per process and micro-batch
     gradient_accumulation: int = 1  # micro-batches per optimizer step
@@ -98,7 +98,7 @@ class TrainConfig:
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
         positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size",
-                    "telemetry_every")
+                    "telemetry_every", "lora_rank")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
@@ -135,6 +135,11 @@ class TrainConfig:
         """The ``cnkit.architectures`` name this run builds (for controlnet, its variant's paper net)."""
         return architectures.PAPER_NETS[self.variant] if self.architecture == "controlnet" else self.architecture
 
+    @property
+    def adapter_options(self) -> dict:
+        """The build options of ``adapter_name`` this config sets."""
+        return {"rank": self.lora_rank} if self.architecture == "control-lora" else {}
+
     def samples_per_step(self, num_processes: int = 1) -> int:
         return self.batch_size * self.gradient_accumulation * num_processes
 
@@ -161,7 +166,7 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 # Settings added after the first runs were kept: they count in a run's identity (cnkit.runs) only when they differ
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
-                  "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1}
+                  "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
@@ -212,7 +217,7 @@ class Trainer:
         # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
         # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
         name = cfg.adapter_name
-        self.adapter = architectures.build(name, self.pipe, seed=cfg.seed)
+        self.adapter = architectures.build(name, self.pipe, seed=cfg.seed, **cfg.adapter_options)
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
             for module in (self.pipe.unet, self.adapter.net):
@@ -277,7 +282,7 @@ class Trainer:
         state = self.checkpoint.state()
         if state is None:
             return False
-        self.controlnet.load_state_dict(load_file(self.checkpoint_dir / "diffusion_pytorch_model.safetensors"))
+        self.accelerator.unwrap_model(self.adapter).load_weights(self.checkpoint_dir)
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         self.step = state["step"]
         self.loss_history = [tuple(x) for x in state["loss_history"]]

@@ -17,8 +17,9 @@ from cnkit.architectures.t2i_adapter import feature_shapes
 from cnkit.controlnets import ControlNetLiteModel
 
 # (registry name, build options): every architecture that can be built here, T2I-Adapter in both of its types.
-CASES = [("controlnet", {}), ("controlnet-gaussian", {}), ("controlnet-lite", {}), ("controlnet-xs", {}),
-         ("t2i-adapter", {}), ("t2i-adapter", {"adapter_type": "light_adapter"}), ("controlnext", {}), ("union", {})]
+CASES = [("controlnet", {}), ("controlnet-gaussian", {}), ("controlnet-lite", {}), ("control-lora", {}),
+         ("controlnet-xs", {}), ("t2i-adapter", {}), ("t2i-adapter", {"adapter_type": "light_adapter"}),
+         ("controlnext", {}), ("union", {})]
 IDS = [n + ("-light" if o else "") for n, o in CASES]
 KIT_CLASSES = {"cnkit.controlnets.ControlNetLiteModel": ControlNetLiteModel,
                "cnkit.architectures.controlnext.ControlNeXtModel": ControlNeXtModel}
@@ -126,6 +127,19 @@ def test_one_training_step_moves_the_adapter_and_not_the_base(name, options, tin
     print(f"{name} {options or ''}: {sum(p.numel() for p in trainable):,} trainable parameters (tiny base)")
 
 
+def load_with_its_class(adapter, folder, unet):
+    """The saved folder read by the class named in ``loads_with``, as its users read it: diffusers' own where one
+    exists (for a Control-LoRA, diffusers' Control-LoRA path: the base's copy, then the LoRA file)."""
+    if adapter.name == "control-lora":
+        net = diffusers.ControlNetModel.from_unet(
+            unet, conditioning_embedding_out_channels=adapter.options["conditioning_embedding_out_channels"])
+        net.load_lora_adapter(str(folder), weight_name="control_lora.safetensors", prefix=None)
+        return net
+    module, cls_name = adapter.loads_with.rsplit(".", 1)
+    cls = getattr(diffusers, cls_name) if module == "diffusers" else KIT_CLASSES[adapter.loads_with]
+    return cls.from_pretrained(str(folder))
+
+
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)
 def test_checkpoint_round_trips_through_the_class_that_loads_it(name, options, tiny, tmp_path):
     adapter = build(name, options, tiny, seed=3)
@@ -133,14 +147,16 @@ def test_checkpoint_round_trips_through_the_class_that_loads_it(name, options, t
         for p in adapter.trainable_parameters():
             p.add_(0.01 * torch.randn_like(p))
     folder = adapter.save_pretrained(tmp_path / name)
-    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert list(folder.glob("*.safetensors"))
     assert not list(folder.glob("*.bin")) and not list(folder.glob("*.pt"))
     own = adapter.net.state_dict()
-    # The model class itself loads the folder: diffusers' own where one exists.
-    module, cls_name = adapter.loads_with.rsplit(".", 1)
-    cls = getattr(diffusers, cls_name) if module == "diffusers" else KIT_CLASSES[adapter.loads_with]
-    direct = cls.from_pretrained(str(folder)).state_dict()
-    assert own.keys() == direct.keys() and all(torch.equal(own[k], direct[k]) for k in own)
+    # (diffusers names a loaded LoRA "default_0" where peft's own name is "default"; peft keeps a trained-in-full
+    # module's original beside it, unused, as the net it was made from drew it)
+    direct = {k.replace(".default_0.", ".default."): v
+              for k, v in load_with_its_class(adapter, folder, tiny.unet).state_dict().items()}
+    own = {k: v for k, v in own.items() if ".original_module." not in k}
+    direct = {k: v for k, v in direct.items() if ".original_module." not in k}
+    assert own.keys() == direct.keys() and [k for k in own if not torch.equal(own[k], direct[k])] == []
     loaded = A.load(folder, tiny.unet).eval()
     assert type(loaded) is type(adapter) and loaded.options == adapter.options
     assert loaded.vae_scale_factor == adapter.vae_scale_factor == 4
@@ -237,8 +253,8 @@ def test_union_serves_any_subset_of_its_conditions(tiny):
 
 
 def test_registry_names_the_known_architectures(tiny):
-    assert set(A.ARCHITECTURES) == {"controlnet", "controlnet-gaussian", "controlnet-lite", "controlnet-xs",
-                                    "t2i-adapter", "controlnext", "union"}
+    assert set(A.ARCHITECTURES) == {"controlnet", "controlnet-gaussian", "controlnet-lite", "control-lora",
+                                    "controlnet-xs", "t2i-adapter", "controlnext", "union"}
     with pytest.raises(ValueError, match="known architectures: controlnet, "):
         A.build("controlnet-xxl", tiny.unet)
 
@@ -248,3 +264,28 @@ def test_a_condition_of_the_wrong_size_is_a_clear_error(tiny):
     x = inputs(tiny, "t2i-adapter")
     with pytest.raises(ValueError, match="downsamples by 4"):
         adapter.predict_noise(tiny.unet, **{**x, "cond": x["cond"][..., :32, :32]})
+
+
+def test_control_lora_keeps_its_copy_at_the_base_and_stores_only_what_it_trains(tiny, tmp_path):
+    lora, paper = build("control-lora", {}, tiny), build("controlnet", {}, tiny)
+    trainable = sum(p.numel() for p in lora.trainable_parameters())
+    assert trainable < 0.5 * sum(p.numel() for p in paper.trainable_parameters())
+    # the copy's own weights are the base encoder's and stay frozen: only LoRA factors and the new parts train
+    names = {n for n, p in lora.net.named_parameters() if p.requires_grad}
+    assert all(".lora_" in n or ".modules_to_save." in n for n in names)
+    copy_conv = lora.net.down_blocks[0].resnets[0].conv1.base_layer
+    assert torch.equal(copy_conv.weight, tiny.unet.down_blocks[0].resnets[0].conv1.weight)
+    assert not copy_conv.weight.requires_grad
+    with torch.no_grad():
+        for p in lora.trainable_parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    lora_bytes = sum(f.stat().st_size for f in lora.save_pretrained(tmp_path / "lora").glob("*.safetensors"))
+    paper_bytes = sum(f.stat().st_size for f in paper.save_pretrained(tmp_path / "paper").glob("*.safetensors"))
+    assert lora_bytes < 0.5 * paper_bytes
+    # the copy is rebuilt from the base: without it, loading is a clear error
+    with pytest.raises(ValueError, match="Load it with the base it was trained on"):
+        A.load(tmp_path / "lora")
+    with pytest.raises(ValueError, match="rank must be a positive whole number"):
+        build("control-lora", {"rank": 0}, tiny)
+    # a higher rank trains more
+    assert sum(p.numel() for p in build("control-lora", {"rank": 16}, tiny).trainable_parameters()) > trainable

@@ -48,3 +48,6 @@ def test_verdicts_are_computed_from_the_rows():
     rows["controlnext"]["converged_at_step"]["fill"] = [100, 500, 100]
     assert [v["held"] for v in successor_claims.verdicts(rows) if v["architecture"] == "controlnext"][1] is True
     assert all(v is None for (a, _), v in got.items() if a == "t2i-adapter")  # not measured: no verdict
+    rows["control-lora"] = {**_row(300, 1.0, 1.0, [300, 300, 300], [0.8] * 3), "file_bytes": 0.09}
+    lora = [v for v in successor_claims.verdicts(rows) if v["architecture"] == "control-lora"]
+    assert [v["held"] for v in lora] == [True] and "9.0%" in lora[0]["kit"]  # the file: 9% of ControlNet's

@@ -31,7 +31,7 @@ def test_every_run_the_figure_notebooks_train_is_in_all_configs():
               + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS]
               + [experiments.architecture_run(a, t, s) for a in ("controlnet", *experiments.SUCCESSORS)
                  for t in experiments.ARCHITECTURE_TASKS for s in experiments.SEEDS])
-    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 18
+    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 24
 
 
 def test_notebook_10s_controlnet_runs_are_the_ablation_and_table_2_runs():

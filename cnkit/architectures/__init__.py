@@ -1,9 +1,9 @@
 """ControlNet and its successors, built from any base UNet behind one interface (``base.ControlAdapter``).
 
 One idea per file: ``base`` (the interface), ``controlnet`` (the paper's net and its Fig. 8 ablations),
-``controlnet_xs``, ``t2i_adapter``, ``controlnext``, ``union`` (several conditions in one net). Control-LoRA is
-not here yet: it needs the peft package (diffusers' ``ControlNetModel.add_adapter``), not yet a dependency.
-``build(name, base)`` makes a fresh adapter, ``load(folder)`` a saved one.
+``control_lora`` (the paper's net trained through LoRA, peft), ``controlnet_xs``, ``t2i_adapter``, ``controlnext``,
+``union`` (several conditions in one net). ``build(name, base)`` makes a fresh adapter, ``load(folder)`` a saved one
+(``load(folder, unet)`` for a Control-LoRA, which is stored as changes to its base).
 
     pipe = cnkit.tiny.build_tiny_sd()
     adapter = build("t2i-adapter", pipe, seed=0)   # matched to the base's VAE factor (4) and block widths
@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 from .base import ARCHITECTURE_FILE, ControlAdapter, resolve_base
+from .control_lora import ControlLoRA
 from .controlnet import ControlNet, ControlNetGaussian, ControlNetLite
 from .controlnet_xs import ControlNetXS
 from .controlnext import ControlNeXt
@@ -23,8 +24,8 @@ from .t2i_adapter import T2IAdapterArchitecture
 from .union import UnionControlNet
 
 ARCHITECTURES: dict[str, type[ControlAdapter]] = {
-    cls.name: cls for cls in (ControlNet, ControlNetGaussian, ControlNetLite, ControlNetXS, T2IAdapterArchitecture,
-                              ControlNeXt, UnionControlNet)
+    cls.name: cls for cls in (ControlNet, ControlNetGaussian, ControlNetLite, ControlLoRA, ControlNetXS,
+                              T2IAdapterArchitecture, ControlNeXt, UnionControlNet)
 }
 
 # The paper's net and its Fig. 8 ablations by ControlNet variant: what diffusers' ControlNet pipeline runs.
@@ -50,7 +51,8 @@ def build(name: str, base_or_unet, vae_scale_factor: int | None = None, seed: in
 
 def load(folder, unet=None) -> ControlAdapter:
     """The adapter saved by ``ControlAdapter.save_pretrained`` in ``folder`` (its ``cnkit_architecture.json`` names
-    it); a folder without that file is read as a plain ControlNet (what ``cnkit.train`` saves today)."""
+    it); a folder without that file is read as a plain ControlNet. ``unet``: the base it drives (a Control-LoRA
+    needs it: its copy of the encoder is rebuilt from it)."""
     folder = Path(folder)
     meta_file = folder / ARCHITECTURE_FILE
     if meta_file.is_file():
@@ -61,5 +63,6 @@ def load(folder, unet=None) -> ControlAdapter:
     return architecture(name).load(folder, unet)
 
 
-__all__ = ["ARCHITECTURES", "PAPER_NETS", "ControlAdapter", "ControlNet", "ControlNetGaussian", "ControlNetLite",
-           "ControlNetXS", "ControlNeXt", "T2IAdapterArchitecture", "UnionControlNet", "architecture", "build", "load"]
+__all__ = ["ARCHITECTURES", "PAPER_NETS", "ControlAdapter", "ControlLoRA", "ControlNet",
+           "ControlNetGaussian", "ControlNetLite", "ControlNetXS", "ControlNeXt", "T2IAdapterArchitecture",
+           "UnionControlNet", "architecture", "build", "load"]

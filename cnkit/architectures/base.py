@@ -38,6 +38,7 @@ from typing import ClassVar
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from safetensors.torch import load_file
 from torch import nn
 
 from .. import bases
@@ -120,14 +121,20 @@ class ControlAdapter(nn.Module):
         """The adapter saved in ``folder`` by ``save_pretrained``. ``unet``: the base it drives (locked here; only
         architectures that fuse with the base need it before their first ``predict_noise``)."""
         folder = Path(folder)
-        meta = json.loads((folder / ARCHITECTURE_FILE).read_text()) if (folder / ARCHITECTURE_FILE).is_file() else {}
-        if meta.get("architecture", cls.name) != cls.name:
-            raise ValueError(f"{folder} holds a {meta['architecture']!r} adapter, not {cls.name!r}; load it with "
-                             "cnkit.architectures.load(folder)")
+        meta = cls.read_meta(folder)
         if unet is not None:
             unet.requires_grad_(False)
         net = cls.load_net(folder)
         return cls(net, meta.get("vae_scale_factor") or cls.factor_of(net), **meta.get("options", {}))
+
+    @classmethod
+    def read_meta(cls, folder: Path) -> dict:
+        """The folder's architecture file ({} when it has none); a folder of another architecture is a clear error."""
+        meta = json.loads((folder / ARCHITECTURE_FILE).read_text()) if (folder / ARCHITECTURE_FILE).is_file() else {}
+        if meta.get("architecture", cls.name) != cls.name:
+            raise ValueError(f"{folder} holds a {meta['architecture']!r} adapter, not {cls.name!r}; load it with "
+                             "cnkit.architectures.load(folder)")
+        return meta
 
     @classmethod
     def factor_of(cls, net: nn.Module) -> int:
@@ -138,10 +145,17 @@ class ControlAdapter(nn.Module):
         """``self.net`` as its model class saves it (config.json + safetensors) and the architecture file."""
         folder = Path(folder)
         self.net.save_pretrained(folder, safe_serialization=True)
+        self.write_meta(folder)
+        return folder
+
+    def write_meta(self, folder: Path) -> None:
         (folder / ARCHITECTURE_FILE).write_text(json.dumps(
             {"architecture": self.name, "loads_with": self.loads_with, "vae_scale_factor": self.vae_scale_factor,
              "options": self.options}, indent=1))
-        return folder
+
+    def load_weights(self, folder) -> None:
+        """Put the weights ``save_pretrained`` wrote in ``folder`` back into this adapter (a resumed run)."""
+        self.net.load_state_dict(load_file(Path(folder) / "diffusion_pytorch_model.safetensors"))
 
     # --- what the trainer, telemetry and generation call -----------------------------------
     def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
@@ -154,6 +168,11 @@ class ControlAdapter(nn.Module):
 
     def injection_points(self) -> list[tuple[str, nn.Module]]:
         raise NotImplementedError
+
+    def watched_points(self) -> list[tuple[str, nn.Module]]:
+        """What telemetry watches: the injection points, and for some architectures a layer worth watching beside
+        them (the paper's net: its condition encoder's last convolution, also zero at the start)."""
+        return self.injection_points()
 
     @torch.no_grad()
     def injections(self, unet, sample, timestep, encoder_hidden_states, cond) -> list[torch.Tensor]:

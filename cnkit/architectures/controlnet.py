@@ -65,6 +65,12 @@ class ControlNet(ControlAdapter):
     def injection_points(self):
         return zero_convolutions(self.net)
 
+    def watched_points(self):
+        return [*self.injection_points(), ("controlnet_cond_embedding.conv_out", self.condition_encoder().conv_out)]
+
+    def condition_encoder(self):
+        return self.net.controlnet_cond_embedding
+
     @torch.no_grad()
     def injections(self, unet, sample, timestep, encoder_hidden_states, cond):
         # The residuals are the zero convolutions' outputs: the base UNet need not run.
