@@ -31,7 +31,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
-from .architectures.controlnet import ControlNet
 from .controlnets import make_controlnet, zero_convolutions
 from .generate import generate_many
 from .metrics import fidelity_metrics_for
@@ -101,9 +100,8 @@ class InjectionTelemetry:
         noise = torch.randn(z0.shape, generator=g)
         self.probe = {"noisy": trainer.noise_scheduler.add_noise(z0, noise, t), "t": t,
                       "text": items["text"], "cond": condition_range(items["conditions"])}
-        adapter = trainer.accelerator.unwrap_model(trainer.adapter)
-        self.zero_convs = isinstance(adapter, ControlNet)  # the paper's net: its condition encoder is watched too
-        self.points = adapter.watched_points()
+        # the injection points (and for the paper's net its condition encoder's last convolution)
+        self.points = trainer.accelerator.unwrap_model(trainer.adapter).watched_points()
         if trainer.step == 0:
             self.on_step_end(trainer)  # the step-0 row: zero weights, zero residuals
 
@@ -116,12 +114,7 @@ class InjectionTelemetry:
         was_training = adapter.training
         adapter.eval()
         try:
-            if not self.zero_convs:
-                return adapter.injections(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p["cond"])
-            net = adapter.net
-            down, mid = net(p["noisy"], p["t"], encoder_hidden_states=p["text"], controlnet_cond=p["cond"],
-                            return_dict=False)
-            return [*down, mid, net.controlnet_cond_embedding(p["cond"])]
+            return adapter.watched_outputs(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p["cond"])
         finally:
             adapter.train(was_training)
 

@@ -105,6 +105,10 @@ def test_injections_match_their_points(name, options, base_name, request):
         assert inj.shape[0] == 2 and inj.shape[-1] <= base.latent, point
         if isinstance(module, torch.nn.Conv2d):
             assert inj.shape[1] == module.out_channels, point
+    # what telemetry watches: the points (the paper's nets add their condition encoder's last convolution)
+    watched, outputs = adapter.watched_points(), adapter.watched_outputs(base.unet, **x)
+    assert watched[: len(points)] == points and len(outputs) == len(watched)
+    assert all(torch.equal(a, b) for a, b in zip(outputs, injections))
 
 
 @pytest.mark.parametrize("name,options", CASES, ids=IDS)

@@ -175,6 +175,11 @@ class ControlAdapter(nn.Module):
         return self.injection_points()
 
     @torch.no_grad()
+    def watched_outputs(self, unet, sample, timestep, encoder_hidden_states, cond) -> list[torch.Tensor]:
+        """What each of ``watched_points()`` outputs on that input, in the same order (telemetry's residual RMS)."""
+        return self.injections(unet, sample, timestep, encoder_hidden_states, cond)
+
+    @torch.no_grad()
     def injections(self, unet, sample, timestep, encoder_hidden_states, cond) -> list[torch.Tensor]:
         """What each injection point outputs during one controlled forward pass at conditioning scale 1 (forward
         hooks on the points; architectures whose points are cheaper to reach override this)."""

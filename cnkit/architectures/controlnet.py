@@ -72,6 +72,10 @@ class ControlNet(ControlAdapter):
         return self.net.controlnet_cond_embedding
 
     @torch.no_grad()
+    def watched_outputs(self, unet, sample, timestep, encoder_hidden_states, cond):
+        return [*self.injections(unet, sample, timestep, encoder_hidden_states, cond), self.condition_encoder()(cond)]
+
+    @torch.no_grad()
     def injections(self, unet, sample, timestep, encoder_hidden_states, cond):
         # The residuals are the zero convolutions' outputs: the base UNet need not run.
         down, mid = self.residuals(sample, timestep, encoder_hidden_states, cond)
