@@ -28,20 +28,24 @@ def _ratio(rows, name, key, inverse=False) -> float:
     return b / a if inverse else a / b
 
 
-def _params(name: str, at_most: float, stated: str):
+def _at_most(name: str, key: str, at_most: float, stated: str, text: str, number):
+    """Held if the successor's ``key`` is at most ``at_most`` of ControlNet's; ``text`` names both values ({a}, {b})
+    as ``number`` writes them."""
     def rule(rows):
-        r = _ratio(rows, name, "trainable_params")
-        return r <= at_most, (f"{rows[name]['trainable_params']:,} trainable parameters against ControlNet's "
-                              f"{rows['controlnet']['trainable_params']:,}: {r:.1%} (claim: {stated})")
+        r = _ratio(rows, name, key)
+        values = text.format(a=number(rows[name][key]), b=number(rows["controlnet"][key]))
+        return r <= at_most, f"{values}: {r:.1%} (claim: {stated})"
     return rule
+
+
+def _params(name: str, at_most: float, stated: str):
+    return _at_most(name, "trainable_params", at_most, stated, "{a} trainable parameters against ControlNet's {b}",
+                    lambda v: f"{v:,}")
 
 
 def _smaller_file(name: str, at_most: float, stated: str):
-    def rule(rows):
-        r = _ratio(rows, name, "file_bytes")
-        return r <= at_most, (f"weights file {rows[name]['file_bytes'] / 1024:,.0f} KB against ControlNet's "
-                              f"{rows['controlnet']['file_bytes'] / 1024:,.0f} KB: {r:.1%} (claim: {stated})")
-    return rule
+    return _at_most(name, "file_bytes", at_most, stated, "weights file {a} KB against ControlNet's {b} KB",
+                    lambda v: f"{v / 1024:,.0f}")
 
 
 def _faster(name: str, key: str, at_least: float, what: str):

@@ -289,7 +289,7 @@ def test_control_lora_keeps_its_copy_at_the_base_and_stores_only_what_it_trains(
     # the copy is rebuilt from the base: without it, loading is a clear error
     with pytest.raises(ValueError, match="Load it with the base it was trained on"):
         A.load(tmp_path / "lora")
-    with pytest.raises(ValueError, match="rank must be a positive whole number"):
+    with pytest.raises(ValueError, match="parameter rank must be at least 1"):
         build("control-lora", {"rank": 0}, tiny)
     # a higher rank trains more
     assert sum(p.numel() for p in build("control-lora", {"rank": 16}, tiny).trainable_parameters()) > trainable

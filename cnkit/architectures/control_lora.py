@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ..controlnets import make_controlnet, watch_condition_size
+from ..params import coerce
 from .base import ARCHITECTURE_FILE, seeded
 from .controlnet import ControlNet
 
@@ -68,16 +69,12 @@ class ControlLoRA(ControlNet):
     """The paper's ControlNet, its copy frozen, trained through LoRA of ``rank`` (see the module docstring)."""
 
     name = "control-lora"
-    variant = "zero"
     loads_with = "diffusers.ControlNetModel.from_unet + load_lora_adapter"
-    preserves_base_at_init = True
 
     @classmethod
     def build(cls, unet, vae_scale_factor: int = 8, seed: int | None = None, rank: int = 8,
               conditioning_channels: int = 3):
-        if int(rank) != rank or rank < 1:
-            raise ValueError(f"rank must be a positive whole number, got {rank!r}")
-        rank = int(rank)
+        rank = coerce("rank", rank, int, minimum=1)
         net = make_controlnet(unet, "zero", vae_scale_factor=vae_scale_factor,
                               conditioning_channels=conditioning_channels, seed=seed)
         net.requires_grad_(False)
