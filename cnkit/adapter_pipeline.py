@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from torch import nn
 
 from .architectures import ControlAdapter
-from .pixels import condition_range
+from .pixels import condition_range, is_condition_set, stack_maps
 
 
 class ControlledUNet(nn.Module):
@@ -67,8 +67,10 @@ class ControlledUNet(nn.Module):
 
 def condition_tensor(conditions) -> torch.Tensor:
     """PIL or HxWx3 uint8 conditions -> (N, 3, H, W) floats in [0, 1], what the adapters were trained on
-    (``cnkit.pixels.condition_range``)."""
-    arrays = [np.asarray(c.convert("RGB") if hasattr(c, "convert") else c) for c in conditions]
+    (``cnkit.pixels.condition_range``); a set of maps per image (a multi-condition net's; None for a missing map)
+    -> (N, 3n, H, W), the maps on the channel axis in order, as training stacks them."""
+    arrays = [stack_maps(c) if is_condition_set(c) else np.asarray(c.convert("RGB") if hasattr(c, "convert") else c)
+              for c in conditions]
     return condition_range(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
 
 

@@ -6,7 +6,9 @@
 - a Fill50K-format folder: ``prompt.json`` in JSON lines ``{"source", "target", "prompt"}`` (the
   official ControlNet tutorial's layout; source is the condition, target the image);
 - an imagefolder with ``metadata.jsonl`` rows ``{"image", "conditioning_image", "text"}`` (the
-  columns diffusers' ``train_controlnet.py`` reads; other names through ``columns=``);
+  columns diffusers' ``train_controlnet.py`` reads; other names through ``columns=``); a list of
+  conditioning images per row makes a multi-condition dataset (an item's condition is then a tuple
+  of maps, what the ``union`` architecture trains on);
 - a Hugging Face ``datasets`` dataset: a folder written by ``save_to_disk`` or a hub name (the
   hub needs a network or a warm cache), with the same columns;
 - a folder of parquet shards (a hub dataset's files as downloaded), read a row group at a time,
@@ -37,7 +39,8 @@ from PIL import Image, UnidentifiedImageError
 from .pixels import BLACK, WHITE, to_rgb
 from .toyworld import Example, ToyWorld, to_pil
 
-__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "is_toy", "load", "open_image", "to_pil"]
+__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "condition_count", "is_toy", "load", "open_image",
+           "to_pil"]
 
 
 class DatasetError(ValueError):
@@ -108,9 +111,15 @@ class PairFolder:
         self.rows = _read_jsonl(self.index_file, list(self.keys))
         for row in self.rows:
             for key in self.keys[:2]:
-                if not (self.root / row[key]).is_file():
-                    raise DatasetError(f"{self._where(row)}: {key} file {self.root / row[key]} does not "
-                                       "exist; fix the path or remove the row")
+                names = row[key] if isinstance(row[key], list) and key == condition_key else [row[key]]
+                for name in names:
+                    if not isinstance(name, str) or not (self.root / name).is_file():
+                        raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} does not "
+                                           "exist; fix the path or remove the row")
+        counts = {len(r[condition_key]) if isinstance(r[condition_key], list) else 1 for r in self.rows}
+        if len(counts) > 1:
+            raise DatasetError(f"{self.index_file}: rows list {sorted(counts)} conditioning images; every row of a "
+                               "multi-condition dataset lists the same maps in the same order")
 
     def _where(self, row: dict) -> str:
         return f"{self.index_file}, line {row['_line']}"
@@ -123,11 +132,14 @@ class PairFolder:
         where = self._where(row)
         image_key, condition_key, prompt_key = self.keys
         image = open_image(self.root / row[image_key], where, background=WHITE)
-        condition = open_image(self.root / row[condition_key], where)
-        if condition.size != image.size:
-            raise DatasetError(f"{where}: condition {row[condition_key]} is {condition.size[0]}x"
-                               f"{condition.size[1]} but image {row[image_key]} is {image.size[0]}x"
-                               f"{image.size[1]}; resize one so they match")
+        names = row[condition_key] if isinstance(row[condition_key], list) else [row[condition_key]]
+        maps = tuple(open_image(self.root / name, where) for name in names)
+        for name, condition in zip(names, maps):
+            if condition.size != image.size:
+                raise DatasetError(f"{where}: condition {name} is {condition.size[0]}x"
+                                   f"{condition.size[1]} but image {row[image_key]} is {image.size[0]}x"
+                                   f"{image.size[1]}; resize one so they match")
+        condition = maps if isinstance(row[condition_key], list) else maps[0]
         prompt = row[prompt_key]
         if not isinstance(prompt, str):
             raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}")
@@ -171,6 +183,16 @@ class HFDataset:
         return Example(image, condition, str(row[c["prompt"]]))
 
     validate = PairFolder.validate
+
+
+def condition_count(spec) -> int:
+    """How many condition maps each item of dataset ``spec`` has (1 but for multi-condition data: a toy world's
+    ``"toy:shapes/segmentation+depth"``, an imagefolder listing several conditioning images per row)."""
+    if is_toy(spec):
+        return len(str(spec).partition("/")[2].split("+"))
+    ds = load(spec)
+    first = ds[0].condition if len(ds) else None
+    return len(first) if isinstance(first, tuple) else 1
 
 
 def is_toy(spec) -> bool:

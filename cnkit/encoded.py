@@ -44,9 +44,19 @@ class DiskSpaceError(OSError):
 
 
 def png_bytes(array: np.ndarray) -> bytes:
+    """A condition as PNG. A set of maps (HxWx3n, a multi-condition item) is stored as one RGB picture of its maps
+    side by side (HxnWx3: PNG has at most four channels); ``_unpack_maps`` reads it back."""
+    if array.ndim == 3 and array.shape[-1] > 3:
+        array = np.concatenate(np.split(array, array.shape[-1] // 3, axis=-1), axis=1)
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def _unpack_maps(picture: np.ndarray) -> np.ndarray:
+    """HxnWx3 (the maps of one item side by side, as ``png_bytes`` stores them; every map is square) -> HxWx3n."""
+    h, w = picture.shape[:2]
+    return picture if w == h else np.concatenate(np.split(picture, w // h, axis=1), axis=-1)
 
 
 def encoders_fingerprint(pipe) -> str:
@@ -105,7 +115,7 @@ class ShardReader:
         out = []
         for i in idx:
             a, b = int(self.cond_offsets[i]), int(self.cond_offsets[i + 1])
-            out.append(np.asarray(Image.open(io.BytesIO(self._read(offset + a, b - a))).convert("RGB")))
+            out.append(_unpack_maps(np.asarray(Image.open(io.BytesIO(self._read(offset + a, b - a))).convert("RGB"))))
         return np.stack(out)
 
     def close(self) -> None:
@@ -128,7 +138,8 @@ class EncodedStore:
         return self.n
 
     def gather(self, idx) -> dict[str, torch.Tensor]:
-        """Latent mean and std, the uint8 condition (N, 3, H, W) and the prompt embedding of items ``idx``."""
+        """Latent mean and std, the uint8 condition (N, 3, H, W; N, 3n, H, W for n maps per item) and the prompt
+        embedding of items ``idx``."""
         idx = np.asarray(idx, dtype=np.int64)
         parts: dict[str, list] = {"latent_mean": [], "latent_std": [], "conditions": [], "text": []}
         order = []

@@ -9,7 +9,8 @@ images they were measured on, so a notebook's table and grid agree.
 - ``evaluate_base``: the pretrained base from held-out prompts (fill: one disc, the prompted colours;
   shapes: the prompted shapes, counts and colours).
 - ``evaluate_controlnet``: condition fidelity on held-out conditions; ``evaluate_composition``: two nets in
-  one call (Fig. 6), each condition measured where it speaks.
+  one call (Fig. 6), each condition measured where it speaks; ``evaluate_condition_subsets``: a
+  multi-condition (union) net given all its maps and each alone.
 - ``evaluate_prompt_settings`` (Fig. 8): the four prompt settings on the fill task; condition fidelity
   (disc IoU) and prompt adherence (the prompted colours, where a prompt names any).
 - ``evaluate_cfg_forms`` (Fig. 5): no prompt; no guidance / guidance with the condition in both branches /
@@ -96,6 +97,26 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
             "cfg_weighting": cfg_weighting,
             "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
             "per_item": scores}
+
+
+def evaluate_condition_subsets(pipe, net, dataset: str, n: int = 32, data_seed: int = 0, steps: int = 20,
+                               guidance: float = 3.0, batch: int = 32) -> dict:
+    """A multi-condition (union) net trained on ``dataset`` (maps m1+m2+...) given all its maps, then each map alone
+    (the others missing, black), on ``n`` held-out items with their own prompts and the validation seeds: the same
+    images a training run's validation makes when every map is given. Returns ``{subset: {metric: mean}}``, subsets
+    named "all" and by map."""
+    items = splits.held_out_items(dataset, n, image_size(pipe), data_seed)
+    maps = dataset.partition("/")[2].split("+")
+    fidelity = metrics.fidelity_metrics_for(dataset)
+    subsets = {"all": maps, **{m: [m] for m in maps}}
+    out = {}
+    for label, keep in subsets.items():
+        conditions = [[tuple(c if m in keep else None for m, c in zip(maps, item.condition))] for item in items]
+        images = generate_many(pipe, [item.prompt for item in items], conditions, [net],
+                               splits.seeds("validation", len(items)), steps=steps, guidance=guidance, batch=batch)
+        out[label] = {name: float(np.mean([fn(img, item) for img, item in zip(images, items)]))
+                      for name, fn in fidelity.items()}
+    return out
 
 
 def composition_conditions(sample) -> tuple[np.ndarray, np.ndarray]:

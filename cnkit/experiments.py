@@ -80,20 +80,37 @@ def sampling_comparison(seed: int = 0, smoke: bool = False, **overrides):
 # zero runs, 400 steps validated every 100) and only the successors add training.
 ARCHITECTURE_TASKS = {"fill": {}, "segmentation": {**SHORT, **SEGMENTATION}}
 SUCCESSORS = ("control-lora", "controlnet-xs", "t2i-adapter", "controlnext")
+# The union net of notebook 10: one net for all four maps of the shapes world, on the segmentation task's items and
+# budget (segmentation first: the task's metric, mIoU, is the one its validation reports).
+UNION_MAPS = ("segmentation", "depth", "edges", "outline")
+
+
+def trains_on(architecture: str, task: str) -> bool:
+    """Does notebook 10 train ``architecture`` on ``task``? Every one does, but the union net: not on fill's one map."""
+    return architecture != "union" or task == "segmentation"
 
 
 def architecture_run(architecture: str, task: str, seed: int, smoke: bool = False, **overrides):
-    """Notebook 10: the recipe with only the architecture changed, on a task of ``ARCHITECTURE_TASKS``."""
+    """Notebook 10: the recipe with only the architecture changed, on a task of ``ARCHITECTURE_TASKS``; a union net
+    learns every map of the task's world (``UNION_MAPS``: the segmentation task only)."""
     if task not in ARCHITECTURE_TASKS:
         raise ValueError(f"unknown task {task!r}; known: {', '.join(ARCHITECTURE_TASKS)}")
-    return run_config(smoke, **{**ARCHITECTURE_TASKS[task], "architecture": architecture, "seed": seed, **overrides})
+    union = {}
+    if architecture == "union":
+        if not trains_on(architecture, task):
+            raise ValueError(f"a union net learns several conditions; the {task} task has one: use task "
+                             "'segmentation' (the shapes world's four maps)")
+        union = {"dataset": "toy:shapes/" + "+".join(UNION_MAPS)}
+    return run_config(smoke, **{**ARCHITECTURE_TASKS[task], "architecture": architecture, "seed": seed, **union,
+                                **overrides})
 
 
 def all_configs(smoke: bool = False) -> list:
     return ([ablation(v, s, smoke) for s in SEEDS for v in VARIANTS] + [sampling_comparison(SEEDS[0], smoke)]
             + [reconstruction(v, s, smoke) for s in SEEDS for v in ("zero", "lite")]
             + [dataset_size(n, s, smoke) for n in DATASET_SIZES for s in SEEDS]
-            + [architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS])
+            + [architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS]
+            + [architecture_run("union", "segmentation", s, smoke) for s in SEEDS])
 
 
 def default_workers() -> int:

@@ -52,7 +52,8 @@ class ControlUnit:
 
     controlnet: Any  # a folder, a hub id, an original-layout .safetensors file, a ControlNetModel / lite model, or
     # any cnkit.architectures adapter (or the folder it saved)
-    image: Any = None  # the condition, or the annotator's source: PIL image, HxWx3 uint8, toy Sample
+    image: Any = None  # the condition, or the annotator's source: PIL image, HxWx3 uint8, toy Sample; a union
+    # (multi-condition) net's unit: a tuple of condition maps, in its training order (None for a missing map)
     annotator: str | None = None  # cnkit.annotators name; None: ``image`` is the condition itself
     annotator_settings: dict = field(default_factory=dict)
     annotator_weights: str | None = None  # folder with the annotator's weight files
@@ -75,6 +76,9 @@ class ControlUnit:
             raise ValueError(f"unknown resize mode {self.resize_mode!r}; known: {', '.join(RESIZE_MODES)}")
         if self.image is None:
             raise ValueError("a unit needs an image: the condition, or the source for its annotator")
+        if self.annotator and pixels.is_condition_set(self.image):
+            raise ValueError("a set of condition maps (a union net's) is given as the maps themselves: leave "
+                             "annotator at None, or annotate each source first (cnkit.annotators.annotate)")
         if self.connection_weights is not None:
             self.connection_weights = [coerce("connection_weights", w, float) for w in self.connection_weights]
 
@@ -84,7 +88,11 @@ class ControlUnit:
 
 def fit_condition(image, width: int, height: int, mode: str = "crop_and_resize") -> tuple[Image.Image, str | None]:
     """A condition at width x height by the WebUI's resize modes (``cnkit.pixels.fit``, as training fits its
-    conditions), and a note saying what was done (None when it already had that size)."""
+    conditions), and a note saying what was done (None when it already had that size). A set of maps (a tuple, for
+    a multi-condition net; None for a missing map) is fitted map by map and stays a tuple."""
+    if pixels.is_condition_set(image):
+        fitted = [(None, None) if m is None else fit_condition(m, width, height, mode) for m in image]
+        return tuple(m for m, _ in fitted), next((n for _, n in fitted if n), None)
     out, note = pixels.fit(image, width, height, mode)
     return out, note and f"condition {note}"
 
@@ -103,6 +111,10 @@ def unit_condition(unit: ControlUnit) -> tuple[np.ndarray, list[str]]:
     if isinstance(unit.image, toyworld.Sample):
         raise ValueError("a toy-world sample is a source: give the unit an annotator (toy_outline, "
                          "toy_segmentation, toy_depth, toy_edges, canny, ...)")
+    if pixels.is_condition_set(unit.image):  # a multi-condition net's maps, each converted as a single one
+        converted = [None if m is None else pixels.to_rgb(m, pixels.BLACK) for m in unit.image]
+        notes = [f"condition {k + 1}: {c[1]}" for k, c in enumerate(converted) if c is not None and c[1]]
+        return tuple(None if c is None else np.asarray(c[0]) for c in converted), notes
     image, note = pixels.to_rgb(unit.image, pixels.BLACK)  # conditions draw on black, as in training
     return np.asarray(image), [f"condition: {note}"] if note else []
 
@@ -132,19 +144,30 @@ def loaded_adapters(nets: list, unet) -> list:
 
 
 def successor(net) -> ControlAdapter | None:
-    """``net`` when it is one of ControlNet's successors (an adapter), else None: the paper's nets and Control-LoRA
-    (ControlNetModels, also as adapters) go to diffusers' ControlNet pipeline."""
+    """``net`` when it is one of ControlNet's successors (an adapter, a union net among them), else None: the paper's
+    nets and Control-LoRA (ControlNetModels, also as adapters) go to diffusers' ControlNet pipeline."""
     if not isinstance(net, ControlAdapter):
         return None
-    if isinstance(net, UnionControlNet):
-        raise ValueError("a union (multi-condition) ControlNet takes several condition maps per unit, which "
-                         "cnkit.generate does not pass yet: generate with a single-condition net")
-    return None if isinstance(net, ControlNet) else net
+    # a union net is a ControlNetModel too, but of 3n condition channels: its maps are packed by the adapter pipeline
+    return None if isinstance(net, ControlNet) and not isinstance(net, UnionControlNet) else net
+
+
+def check_condition_sets(nets: list, conditions: list) -> None:
+    """A set of maps goes to a multi-condition (union) net and a single map to any other: a clear error otherwise,
+    before anything runs. ``conditions``: one per net."""
+    for k, (net, cond) in enumerate(zip(nets, conditions)):
+        union = isinstance(net, UnionControlNet)
+        if pixels.is_condition_set(cond) and not union:
+            raise ValueError(f"unit {k + 1}: a set of {len(cond)} condition maps was given to a single-condition "
+                             "net; give it one map, or give the set to a union (multi-condition) net")
+        if union and not pixels.is_condition_set(cond):
+            raise ValueError(f"unit {k + 1}: a union net reads {net.n_conditions} condition maps; give the unit a "
+                             f"tuple of {net.n_conditions} maps in its training order (None for a missing one)")
 
 
 def _plain_nets(nets: list) -> list:
     """The paper's nets as diffusers' ControlNet pipeline takes them (an adapter of the paper's kind: its model)."""
-    return [net.net if isinstance(net, ControlNet) and not isinstance(net, UnionControlNet) else net for net in nets]
+    return [net.net if isinstance(net, ControlNet) else net for net in nets]
 
 
 def _one_successor(units_nets: list, modes=(), weights=(), cfg_weighting=None) -> ControlAdapter | None:
@@ -230,6 +253,7 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
         notes += [f"unit {k + 1}: {n}" for n in changed + ([note] if note else [])]
         conditions.append(cond)
     unit_nets = loaded_adapters([u.controlnet for u in units], pipe.unet)
+    check_condition_sets(unit_nets, conditions)
     adapter = _one_successor(unit_nets, [u.mode for u in units], [u.connection_weights for u in units], cfg_weighting)
     if adapter is not None:  # a successor: diffusers' text-to-image pipeline with the adapter in its UNet
         unit = units[0]
@@ -276,6 +300,8 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     else:
         run = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
         run.set_progress_bar_config(disable=True)
+    for item in conditions[:1]:
+        check_condition_sets(controlnets, item)
     out = []
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))

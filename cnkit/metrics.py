@@ -271,7 +271,7 @@ def fidelity_metrics_for(dataset: str, with_truth: bool = True) -> dict:
         miou = lambda img, item: segmentation_miou(img, item.sample)
         if not with_truth:
             return {"edge_f1": edges}
-        if dataset.endswith("segmentation"):
+        if "segmentation" in dataset.partition("/")[2].split("+"):  # a segmentation net's (or a union's with one)
             return {"miou": miou, "edge_f1": edges}
         return {"edge_f1": edges, "miou": miou}
     return {"disc_iou": lambda img, item: disc_iou(img, item.condition)}

@@ -33,6 +33,33 @@ def condition_range(conditions: torch.Tensor) -> torch.Tensor:
     return conditions.float().div(255)
 
 
+def is_condition_set(condition) -> bool:
+    """Is ``condition`` several condition maps of one item (a tuple or list, for a multi-condition net), not one?"""
+    return isinstance(condition, tuple | list)
+
+
+def stack_maps(maps) -> np.ndarray:
+    """Several HxWx3 uint8 condition maps of one item -> one HxWx(3n) array, in order (a missing map, None, is
+    black: "no condition"), the channel layout a multi-condition net's encoder reads."""
+    arrays = [None if m is None else np.asarray(m.convert("RGB") if hasattr(m, "convert") else m) for m in maps]
+    like = next((a for a in arrays if a is not None), None)
+    if like is None:
+        raise ValueError("a condition set needs at least one map (None marks a missing one)")
+    shapes = {a.shape for a in arrays if a is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"the maps of one condition set differ in shape ({', '.join(map(str, sorted(shapes)))}); "
+                         "fit them to one size first")
+    return np.concatenate([a if a is not None else np.zeros_like(like) for a in arrays], axis=-1)
+
+
+def side_by_side(condition) -> np.ndarray:
+    """A condition (one map, or a set of maps) as one HxW'x3 picture to look at: a set's maps left to right."""
+    if not is_condition_set(condition):
+        return np.asarray(condition)
+    maps = stack_maps(condition)
+    return np.concatenate(np.split(maps, maps.shape[-1] // 3, axis=-1), axis=1)
+
+
 def from_pipeline(images: np.ndarray) -> np.ndarray:
     """A diffusers pipeline's ``output_type="np"`` images ([0, 1] floats) -> uint8."""
     return (np.asarray(images) * 255).round().astype(np.uint8)

@@ -24,7 +24,7 @@ from scipy import ndimage
 
 from . import toyworld
 from .datasets import Example, is_toy, load
-from .pixels import fit
+from .pixels import fit, is_condition_set
 
 # Index offsets of the held-out ranges of every toy world (training uses 0 .. n_train - 1).
 VALIDATION = 10**7
@@ -104,8 +104,9 @@ def held_out_items(dataset: str, n: int, size: int, data_seed: int = 0, validati
 
 def _fitted(ex: Example, size: int, mode: str) -> Example:
     """``ex`` at ``size`` x ``size``: images bicubic, conditions as generation fits them (``cnkit.pixels.fit``)."""
-    return Example(fit(ex.image, size, size, mode, Image.BICUBIC)[0], fit(ex.condition, size, size, mode)[0],
-                   ex.prompt)
+    condition = (tuple(fit(m, size, size, mode)[0] for m in ex.condition) if is_condition_set(ex.condition)
+                 else fit(ex.condition, size, size, mode)[0])
+    return Example(fit(ex.image, size, size, mode, Image.BICUBIC)[0], condition, ex.prompt)
 
 
 def held_out_images(n: int = 64, seed: int = 0) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch
 from .controlnets import make_controlnet, zero_convolutions
 from .generate import generate_many
 from .metrics import fidelity_metrics_for
-from .pixels import condition_range
+from .pixels import condition_range, side_by_side
 from .splits import SEED_STREAMS, held_out_items, seeds
 from .viz import image_grid
 
@@ -212,7 +212,7 @@ class Validation:
         scores = {name: [fn(img, it) for img, it in zip(images, self.items)] for name, fn in self.metrics.items()}
         primary = scores[self.metric_name]
         k = min(8, len(images))
-        fig = image_grid([[np.asarray(it.condition) for it in self.items[:k]], list(images[:k])], cell=1.0)
+        fig = image_grid([[side_by_side(it.condition) for it in self.items[:k]], list(images[:k])], cell=1.0)
         fig.savefig(trainer.out / "samples" / f"step-{trainer.step:06d}.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         loss = getattr(trainer, "last_loss", float("nan"))

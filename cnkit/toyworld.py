@@ -65,7 +65,8 @@ VOCABULARY = (
 
 
 class Example(NamedTuple):
-    """One training item as every dataset reader returns it: PIL RGB image and condition, and the prompt."""
+    """One training item as every dataset reader returns it: PIL RGB image and condition, and the prompt. A
+    multi-condition dataset's ``condition`` is a tuple of PIL RGB maps, in the dataset's order."""
 
     image: Image.Image
     condition: Image.Image
@@ -219,8 +220,10 @@ class ToyWorld:
     """An indexable toy-world dataset of (image, condition, prompt), like ``cnkit.datasets`` returns.
 
     ``condition`` names the map (``outline`` for fill; ``outline``, ``segmentation``, ``depth`` or
-    ``edges`` for shapes). ``offset`` shifts the indices, so train and validation splits of one
-    seed never share a sample: ``ToyWorld("fill", n=32, offset=10**6)``.
+    ``edges`` for shapes), or several joined by ``+`` (``"segmentation+depth"``): then an item's
+    condition is a tuple of maps in that order, what a multi-condition net (``union``) trains on.
+    ``offset`` shifts the indices, so train and validation splits of one seed never share a sample:
+    ``ToyWorld("fill", n=32, offset=10**6)``.
     """
 
     def __init__(self, world: str = "fill", n: int = 1000, seed: int = 0, size: int = 64,
@@ -228,9 +231,11 @@ class ToyWorld:
         if world not in WORLDS:
             raise ValueError(f"unknown toy world {world!r}; known worlds: {', '.join(WORLDS)}")
         condition = condition or CONDITIONS[world][0]
-        if condition not in CONDITIONS[world]:
-            raise ValueError(f"world {world!r} has no condition {condition!r}; "
-                             f"it has: {', '.join(CONDITIONS[world])}")
+        self.maps = tuple(condition.split("+"))
+        unknown = [m for m in self.maps if m not in CONDITIONS[world]]
+        if unknown or len(set(self.maps)) != len(self.maps):
+            raise ValueError(f"world {world!r} has no condition {condition!r}; it has: {', '.join(CONDITIONS[world])}"
+                             " (several, each once, joined by '+')")
         self.world, self.n, self.seed, self.size = world, int(n), int(seed), int(size)
         self.condition, self.offset = condition, int(offset)
 
@@ -244,7 +249,8 @@ class ToyWorld:
 
     def __getitem__(self, i: int) -> Example:
         s = self.sample(i)
-        return Example(to_pil(s.image), to_pil(s.conditions[self.condition]), s.prompt)
+        maps = tuple(to_pil(s.conditions[m]) for m in self.maps)
+        return Example(to_pil(s.image), maps if len(maps) > 1 else maps[0], s.prompt)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -260,6 +266,9 @@ def export_fill50k(path, n: int, size: int = 64, seed: int = 0, world: str = "fi
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     data = ToyWorld(world, n, seed, size, condition)
+    if len(data.maps) > 1:
+        raise ValueError("the Fill50K layout has one source image per item; write several conditions with "
+                         "export_imagefolder (a list of conditioning images per row)")
     with open(path / "prompt.json", "w") as f, open(path / "truth.jsonl", "w") as t:
         for i in range(n):
             s = data.sample(i)
@@ -274,7 +283,8 @@ def export_fill50k(path, n: int, size: int = 64, seed: int = 0, world: str = "fi
 def export_imagefolder(path, n: int, size: int = 64, seed: int = 0, world: str = "fill",
                        condition: str | None = None) -> Path:
     """Write ``metadata.jsonl`` rows ``{"image", "conditioning_image", "text"}`` (the column names
-    diffusers' ``train_controlnet.py`` reads) with ``images/`` and ``conditioning_images/``."""
+    diffusers' ``train_controlnet.py`` reads) with ``images/`` and ``conditioning_images/``. Several
+    conditions (``"segmentation+depth"``) give a list of paths per row, ``conditioning_images/<map>/``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     data = ToyWorld(world, n, seed, size, condition)
@@ -282,9 +292,11 @@ def export_imagefolder(path, n: int, size: int = 64, seed: int = 0, world: str =
         for i in range(n):
             s = data.sample(i)
             _save_png(s.image, path / "images" / f"{i}.png")
-            _save_png(s.conditions[data.condition], path / "conditioning_images" / f"{i}.png")
-            f.write(json.dumps({"image": f"images/{i}.png",
-                                "conditioning_image": f"conditioning_images/{i}.png",
-                                "text": s.prompt}) + "\n")
+            names = [f"conditioning_images/{i}.png"] if len(data.maps) == 1 else \
+                [f"conditioning_images/{m}/{i}.png" for m in data.maps]
+            for m, name in zip(data.maps, names):
+                _save_png(s.conditions[m], path / name)
+            f.write(json.dumps({"image": f"images/{i}.png", "conditioning_image": names[0] if len(names) == 1
+                                else names, "text": s.prompt}) + "\n")
             t.write(json.dumps(s.truth) + "\n")
     return path

@@ -48,13 +48,14 @@ from . import params as _params
 from .bases import image_size, load_base, vae_scale_factor
 from .checkpoints import Checkpoint, claim
 from .controlnets import VARIANTS
+from .datasets import condition_count, is_toy
 from .pixels import RESIZE_MODES, condition_range
 from .splits import training_items
 from .telemetry import InjectionTelemetry, Validation
 from .trainset import OnTheFly, cached_store, draw_items, micro_batch_generator
 
 # What cnkit.train trains (for controlnet, the variant picks one of architectures.PAPER_NETS).
-TRAINABLE_ARCHITECTURES = ("controlnet", "control-lora", "controlnet-xs", "t2i-adapter", "controlnext")
+TRAINABLE_ARCHITECTURES = ("controlnet", "control-lora", "controlnet-xs", "t2i-adapter", "controlnext", "union")
 
 # How training timesteps are drawn. "cubic" is T2I-Adapter's (Mou et al. 2023, section 3.4): t = (1 - u^3) T
 # puts more of the batch at high noise, where the layout a spatial condition dictates is decided.
@@ -70,8 +71,10 @@ class TrainConfig:
     dataset: str = "toy:fill"  # anything cnkit.datasets.load reads, or a toy world "toy:fill"
     variant: str = "zero"  # zero (the paper), gaussian, lite: the ControlNet's initialisation or Fig. 8's lite net
     architecture: str = "controlnet"  # how control enters the base (cnkit.architectures): controlnet, control-lora,
-    # controlnet-xs, t2i-adapter, controlnext; ``variant`` applies to controlnet only
+    # controlnet-xs, t2i-adapter, controlnext, union (several conditions: a dataset with several maps per item);
+    # ``variant`` applies to controlnet only
     lora_rank: int = 8  # control-lora: the rank of the LoRA updates of its frozen copy
+    condition_dropout: float = 0.5  # union: the chance that each condition map of each item is zeroed (all subsets)
     steps: int = 600  # optimizer steps
     batch_size: int = 32  # per process and micro-batch
     gradient_accumulation: int = 1  # micro-batches per optimizer step
@@ -102,6 +105,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.condition_dropout < 1:
+            raise ValueError(f"parameter condition_dropout must be within [0, 1), got {self.condition_dropout}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"parameter prompt_dropout must be within 0..1, got {self.prompt_dropout}")
         if not 0 < self.learning_rate < 1:
@@ -110,9 +115,11 @@ class TrainConfig:
             raise ValueError(f"unknown variant {self.variant!r}; known variants: {', '.join(VARIANTS)}")
         if self.architecture not in TRAINABLE_ARCHITECTURES:
             raise ValueError(f"unknown architecture {self.architecture!r} for cnkit.train; it trains: "
-                             f"{', '.join(TRAINABLE_ARCHITECTURES)}"
-                             + (" (union needs a dataset with several conditions per item, which cnkit.datasets "
-                                "does not read yet)" if self.architecture == "union" else ""))
+                             f"{', '.join(TRAINABLE_ARCHITECTURES)}")
+        if self.architecture == "union" and is_toy(self.dataset) and condition_count(self.dataset) < 2:
+            raise ValueError(f"architecture='union' learns several conditions at once; dataset {self.dataset!r} has "
+                             "one per item: name several, e.g. 'toy:shapes/segmentation+depth', or give an "
+                             "imagefolder that lists several conditioning images per row")
         if self.architecture != "controlnet" and self.variant != "zero":
             raise ValueError(f"variant={self.variant!r} is a ControlNet variant; with architecture="
                              f"{self.architecture!r} leave variant at 'zero'")
@@ -137,7 +144,9 @@ class TrainConfig:
 
     @property
     def adapter_options(self) -> dict:
-        """The build options of ``adapter_name`` this config sets."""
+        """The build options of ``adapter_name`` this config sets (a union's condition count is its dataset's)."""
+        if self.architecture == "union":
+            return {"n_conditions": condition_count(self.dataset), "condition_dropout": self.condition_dropout}
         return {"rank": self.lora_rank} if self.architecture == "control-lora" else {}
 
     def samples_per_step(self, num_processes: int = 1) -> int:
@@ -166,7 +175,8 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 # Settings added after the first runs were kept: they count in a run's identity (cnkit.runs) only when they differ
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
-                  "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8}
+                  "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
+                  "condition_dropout": 0.5}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
@@ -217,7 +227,15 @@ class Trainer:
         # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
         # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
         name = cfg.adapter_name
+        maps = condition_count(cfg.dataset)
+        if (maps > 1) != (cfg.architecture == "union"):
+            raise ValueError(
+                f"dataset {cfg.dataset!r} has {maps} condition map(s) per item; architecture={cfg.architecture!r} "
+                + ("learns one: train architecture='union' on it, or give a dataset of one condition" if maps > 1
+                   else "needs several: give a dataset with several maps per item"))
         self.adapter = architectures.build(name, self.pipe, seed=cfg.seed, **cfg.adapter_options)
+        if hasattr(self.adapter, "drops_in_predict"):  # the loop drops conditions from its own batch stream (resume)
+            self.adapter.drops_in_predict = False
         if self.accelerator.device.type == "cpu":
             # oneDNN's convolutions (forward and backward) are ~7% faster on NHWC (bench/train_throughput.py).
             for module in (self.pipe.unet, self.adapter.net):
@@ -314,8 +332,12 @@ class Trainer:
             t = torch.randint(0, n_t, (cfg.batch_size,), generator=g)
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.prompt_dropout
         text = torch.where(drop[:, None, None], data.empty_embed, items["text"])
+        cond = condition_range(items["conditions"])
+        adapter = self.accelerator.unwrap_model(self.adapter)
+        if getattr(adapter, "condition_dropout", 0) > 0:  # a union net: each map of each item dropped, replayably
+            cond = adapter.drop_conditions(cond, g)
         return {"noisy": self.noise_scheduler.add_noise(z0, noise, t), "noise": noise, "t": t, "text": text,
-                "cond": condition_range(items["conditions"])}
+                "cond": cond}
 
     def loss(self, batch: dict) -> torch.Tensor:
         dev = self.accelerator.device

@@ -24,7 +24,7 @@ from PIL import Image
 from . import params as _params
 from .datasets import is_toy
 from .encoded import EncodedStore, build_store
-from .pixels import fit, to_model_range
+from .pixels import fit, is_condition_set, stack_maps, to_model_range
 from .splits import training_items
 
 
@@ -40,8 +40,17 @@ def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
     return torch.cat(out)
 
 
+def fit_condition_maps(condition, size: int, mode: str) -> np.ndarray:
+    """An item's condition at ``size`` x ``size`` as generation fits it: HxWx3 uint8, or for a set of maps (a
+    multi-condition dataset) HxWx(3n), the maps stacked on the channel axis in order (``cnkit.pixels.stack_maps``)."""
+    if is_condition_set(condition):
+        return stack_maps([fit(m, size, size, mode)[0] for m in condition])
+    return np.asarray(fit(condition, size, size, mode)[0])
+
+
 class Fitter:
-    """Items at the training resolution: ``fitter(example) -> (image, condition)`` as uint8 HxWx3 arrays. It counts
+    """Items at the training resolution: ``fitter(example) -> (image, condition)`` as uint8 HxWx3 arrays (a set of
+    condition maps: HxWx3n, ``fit_condition_maps``). It counts
     what it changed (pairs resized, prompts too long for the text encoder) so that the run can say it; its counts
     survive an interrupted encode (``state``/``load``)."""
 
@@ -52,11 +61,11 @@ class Fitter:
     def __call__(self, ex) -> tuple[np.ndarray, np.ndarray]:
         r = self.resolution
         image, note = fit(ex.image, r, r, self.mode, Image.BICUBIC)
-        condition, _ = fit(ex.condition, r, r, self.mode)  # as generation fits a condition
+        condition = fit_condition_maps(ex.condition, r, self.mode)
         if note:
             self.resized[f"{ex.image.size[0]}x{ex.image.size[1]}"] += 1
         self.long += len(self.tokenizer(ex.prompt, truncation=False).input_ids) > self.tokenizer.model_max_length
-        return np.asarray(image), np.asarray(condition)
+        return np.asarray(image), condition
 
     def state(self) -> dict:
         return {"resized": dict(self.resized), "long": self.long}

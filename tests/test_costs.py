@@ -51,3 +51,16 @@ def test_verdicts_are_computed_from_the_rows():
     rows["control-lora"] = {**_row(300, 1.0, 1.0, [300, 300, 300], [0.8] * 3), "file_bytes": 0.09}
     lora = [v for v in successor_claims.verdicts(rows) if v["architecture"] == "control-lora"]
     assert [v["held"] for v in lora] == [True] and "9.0%" in lora[0]["kit"]  # the file: 9% of ControlNet's
+
+
+def test_the_union_verdict_compares_one_map_alone_with_controlnet_trained_on_it():
+    rows = {"controlnet": _row(1000, 1.0, 1.0, [300, 300, 300], [0.8, 0.8, 0.8]),
+            "union": _row(1001, 1.0, 1.0, [300, 300, 300], [0.9, 0.9, 0.9])}
+    rows["controlnet"]["fidelity_final"]["segmentation"] = [0.60, 0.70, 0.65]
+    union = lambda: [v for v in successor_claims.verdicts(rows) if v["architecture"] == "union"][0]
+    assert union()["held"] is None  # not evaluated map by map: no verdict
+    rows["union"]["fidelity_by_map"] = {"all": [0.9, 0.8], "segmentation": [0.62, 0.60], "depth": [0.3, 0.3]}
+    assert union()["held"] is True and "0.61 (seeds 0.62, 0.60)" in union()["kit"]
+    assert "depth alone 0.30" in union()["kit"]
+    rows["union"]["fidelity_by_map"]["segmentation"] = [0.58, 0.59]
+    assert union()["held"] is False

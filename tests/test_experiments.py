@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from cnkit import experiments
 from cnkit.runs import run_folder
 
@@ -30,8 +32,18 @@ def test_every_run_the_figure_notebooks_train_is_in_all_configs():
               + [experiments.dataset_size(n, s) for n in experiments.DATASET_SIZES for s in experiments.SEEDS]
               + [experiments.reconstruction(v, s) for v in ("zero", "lite") for s in experiments.SEEDS]
               + [experiments.architecture_run(a, t, s) for a in ("controlnet", *experiments.SUCCESSORS)
-                 for t in experiments.ARCHITECTURE_TASKS for s in experiments.SEEDS])
-    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 24
+                 for t in experiments.ARCHITECTURE_TASKS for s in experiments.SEEDS]
+              + [experiments.architecture_run("union", "segmentation", s) for s in experiments.SEEDS])
+    assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 24 + 3
+
+
+def test_notebook_10s_union_net_learns_the_four_maps_of_the_segmentation_task():
+    union = experiments.architecture_run("union", "segmentation", 0)
+    seg = experiments.architecture_run("controlnet", "segmentation", 0)
+    assert union.dataset == "toy:shapes/segmentation+depth+edges+outline"
+    assert (union.steps, union.n_train, union.validate_every) == (seg.steps, seg.n_train, seg.validate_every)
+    with pytest.raises(ValueError, match="the fill task has one: use task 'segmentation'"):
+        experiments.architecture_run("union", "fill", 0)
 
 
 def test_notebook_10s_controlnet_runs_are_the_ablation_and_table_2_runs():

@@ -91,8 +91,6 @@ def test_the_cli_trains_a_successor(base_dir, tmp_path):
 def test_config_errors_name_the_architectures():
     with pytest.raises(ValueError, match="it trains: controlnet, control-lora, controlnet-xs, t2i-adapter, contr"):
         TrainConfig(architecture="xs")
-    with pytest.raises(ValueError, match="union needs a dataset with several conditions"):
-        TrainConfig(architecture="union")
     with pytest.raises(ValueError, match="ControlNet variant; with architecture='t2i-adapter' leave variant"):
         TrainConfig(architecture="t2i-adapter", variant="lite")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .base import check_condition
 from .controlnet import ControlNet
 
 
@@ -71,6 +72,11 @@ class UnionControlNet(ControlNet):
 
     def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         cond = self.pack(cond)
+        if cond.shape[1] != self.n_conditions * self.channels_per_condition:
+            raise ValueError(f"this union net reads {self.n_conditions} condition maps ({self.n_conditions} x "
+                             f"{self.channels_per_condition} channels), got {cond.shape[1]} channels: give it a set "
+                             f"of {self.n_conditions} maps, in its training order (None for a missing one)")
+        check_condition(self.name, sample, cond, self.vae_scale_factor, cond.shape[1])
         if self.training and self.drops_in_predict and self.condition_dropout > 0:
             cond = self.drop_conditions(cond)
         return super().predict_noise(unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale)
