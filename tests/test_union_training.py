@@ -8,9 +8,10 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from cnkit import architectures, datasets, toyworld
+from cnkit import architectures, datasets, evaluations, splits, toyworld
 from cnkit.encoded import png_bytes
 from cnkit.generate import ControlUnit, generate, generate_many
+from cnkit.metrics import segmentation_miou
 from cnkit.pixels import side_by_side, stack_maps
 from cnkit.telemetry import InjectionTelemetry, Validation
 from cnkit.train import TrainConfig, Trainer
@@ -158,3 +159,14 @@ def test_a_set_of_maps_for_a_single_condition_net_or_one_map_for_a_union_net_is_
         generate(tiny_pipe, "x", [ControlUnit(union_net, seg)], steps=1)
     with pytest.raises(ValueError, match="leave annotator at None"):
         ControlUnit(union_net, (seg, seg), annotator="canny")
+
+
+def test_each_map_alone_is_measured_on_the_validation_items(tiny_pipe, union_net):
+    got = evaluations.evaluate_condition_subsets(tiny_pipe, union_net, TWO, n=2, steps=2)
+    assert set(got) == {"all", "segmentation", "depth"} and set(got["all"]) == {"miou", "edge_f1"}
+    # "all" is what a run's validation measures: the held-out items, their prompts and the validation seeds
+    items = splits.held_out_items(TWO, 2, 64)
+    images = generate_many(tiny_pipe, [it.prompt for it in items], [[it.condition] for it in items], [union_net],
+                           splits.seeds("validation", 2), steps=2)
+    assert got["all"]["miou"] == pytest.approx(np.mean([segmentation_miou(im, it.sample)
+                                                        for im, it in zip(images, items)]))
