@@ -33,11 +33,11 @@ from PIL import Image
 
 from . import annotators, pixels, toyworld
 from .adapter_pipeline import adapter_pipeline, run_adapter_pipeline
-from .architectures import PAPER_NETS, ControlAdapter, ControlNet, UnionControlNet
+from .architectures import PAPER_NETS, ControlAdapter, ControlNet, ControlNetLite, UnionControlNet
 from .architectures import load as load_adapter
 from .architectures.base import ARCHITECTURE_FILE
 from .bases import image_size, load_pipeline
-from .controlnets import check_fits, load_controlnet
+from .controlnets import ControlNetLiteModel, check_fits, load_controlnet
 from .params import coerce
 from .pixels import from_pipeline
 from .weighting import CFG_WEIGHTINGS, CONTROL_MODES, connection_latent_sizes, unit_net
@@ -170,21 +170,29 @@ def _plain_nets(nets: list) -> list:
     return [net.net if isinstance(net, ControlNet) else net for net in nets]
 
 
-def _one_successor(units_nets: list, modes=(), weights=(), cfg_weighting=None) -> ControlAdapter | None:
-    """The successor adapter among the units' (loaded) nets, if any; a clear error where the kit cannot mix it."""
+def _as_adapter(net, pipe) -> ControlAdapter:
+    """A unit's net as an adapter: the paper's nets (a folder, a hub id, an original-layout file, a ControlNetModel or
+    lite model) wrapped as its ControlNet, so that they share the adapter pipeline's UNet call with successors."""
+    if isinstance(net, ControlAdapter):
+        return net
+    model = load_controlnet(net, pipe.unet)
+    check_fits(model, pipe)
+    return (ControlNetLite if isinstance(model, ControlNetLiteModel) else ControlNet)(model, pipe.vae_scale_factor)
+
+
+def _adapter_units(pipe, units_nets: list, modes=(), weights=(), cfg_weighting=None) -> list[ControlAdapter] | None:
+    """Every unit's net as an adapter when any unit is a successor (the adapter pipeline then runs them all in one
+    UNet call: residuals, features and hooked blocks add up), else None (diffusers' ControlNet pipeline runs the
+    paper's nets). A clear error for what the kit cannot mix."""
     found = [successor(net) for net in units_nets]
-    adapters = [a for a in found if a is not None]
-    if not adapters:
+    first = next((a for a in found if a is not None), None)
+    if first is None:
         return None
-    if len(units_nets) > 1:
-        raise ValueError(f"a {adapters[0].name} unit cannot be combined with other units in one call yet: only "
-                         "units of the paper's ControlNet (and its lite and Gaussian variants) add their residuals "
-                         "at the same connections; generate with that unit alone")
     if any(m != "balanced" for m in modes) or any(w is not None for w in weights) or cfg_weighting is not None:
-        raise ValueError(f"control modes, connection weights and cfg_weighting act on a ControlNet's 13 connections; "
-                         f"a {adapters[0].name} unit has other injection points: use mode='balanced', no connection "
-                         "weights and cfg_weighting=None")
-    return adapters[0]
+        raise ValueError(f"control modes, connection weights and cfg_weighting act on a ControlNet's 13 connections "
+                         f"in diffusers' ControlNet pipeline; with a {first.name} unit in the call, use "
+                         "mode='balanced', no connection weights and cfg_weighting=None")
+    return [a if a is not None else _as_adapter(net, pipe) for a, net in zip(found, units_nets)]
 
 
 def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guidance: float,
@@ -254,11 +262,13 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
         conditions.append(cond)
     unit_nets = loaded_adapters([u.controlnet for u in units], pipe.unet)
     check_condition_sets(unit_nets, conditions)
-    adapter = _one_successor(unit_nets, [u.mode for u in units], [u.connection_weights for u in units], cfg_weighting)
-    if adapter is not None:  # a successor: diffusers' text-to-image pipeline with the adapter in its UNet
-        unit = units[0]
-        run = adapter_pipeline(pipe, sched, adapter, unit.scale, unit.start, unit.end)
-        out = run_adapter_pipeline(run, conditions * num_images, **common)
+    adapters = _adapter_units(pipe, unit_nets, [u.mode for u in units], [u.connection_weights for u in units],
+                              cfg_weighting)
+    if adapters is not None:  # a successor among the units: diffusers' text-to-image pipeline, the adapters in its UNet
+        run = adapter_pipeline(pipe, sched, adapters, [u.scale for u in units], [u.start for u in units],
+                               [u.end for u in units])
+        per_prompt = conditions[0] if len(adapters) == 1 else list(conditions)
+        out = run_adapter_pipeline(run, [per_prompt] * num_images, **common)
         return Generation(out.images, conditions, notes, settings)
     nets = [(net, u.mode, u.connection_weights) for net, u in zip(_plain_nets(unit_nets), units)]
     control = _control_pipeline(pipe, sched, nets, size // factor, guidance, cfg_weighting)
@@ -291,9 +301,9 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     size = size or image_size(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     controlnets = loaded_adapters(controlnets, pipe.unet)
-    adapter = _one_successor(controlnets, [mode], [], cfg_weighting) if controlnets else None
-    if adapter is not None:
-        run = adapter_pipeline(pipe, sched, adapter)
+    adapters = _adapter_units(pipe, controlnets, [mode], [], cfg_weighting) if controlnets else None
+    if adapters is not None:
+        run = adapter_pipeline(pipe, sched, adapters)
     elif controlnets:
         nets = [(net, mode, None) for net in _plain_nets(controlnets)]
         run = _control_pipeline(pipe, sched, nets, size // pipe.vae_scale_factor, guidance, cfg_weighting)
@@ -309,8 +319,9 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
         call = dict(prompt=prompts[i:j], negative_prompt=[negative_prompt] * (j - i), num_inference_steps=steps,
                     guidance_scale=guidance, generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
                     height=size, width=size, output_type="np")
-        if adapter is not None:
-            result = run_adapter_pipeline(run, [item[0] for item in fitted], **call).images
+        if adapters is not None:
+            result = run_adapter_pipeline(run, [item[0] if len(adapters) == 1 else item for item in fitted],
+                                          **call).images
         else:
             result = run(**call, **({"image": fitted} if controlnets else {})).images
         out.append(from_pipeline(result))

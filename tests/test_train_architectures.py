@@ -8,6 +8,7 @@ import torch
 from diffusers import ControlNetXSAdapter, T2IAdapter
 
 from cnkit import architectures
+from cnkit.architectures.base import run_controlled
 from cnkit.architectures.controlnext import ControlNeXtModel
 from cnkit.generate import ControlUnit, generate, generate_many
 from cnkit.telemetry import InjectionTelemetry, Validation
@@ -127,19 +128,66 @@ def test_generate_takes_a_successor_as_an_object_or_its_folder(tiny_pipe, t2i_fo
     assert np.abs(many[0].astype(int) - np.asarray(by_object).astype(int)).max() <= 1
 
 
-def test_mixing_a_successor_with_other_units_is_a_clear_error(tiny_pipe, t2i_folder, tmp_path):
-    adapter, _ = t2i_folder
+def _nonzero(name, tiny_pipe, seed):
+    """A fresh ``name`` adapter whose control is not zero (its zero convolutions drawn), so that it visibly acts."""
+    adapter = architectures.build(name, tiny_pipe, seed=seed)
+    with torch.no_grad():
+        for n, p in adapter.net.named_parameters():
+            if "zero_conv" in n or "controlnet_mid_block" in n or "cond_embedding" in n:
+                p.normal_(0, 0.3, generator=torch.Generator().manual_seed(seed))
+    return adapter.eval()
+
+
+def test_architectures_of_different_kinds_share_one_unet_call(tiny_pipe, t2i_folder):
+    t2i, _ = t2i_folder
+    net, nxt = _nonzero("controlnet", tiny_pipe, 1), _nonzero("controlnext", tiny_pipe, 2)
+    g = torch.Generator().manual_seed(0)
+    sample, c = torch.randn(2, 4, 16, 16, generator=g), torch.rand(2, 3, 64, 64, generator=g)
+    text, t, unet = torch.randn(2, 77, 64, generator=g), torch.tensor([500, 200]), tiny_pipe.unet
+    with torch.no_grad():
+        controls = [a.control(unet, sample, t, text, c, 0.7) for a in (net, t2i, nxt)]
+        together = run_controlled(unet, sample, t, text, controls)
+        # by hand: the ControlNet's residuals and the T2I-Adapter's features in the UNet's arguments, ControlNeXt's
+        # injection hooked on its block, all in one forward pass
+        down, mid = net.residuals(sample, t, text, c, 0.7)
+        hook = unet.down_blocks[0].register_forward_hook(controls[2].hooks[0][1])
+        try:
+            want = unet(sample, t, text, down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                        down_intrablock_additional_residuals=list(t2i.features(c, 0.7))).sample
+        finally:
+            hook.remove()
+    assert torch.equal(together, want)
+
+
+def test_generate_mixes_architectures_where_they_add_up_and_says_where_they_cannot(tiny_pipe, t2i_folder, tmp_path):
+    t2i, t2i_dir = t2i_folder
     cond = np.zeros((64, 64, 3), np.uint8)
-    net = architectures.build("controlnet", tiny_pipe, seed=0)
-    with pytest.raises(ValueError, match="cannot be combined with other units in one call yet"):
-        generate(tiny_pipe, "x", [ControlUnit(adapter, cond), ControlUnit(net, cond)], steps=2)
+    cond[16:48, 16:48] = 255
+    net = _nonzero("controlnet", tiny_pipe, 1)
+    paper_dir = net.save_pretrained(tmp_path / "net")
+    kw = dict(steps=3, guidance=3.0, seed=0)
+    image = lambda units: np.asarray(generate(tiny_pipe, "a disc", units, **kw).images[0]).astype(int)
+    t2i_alone, net_alone = image([ControlUnit(t2i, cond)]), image([ControlUnit(net, cond)])
+    both = image([ControlUnit(t2i, cond), ControlUnit(str(paper_dir), cond)])  # a folder of the paper's net, too
+    # each adds to the other (the adapter here, its weights tripled, dominates; their sum is tested exactly above)
+    assert not np.array_equal(both, t2i_alone) and np.abs(both - net_alone).mean() > 1
+    # a unit at scale 0, or outside its start..end, adds nothing: the other's image alone
+    assert np.array_equal(image([ControlUnit(t2i, cond), ControlUnit(net, cond, scale=0.0)]), t2i_alone)
+    late = image([ControlUnit(t2i, cond, start=0.0, end=0.3), ControlUnit(net, cond)])
+    assert not np.array_equal(late, both)
+    # generate_many (every measurement) runs the same mix
+    many = generate_many(tiny_pipe, ["a disc"], [[cond, cond]], [str(t2i_dir), net], [0], steps=3, guidance=3.0)
+    assert np.abs(many[0].astype(int) - both).max() <= 1
+    # what cannot be mixed says why
+    xs = architectures.build("controlnet-xs", tiny_pipe, seed=0)
+    with pytest.raises(ValueError, match="controlnet-xs net runs the base fused with its own network"):
+        generate(tiny_pipe, "x", [ControlUnit(xs, cond), ControlUnit(net, cond)], steps=2)
     with pytest.raises(ValueError, match="use mode='balanced'"):
-        generate(tiny_pipe, "x", [ControlUnit(adapter, cond, mode="prompt")], steps=2)
-    # the paper's net, as an adapter or as the folder the trainer writes (with its architecture file), still goes
-    # through diffusers' ControlNet pipeline, and both give the same image
-    folder = net.save_pretrained(tmp_path / "net")
+        generate(tiny_pipe, "x", [ControlUnit(t2i, cond), ControlUnit(net, cond, mode="prompt")], steps=2)
+    # the paper's nets alone, as an adapter or as the folder the trainer writes (with its architecture file), still
+    # go through diffusers' ControlNet pipeline, and both give the same image
     by_object = generate(tiny_pipe, "x", [ControlUnit(net, cond)], steps=2).images[0]
-    by_folder = generate(tiny_pipe, "x", [ControlUnit(str(folder), cond)], steps=2).images[0]
+    by_folder = generate(tiny_pipe, "x", [ControlUnit(str(paper_dir), cond)], steps=2).images[0]
     assert np.array_equal(np.asarray(by_object), np.asarray(by_folder))
 
 

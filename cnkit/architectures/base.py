@@ -12,7 +12,9 @@ need the same few things from each, so each architecture is a ``ControlAdapter``
   architecture here trains the adapter only.
 - ``predict_noise(unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale=1.0)``: the controlled
   UNet's noise prediction, what the training loss compares with the noise and what a denoising loop steps with
-  (also the module's ``forward``, so a DDP-wrapped adapter is called the same way).
+  (also the module's ``forward``, so a DDP-wrapped adapter is called the same way). Architectures that add to the
+  UNet's call (residuals, features, a hooked block) implement ``control(...)`` instead, what they add, so that
+  several of them, of different kinds, share one call (``run_controlled``); one fused with the base cannot.
 - ``injection_points()``: ``(name, module)`` for every layer through which the control enters the base, in the
   base's order. It generalises the paper's "zero convolutions": what telemetry watches (weights, gradients).
 - ``injections(unet, sample, timestep, encoder_hidden_states, cond)``: what each injection point adds to the base on
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
@@ -86,6 +89,45 @@ def check_condition(name: str, sample: torch.Tensor, cond: torch.Tensor, factor:
         raise ValueError(f"{name}: the condition has shape {tuple(cond.shape)}; latents of {sample.shape[-1]}x"
                          f"{sample.shape[-2]} need (batch, {channels}, {want[0]}, {want[1]}) (this adapter's "
                          f"condition encoder downsamples by {factor}: build it for the base it drives)")
+
+
+@dataclass
+class UNetControl:
+    """What one adapter adds to one call of the locked UNet, so that several adapters can share the call:
+    ``kwargs`` of ``UNet2DConditionModel.forward`` (residual lists, or one tensor; several adapters' are summed, as
+    diffusers' MultiControlNet and MultiAdapter sum theirs) and ``hooks``, ``(module, forward hook)`` pairs that add to
+    a block's output (each hook sees the output the earlier ones left)."""
+
+    kwargs: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+
+
+def _summed(a, b):
+    if isinstance(a, list | tuple):
+        return [x + y for x, y in zip(a, b, strict=True)]
+    return a + b
+
+
+def run_controlled(unet, sample, timestep, encoder_hidden_states, controls: list[UNetControl]) -> torch.Tensor:
+    """The locked UNet's noise prediction under every control in ``controls`` at once."""
+    kwargs: dict = {}
+    for control in controls:
+        for key, value in control.kwargs.items():
+            kwargs[key] = _summed(kwargs[key], value) if key in kwargs else value
+    # diffusers pops from its residual lists: each call gets fresh ones
+    kwargs = {k: list(v) if isinstance(v, list | tuple) else v for k, v in kwargs.items()}
+    handles = [module.register_forward_hook(hook) for control in controls for module, hook in control.hooks]
+    try:
+        return unet(sample, timestep, encoder_hidden_states, **kwargs).sample
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fused_alone(name: str) -> ValueError:
+    """The error for an architecture that cannot share a UNet call with others."""
+    return ValueError(f"a {name} net runs the base fused with its own network, so it cannot share a UNet call with "
+                      "other control units; generate with it alone")
 
 
 class ControlAdapter(nn.Module):
@@ -158,8 +200,21 @@ class ControlAdapter(nn.Module):
         self.net.load_state_dict(load_file(Path(folder) / "diffusion_pytorch_model.safetensors"))
 
     # --- what the trainer, telemetry and generation call -----------------------------------
+    def control(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0
+                ) -> UNetControl:
+        """What this adapter adds to the locked UNet's call on this input (``UNetControl``). Architectures that add
+        residuals or hook a block implement this, and then combine with each other in one generation; one that runs
+        the base fused with its own net (ControlNet-XS) cannot, and says so."""
+        raise fused_alone(self.name)
+
+    @property
+    def composable(self) -> bool:
+        """Can this adapter share one UNet call with others (it implements ``control``)?"""
+        return type(self).control is not ControlAdapter.control
+
     def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
-        raise NotImplementedError
+        return run_controlled(unet, sample, timestep, encoder_hidden_states,
+                              [self.control(unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale)])
 
     def forward(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         """``predict_noise``: calling the module is what Accelerate's wrappers (DDP) need to see for their gradient

@@ -3,7 +3,7 @@
 Nothing new is built here: ``cnkit.controlnets.make_controlnet`` makes the net (``zero``: diffusers'
 ``ControlNetModel.from_unet``; ``gaussian``; ``lite``: the kit's ``ControlNetLiteModel``), and ``predict_noise`` is
 the computation of ``cnkit.train.Trainer.loss`` today, bit for bit: the net's 12 skip residuals and middle residual
-go to the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual``.
+go to the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (``control``).
 
 Injection points: the 13 zero convolutions (``cnkit.controlnets.zero_convolutions``). Step 0: the zero and lite nets
 leave the base's output unchanged (their injections are exactly zero); the Gaussian net does not (by design).
@@ -25,7 +25,7 @@ from ..controlnets import (
     watch_condition_size,
     zero_convolutions,
 )
-from .base import ControlAdapter
+from .base import ControlAdapter, UNetControl
 
 
 class ControlNet(ControlAdapter):
@@ -57,10 +57,9 @@ class ControlNet(ControlAdapter):
         return self.net(sample, timestep, encoder_hidden_states=encoder_hidden_states, controlnet_cond=cond,
                         conditioning_scale=conditioning_scale, return_dict=False)
 
-    def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
+    def control(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         down, mid = self.residuals(sample, timestep, encoder_hidden_states, cond, conditioning_scale)
-        return unet(sample, timestep, encoder_hidden_states, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
+        return UNetControl({"down_block_additional_residuals": down, "mid_block_additional_residual": mid})
 
     def injection_points(self):
         return zero_convolutions(self.net)

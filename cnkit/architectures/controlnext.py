@@ -47,7 +47,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D
 from torch import nn
 
-from .base import ControlAdapter, check_condition, check_factor, seeded
+from .base import ControlAdapter, UNetControl, check_condition, check_factor, seeded
 
 
 class CrossNormalization(nn.Module):
@@ -134,7 +134,7 @@ class ControlNeXt(ControlAdapter):
     def load_net(cls, folder: Path):
         return ControlNeXtModel.from_pretrained(str(folder))
 
-    def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
+    def control(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         check_condition(self.name, sample, cond, self.vae_scale_factor, self.net.config.conditioning_channels)
         control = self.net(cond.to(sample.dtype), timestep)
         weight = self.net.config.scale * conditioning_scale
@@ -143,11 +143,7 @@ class ControlNeXt(ControlAdapter):
             main, skips = output
             return main + self.net.cross_norm(control, main) * weight, skips
 
-        hook = unet.down_blocks[self.net.config.inject_after_block].register_forward_hook(inject)
-        try:
-            return unet(sample, timestep, encoder_hidden_states).sample
-        finally:
-            hook.remove()
+        return UNetControl(hooks=[(unet.down_blocks[self.net.config.inject_after_block], inject)])
 
     def injection_points(self):
         return [("cross_norm", self.net.cross_norm)]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from diffusers import T2IAdapter
 
-from .base import ControlAdapter, check_condition, check_factor, seeded
+from .base import ControlAdapter, UNetControl, check_condition, check_factor, seeded
 
 ADAPTER_TYPES = {"full_adapter": 2, "light_adapter": 4}  # type: released num_res_blocks
 
@@ -95,7 +95,7 @@ class T2IAdapterArchitecture(ControlAdapter):
         """One feature per down block (the condition alone: no timestep, no text)."""
         return [f * conditioning_scale for f in self.net(cond)]
 
-    def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
+    def control(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         check_condition(self.name, sample, cond, self.vae_scale_factor, self.net.config.in_channels)
         # The method's point: the features depend on the condition alone, so a denoising loop (no gradients) that
         # passes the same condition tensor at every step computes them once per generation, not once per step.
@@ -103,9 +103,7 @@ class T2IAdapterArchitecture(ControlAdapter):
         if torch.is_grad_enabled() or cached is None or cached[0] is not cond or cached[1] != conditioning_scale:
             cached = (cond, conditioning_scale, self.features(cond, conditioning_scale))
             self._once = None if torch.is_grad_enabled() else cached
-        # diffusers pops from this list: a fresh list per call.
-        feats = list(cached[2])
-        return unet(sample, timestep, encoder_hidden_states, down_intrablock_additional_residuals=feats).sample
+        return UNetControl({"down_intrablock_additional_residuals": cached[2]})  # run_controlled copies the list
 
     def injection_points(self):
         return [(f"adapter.body.{k}", block) for k, block in enumerate(self.net.adapter.body)]

@@ -70,7 +70,7 @@ class UnionControlNet(ControlNet):
         keep = keep.repeat_interleave(self.channels_per_condition, dim=1).to(cond.device, cond.dtype)
         return cond * keep[:, :, None, None]
 
-    def predict_noise(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
+    def control(self, unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale: float = 1.0):
         cond = self.pack(cond)
         if cond.shape[1] != self.n_conditions * self.channels_per_condition:
             raise ValueError(f"this union net reads {self.n_conditions} condition maps ({self.n_conditions} x "
@@ -79,7 +79,7 @@ class UnionControlNet(ControlNet):
         check_condition(self.name, sample, cond, self.vae_scale_factor, cond.shape[1])
         if self.training and self.drops_in_predict and self.condition_dropout > 0:
             cond = self.drop_conditions(cond)
-        return super().predict_noise(unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale)
+        return super().control(unet, sample, timestep, encoder_hidden_states, cond, conditioning_scale)
 
     @torch.no_grad()
     def injections(self, unet, sample, timestep, encoder_hidden_states, cond):
