@@ -85,6 +85,12 @@ def test_a_union_net_trains_checkpoints_and_is_watched(base_dir, tmp_path):
     assert loaded.config.conditioning_channels == 6
     union = architectures.load(tmp_path / "checkpoint")
     assert union.name == "union" and union.n_conditions == 2 and union.condition_dropout == 0.5
+    # loaded for generating: no condition is dropped, so the folder and the trained net give one image
+    assert not union.training
+    maps = toyworld.ToyWorld("shapes", n=1, condition="segmentation+depth")[0].condition
+    tr.adapter.eval()
+    by_folder = generate_many(tr.pipe, ["x"], [[maps]], [str(tmp_path / "checkpoint")], [0], steps=2)
+    assert np.array_equal(by_folder, generate_many(tr.pipe, ["x"], [[maps]], [tr.adapter], [0], steps=2))
     rows = _rows(tmp_path / "telemetry.csv")
     assert len(rows) == 3 * len(tr.adapter.watched_points())
     validation = _rows(tmp_path / "validation.csv")

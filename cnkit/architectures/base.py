@@ -167,7 +167,8 @@ class ControlAdapter(nn.Module):
         if unet is not None:
             unet.requires_grad_(False)
         net = cls.load_net(folder)
-        return cls(net, meta.get("vae_scale_factor") or cls.factor_of(net), **meta.get("options", {}))
+        # eval: a loaded adapter is for generating (a union net drops conditions in training mode); build one to train
+        return cls(net, meta.get("vae_scale_factor") or cls.factor_of(net), **meta.get("options", {})).eval()
 
     @classmethod
     def read_meta(cls, folder: Path) -> dict:

@@ -98,7 +98,7 @@ class ControlLoRA(ControlNet):
                                         conditioning_embedding_out_channels=opts["conditioning_embedding_out_channels"])
         net.load_lora_adapter(str(folder), weight_name=WEIGHTS, prefix=None, adapter_name=ADAPTER)
         net.requires_grad_(False)  # a loaded net is for generating; build one to train
-        return cls(watch_condition_size(net), meta["vae_scale_factor"], **opts)
+        return cls(watch_condition_size(net), meta["vae_scale_factor"], **opts).eval()
 
     def save_pretrained(self, folder) -> Path:
         """The trained parts only (LoRA factors, condition encoder, zero convolutions; the LoRA config in the
