@@ -116,11 +116,14 @@ def refuse_other_config(folder: Path, what: str, saved: dict, current: dict, ign
                          "delete that folder to start over")
 
 
-def claim(folder, config: dict, config_file: str, what: str, ignore=(), saved: dict | None = None) -> FileLock:
+def claim(folder, config: dict, config_file: str, what: str, ignore=(), saved: dict | None = None,
+          defaults: dict | None = None) -> FileLock:
     """Own ``folder`` for this process and fix its configuration. Returns the held lock (release it, or let
     the process end). Refuses a folder another live process holds, one that is a file, and one written
     with another configuration (``config_file`` in it, else ``saved``: what an older folder recorded
-    elsewhere). Settings in ``ignore`` may change between sittings (a longer run, another log interval)."""
+    elsewhere). Settings in ``ignore`` may change between sittings (a longer run, another log interval);
+    ``defaults`` are settings added after a folder may have been written: one that does not record them
+    ran with these values (a run interrupted before an upgrade resumes after it)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"out_dir {folder} is a file; pass a folder path (it is created if missing)")
@@ -137,7 +140,7 @@ def claim(folder, config: dict, config_file: str, what: str, ignore=(), saved: d
     try:
         before = json.loads(path.read_text()) if path.is_file() else saved
         if before is not None:
-            refuse_other_config(folder, what, before, config, ignore)
+            refuse_other_config(folder, what, {**(defaults or {}), **before}, config, ignore)
         path.write_text(json.dumps(config, indent=1))
     except BaseException:
         lock.release()

@@ -313,6 +313,7 @@ class Trainer:
             return
         state = self.checkpoint.state() if self.out.is_dir() else None
         self._lock = claim(self.out, asdict(self.cfg), "train_config.json", "a run", ignore=RESUMABLE,
+                           defaults=LATER_SETTINGS,
                            saved=state["config"] if state else None)
 
     # --- the loop ---------------------------------------------------------------------------

@@ -115,6 +115,27 @@ def test_a_run_killed_before_its_first_checkpoint_is_not_overwritten_by_another_
     assert ((tmp_path / "telemetry.csv").read_text() if rows else "") == rows
 
 
+def test_a_run_interrupted_before_a_setting_existed_resumes_after_the_upgrade(base_dir, tmp_path):
+    """A folder written before a TrainConfig field was added does not record it: it ran with the field's
+    LATER_SETTINGS value, so resuming is not "another configuration"; a different value still is."""
+    import json
+
+    from cnkit.train import LATER_SETTINGS
+
+    tr = Trainer(_cfg(base_dir, tmp_path, steps=3, checkpoint_every=10))
+    tr.add_callback("on_step_end", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 2 else None)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    config = json.loads((tmp_path / "train_config.json").read_text())
+    old = {k: v for k, v in config.items() if k not in ("lora_rank", "condition_dropout")}
+    assert {"lora_rank", "condition_dropout"} <= set(LATER_SETTINGS)
+    (tmp_path / "train_config.json").write_text(json.dumps(old))
+    assert Trainer(_cfg(base_dir, tmp_path, steps=3, checkpoint_every=10, validate_every=0)).run()["steps"] == 3
+    (tmp_path / "train_config.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match=r"another configuration \(lora_rank: 8 -> 4\)"):
+        Trainer(_cfg(base_dir, tmp_path, steps=3, lora_rank=4)).run()
+
+
 def test_an_out_dir_that_is_a_file_is_named(base_dir, tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")
