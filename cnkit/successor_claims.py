@@ -58,7 +58,7 @@ def _faster(name: str, key: str, at_least: float, what: str):
 
 def _fidelity_at_least(name: str):
     def rule(rows):
-        tasks = list(rows["controlnet"]["fidelity_final"])
+        tasks = [t for t in rows["controlnet"]["fidelity_final"] if t in rows[name]["fidelity_final"]]
         means = {t: (float(np.mean(rows[name]["fidelity_final"][t])),
                      float(np.mean(rows["controlnet"]["fidelity_final"][t]))) for t in tasks}
         text = "; ".join(f"{t}: {a:.2f} against ControlNet's {b:.2f}" for t, (a, b) in means.items())
@@ -68,6 +68,8 @@ def _fidelity_at_least(name: str):
 
 def _converges_sooner(name: str, task: str = "fill"):
     def rule(rows):
+        if task not in rows[name]["converged_at_step"] or task not in rows["controlnet"]["converged_at_step"]:
+            return None, f"not measured: the {task} task was not run"
         own, cn = rows[name]["converged_at_step"][task], rows["controlnet"]["converged_at_step"][task]
         ok = all(s is not None for s in own) and _median_step(own) <= _median_step(cn)
         return ok, (f"{task}: converged at steps {own} (seeds) against ControlNet's {cn}; held if every seed "
