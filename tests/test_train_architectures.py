@@ -62,9 +62,10 @@ def test_a_successor_trains_checkpoints_and_is_watched_like_controlnet(base_dir,
     assert (tmp_path / "samples" / "step-000002.png").is_file()
 
 
-@pytest.mark.parametrize("name", ["t2i-adapter", "control-lora"])
-def test_a_resumed_run_of_another_architecture_matches_an_uninterrupted_one(base_dir, tmp_path, name):
-    cfg = dict(architecture=name, steps=3, validate_every=0)
+@pytest.mark.parametrize("name,extra", [("t2i-adapter", {}), ("control-lora", {}),
+                                        ("union", {"dataset": "toy:shapes/segmentation+depth", "batch_size": 4})])
+def test_a_resumed_run_of_another_architecture_matches_an_uninterrupted_one(base_dir, tmp_path, name, extra):
+    cfg = dict(architecture=name, steps=3, validate_every=0, **extra)
     straight = Trainer(_cfg(base_dir, tmp_path / "a", **cfg))
     straight.run()
     interrupted = Trainer(_cfg(base_dir, tmp_path / "b", **cfg))

@@ -97,28 +97,14 @@ def test_a_union_net_trains_checkpoints_and_is_watched(base_dir, tmp_path):
     assert [int(r["step"]) for r in validation] == [0, 1, 2] and {r["metric"] for r in validation} == {"miou"}
 
 
-def test_its_condition_dropout_is_replayed_on_resume(base_dir, tmp_path):
-    cfg = dict(steps=3, validate_every=0, batch_size=4)
-    straight = Trainer(_cfg(base_dir, tmp_path / "a", **cfg))
-    straight.run()
-    interrupted = Trainer(_cfg(base_dir, tmp_path / "b", **cfg))
-
-    def die_after_step_2(trainer):
-        if trainer.step == 2:
-            raise KeyboardInterrupt
-
-    interrupted.add_callback("on_step_end", die_after_step_2)
-    with pytest.raises(KeyboardInterrupt):
-        interrupted.run()
-    resumed = Trainer(_cfg(base_dir, tmp_path / "b", **cfg))
-    assert resumed.run()["resumed"]
-    a, b = dict(straight.controlnet.named_parameters()), dict(resumed.controlnet.named_parameters())
-    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
-    # the loop (not the net, with torch's global RNG) drops maps, from the batch's own stream
-    drawn = straight._micro_batch(straight.data, 0)["cond"]
-    assert torch.equal(drawn, straight._micro_batch(straight.data, 0)["cond"])
+def test_the_loop_drops_maps_from_each_batchs_own_stream(base_dir, tmp_path):
+    """What makes a resumed union run replay its drops (its resume is tested with the other architectures')."""
+    tr = Trainer(_cfg(base_dir, tmp_path, steps=1, validate_every=0, batch_size=4))
+    tr.run()
+    drawn = tr._micro_batch(tr.data, 0)["cond"]
+    assert torch.equal(drawn, tr._micro_batch(tr.data, 0)["cond"])  # a pure function of (seed, step, micro-batch)
     per_map = drawn.reshape(4, 2, 3, *drawn.shape[-2:]).abs().sum(dim=(2, 3, 4))
-    assert (per_map == 0).any() and not straight.adapter.drops_in_predict
+    assert (per_map == 0).any() and not tr.adapter.drops_in_predict  # the loop drops, not torch's global RNG
 
 
 def test_config_errors_name_the_fix(base_dir, tmp_path):
