@@ -5,6 +5,7 @@
 #   make lab       set up, then JupyterLab on the kit
 #   make pretrain  rebuild data/tiny-sd by running the pretraining notebook (about an hour of CPU)
 #   make controlnets  rebuild data/controlnets (the shipped ControlNets, trained and measured; ~40 min of CPU)
+#   make architectures  rebuild data/architecture-runs (notebook 10's successor runs; about 3 h on 2 CPU cores)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -13,7 +14,7 @@ STAMP  := $(VENV)/.cnkit-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup figures test test-fast lint unit notebooks nbval lab pretrain controlnets clean
+.PHONY: setup figures test test-fast lint unit notebooks nbval lab pretrain controlnets architectures clean
 
 setup: $(STAMP)
 
@@ -62,3 +63,8 @@ clean:
 # Trains (or reuses make figures' runs of) the shipped ControlNets, measures them and writes their cards.
 controlnets: setup
 	$(PY) -m cnkit.shipped
+
+# Trains notebook 10's successor runs (or reuses them, in reports/architectures/runs) and ships them in
+# data/architecture-runs, which make figures reads: training them there would take it past 3 hours.
+architectures: setup
+	$(PY) -m cnkit.bench_runs

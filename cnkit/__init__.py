@@ -22,6 +22,7 @@ subpackage's modules are on the map by dotted name (``architectures.base``).
   successors), ``telemetry`` (what watches it: injection points, validation), ``pretrain`` (the base's)
 - 6 experiments: ``evaluations`` (drivers that generate images to measure them), ``runs`` (runs kept by
   configuration), ``experiments`` (the notebooks' runs), ``shipped`` (what the kit ships, and its cards),
+  ``bench_runs`` (notebook 10's successor runs, shipped finished so that ``make figures`` keeps its budget),
   ``costs`` (an architecture's parameters, file size, step and image times, measured on equal terms),
   ``successor_claims`` (ControlNet's successors' published claims and the verdicts measurements give them)
 - 7 surfaces: ``report`` (``make figures``), ``widgets`` (the playground)
@@ -41,6 +42,6 @@ LAYERS = {
     "metrics": 3,
     "weighting": 4, "annotators": 4, "adapter_pipeline": 4, "generate": 4,
     "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,
-    "evaluations": 6, "runs": 6, "experiments": 6, "shipped": 6, "costs": 6, "successor_claims": 6,
+    "evaluations": 6, "runs": 6, "experiments": 6, "shipped": 6, "bench_runs": 6, "costs": 6, "successor_claims": 6,
     "report": 7, "widgets": 7,
 }

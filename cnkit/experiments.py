@@ -9,7 +9,9 @@ time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one
 
 Budgets are chosen to keep the whole of ``make figures`` within 3 hours on 2 CPU cores: the
 ablation trains the full recipe (600 steps, validated every 25); the dataset-size and Table 2 runs
-train 400 steps (every recipe seed has converged by step 325) and validate every 100.
+train 400 steps (every recipe seed has converged by step 325) and validate every 100. Notebook 10's
+successor runs (``bench_configs``) would add about three hours more, so ``make figures`` reads them shipped
+(``cnkit.bench_runs``) and ``make architectures`` retrains them.
 """
 
 from __future__ import annotations
@@ -105,12 +107,23 @@ def architecture_run(architecture: str, task: str, seed: int, smoke: bool = Fals
                                 **overrides})
 
 
-def all_configs(smoke: bool = False) -> list:
+def figure_configs(smoke: bool = False) -> list:
+    """The runs ``make figures`` trains: notebooks 02-09's, which include notebook 10's ControlNet runs."""
     return ([ablation(v, s, smoke) for s in SEEDS for v in VARIANTS] + [sampling_comparison(SEEDS[0], smoke)]
             + [reconstruction(v, s, smoke) for s in SEEDS for v in ("zero", "lite")]
-            + [dataset_size(n, s, smoke) for n in DATASET_SIZES for s in SEEDS]
-            + [architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS]
+            + [dataset_size(n, s, smoke) for n in DATASET_SIZES for s in SEEDS])
+
+
+def bench_configs(smoke: bool = False) -> list:
+    """Notebook 10's other runs (the successors on both tasks and the union net): about three hours more on 2 CPU
+    cores, so the kit ships them finished (``cnkit.bench_runs``, ``make architectures`` retrains them)."""
+    return ([architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS]
             + [architecture_run("union", "segmentation", s, smoke) for s in SEEDS])
+
+
+def all_configs(smoke: bool = False) -> list:
+    """Every run behind the notebooks."""
+    return figure_configs(smoke) + bench_configs(smoke)
 
 
 def default_workers() -> int:
@@ -182,10 +195,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs-dir", default="reports/full/runs")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--bench", action="store_true", help="notebook 10's successor runs too (bench_configs)")
     ap.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: default_workers())")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    train_all(all_configs(args.smoke), Path(args.runs_dir), args.workers or default_workers())
+    configs = all_configs(args.smoke) if args.bench else figure_configs(args.smoke)
+    train_all(configs, Path(args.runs_dir), args.workers or default_workers())
     return 0
 
 

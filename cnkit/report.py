@@ -115,7 +115,7 @@ def write_index(run_dir: Path, paths: list[Path]) -> Path:
                       json.dumps(summary, indent=1)[:4000], "```", "</details>", ""]
     # Runs only `make controlnets` trains (it shares runs/), not counted as the figures' cost.
     shipped = ({run_folder(train_config(name), run_dir / "runs").name for name in SHIPPED}
-               - {run_folder(c, run_dir / "runs").name for c in experiments.all_configs()})
+               - {run_folder(c, run_dir / "runs").name for c in experiments.figure_configs()})
     trained = [json.loads(f.read_text()) for f in sorted((run_dir / "runs").glob("*/convergence.json"))
                if f.parent.name not in shipped]
     fresh = [c for c in trained if not c.get("resumed")]
@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         # one-thread runs at a time train faster than one two-thread run (bench/train_step_variants.py).
         start = time.perf_counter()
         print("[runs] the figures' training runs (cnkit.experiments), kept in", run_dir / "runs", flush=True)
-        experiments.train_all(experiments.all_configs(), run_dir / "runs",
+        experiments.train_all(experiments.figure_configs(), run_dir / "runs",
                               args.workers or experiments.default_workers(), log=lambda m: print(m, flush=True))
         clock.record_training(time.perf_counter() - start)
     for i, path in enumerate(paths, 1):

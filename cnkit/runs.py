@@ -110,6 +110,11 @@ class Run:
     def controlnet(self):
         """The trained net: a diffusers ``ControlNetModel`` for the paper's architecture, else the successor's
         ``cnkit.architectures`` adapter (what ``cnkit.generate`` takes either way)."""
+        if not any(self.checkpoint.glob("*.safetensors")):
+            raise FileNotFoundError(
+                f"run {self.folder.name} has no weights in {self.checkpoint} (the shipped successor runs keep seed 0's "
+                "and the union net's only, cnkit.bench_runs): train it with cnkit.runs.train, or run "
+                "`make architectures`")
         if self.architecture == "controlnet":
             return load_controlnet(self.checkpoint)
         # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it

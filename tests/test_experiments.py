@@ -37,6 +37,16 @@ def test_every_run_the_figure_notebooks_train_is_in_all_configs():
     assert {run_folder(c, "r").name for c in wanted} == keys and len(keys) == 25 + 24 + 3
 
 
+def test_make_figures_trains_notebook_10s_controlnet_runs_and_not_the_shipped_successor_runs():
+    figures = {run_folder(c, "r").name for c in experiments.figure_configs()}
+    bench = {run_folder(c, "r").name for c in experiments.bench_configs()}
+    assert len(figures) == 25 and len(bench) == 24 + 3 and not figures & bench
+    assert all(c.architecture in (*experiments.SUCCESSORS, "union") for c in experiments.bench_configs())
+    controlnet = {run_folder(experiments.architecture_run("controlnet", t, s), "r").name
+                  for t in experiments.ARCHITECTURE_TASKS for s in experiments.SEEDS}
+    assert controlnet <= figures
+
+
 def test_notebook_10s_union_net_learns_the_four_maps_of_the_segmentation_task():
     union = experiments.architecture_run("union", "segmentation", 0)
     seg = experiments.architecture_run("controlnet", "segmentation", 0)

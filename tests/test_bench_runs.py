@@ -1,0 +1,52 @@
+"""Notebook 10's successor runs, shipped in data/architecture-runs (cnkit.bench_runs)."""
+
+import json
+
+import pytest
+
+from cnkit import architectures, bench_runs, experiments
+from cnkit.runs import run_folder, train
+
+
+@pytest.mark.parametrize("cfg", experiments.bench_configs(), ids=lambda c: run_folder(c, "r").name)
+def test_every_successor_run_of_notebook_10_ships_finished_for_the_current_recipe(cfg):
+    # Fails when the recipe (or an architecture's options) changes and the shipped runs no longer match it:
+    # retrain them with `make architectures`.
+    run = bench_runs.find(cfg)
+    assert run is not None, f"{run_folder(cfg, bench_runs.SHIPPED_DIR).name} is not shipped: run make architectures"
+    c = run.convergence
+    assert c["steps"] == cfg.steps and c["validated_steps"][-1] == cfg.steps
+    assert run.validation()["step"][-1] == cfg.steps and run.telemetry()["step"][-1] == cfg.steps
+    assert run.sample_grid(cfg.steps).is_file() and run.loss()[0]
+    assert not (run.checkpoint / "optimizer.pt").exists()
+    assert any(run.checkpoint.glob("*.safetensors")) == bench_runs.keeps_weights(cfg)
+
+
+def test_published_run_keeps_what_notebook_10_reads_and_loads(tmp_path, base_dir):
+    shipped = tmp_path / "shipped"
+    for seed in (0, 1):
+        cfg = experiments.architecture_run("controlnext", "fill", seed, smoke=True, base=str(base_dir))
+        run = train(cfg, tmp_path / "runs")
+        dest = bench_runs.publish(run, cfg, shipped)
+        found = bench_runs.find(cfg, shipped)
+        assert found is not None and found.folder == dest
+        assert found.convergence == run.convergence
+        for name in ("validation.csv", "telemetry.csv", "checkpoint/trainer_state.json"):
+            assert (dest / name).read_bytes() == (run.folder / name).read_bytes()
+        last = run.convergence["validated_steps"][-1]
+        assert sorted(p.name for p in (dest / "samples").iterdir()) == [run.sample_grid(last).name]
+        assert not (dest / "checkpoint" / "optimizer.pt").exists() and (run.checkpoint / "optimizer.pt").exists()
+        if seed == 0:
+            adapter = found.controlnet()
+            assert isinstance(adapter, architectures.ControlNeXt)
+        else:
+            with pytest.raises(FileNotFoundError, match="no weights.*make architectures"):
+                found.controlnet()
+    # publishing again replaces the copy, and the index lists every run from its files
+    bench_runs.publish(run, cfg, shipped)
+    index = bench_runs.write_index(shipped, [experiments.architecture_run("controlnext", "fill", s, smoke=True,
+                                                                          base=str(base_dir)) for s in (0, 1, 2)])
+    text = index.read_text()
+    assert text.count("| yes |") == 1 and text.count("| no |") == 1 and "not shipped" in text
+    assert not list(shipped.glob("*.partial"))
+    assert json.loads((dest / "train_config.json").read_text())["seed"] == 1
