@@ -35,7 +35,8 @@ THRESHOLDS = {"disc_iou": 0.8, "edge_f1": 0.5, "miou": 0.6}
 
 
 def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:] or "dataset"
+    """A dataset named for a folder: its last 40 letters, digits and single dashes (no dash at either end)."""
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:].strip("-") or "dataset"
 
 
 def run_key(cfg: TrainConfig) -> str:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from cnkit import runs, toyworld
+from cnkit import experiments, runs, toyworld
 from cnkit.train import TrainConfig, open_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,3 +103,12 @@ def test_ablation_variants_train_validate_and_load_back(base_dir, tmp_path, vari
     run = runs.train(_cfg(base_dir, variant=variant, steps=1), tmp_path)
     assert len(run.validation()["fidelity"]) == 2
     assert type(run.controlnet()).__name__ == ("ControlNetLiteModel" if variant == "lite" else "ControlNetModel")
+
+
+def test_run_folders_are_named_by_architecture_seed_and_the_datasets_last_letters():
+    run_folder = runs.run_folder
+    union = experiments.architecture_run("union", "segmentation", 2)
+    name = run_folder(union, "r").name
+    assert name.startswith("union-shapes-segmentation-depth-edges-outline-seed2-") and "--" not in name
+    fill = run_folder(experiments.ablation("gaussian", 1), "r").name
+    assert fill.startswith("gaussian-toy-fill-seed1-")
