@@ -226,14 +226,14 @@ class Trainer:
             self.pipe.text_encoder.to(half)
         # The trainable part, behind cnkit.architectures' one interface: the paper's ControlNet (for it,
         # ``adapter.predict_noise`` is the UNet call this loop always made, bit for bit) or a successor.
-        name = cfg.adapter_name
-        maps = condition_count(cfg.dataset)
+        name, options = cfg.adapter_name, cfg.adapter_options
+        maps = options.get("n_conditions") or condition_count(cfg.dataset)  # a folder's count opens it: once
         if (maps > 1) != (cfg.architecture == "union"):
             raise ValueError(
                 f"dataset {cfg.dataset!r} has {maps} condition map(s) per item; architecture={cfg.architecture!r} "
                 + ("learns one: train architecture='union' on it, or give a dataset of one condition" if maps > 1
                    else "needs several: give a dataset with several maps per item"))
-        self.adapter = architectures.build(name, self.pipe, seed=cfg.seed, **cfg.adapter_options)
+        self.adapter = architectures.build(name, self.pipe, seed=cfg.seed, **options)
         if hasattr(self.adapter, "drops_in_predict"):  # the loop drops conditions from its own batch stream (resume)
             self.adapter.drops_in_predict = False
         if self.accelerator.device.type == "cpu":
