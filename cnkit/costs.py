@@ -8,6 +8,7 @@ after the other in this one process, with the same threads, batch, data and base
     step_seconds(cfg, cache_dir)           # the trainer's own optimizer step (no telemetry, no validation)
     image_seconds(base, checkpoint, items)  # cnkit.generate_many with the trained net, DDIM 20, guidance 3
     measure(run, runs_dir)                  # all four for a trained run's architecture
+    measure_all(runs, runs_dir)             # the same for several, timed in interleaved rounds
     comparison_row(name, measured, runs)    # notebook 10's row: the costs beside each task's convergence per seed
 """
 
@@ -85,16 +86,41 @@ def image_seconds(base, checkpoint, conditions: list, prompts: list[str], repeat
 def measure(run: Run, runs_dir, timing_steps: int = 8, n_images: int = 8, repeats: int = 3) -> dict:
     """The costs of ``run``'s architecture on its base, data and batch: trainable parameters, weights file bytes
     (its checkpoint), seconds per training step and per image (generating ``n_images`` of its held-out conditions
-    with the trained net)."""
-    cfg = TrainConfig(**run.config)
-    pipe = load_pipeline(cfg.base)
-    size = cfg.resolution or image_size(pipe)
-    items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
-    return {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
-            "file_bytes": file_bytes(run.checkpoint),
-            **step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps),
-            **image_seconds(pipe, run.checkpoint, [it.condition for it in items], [it.prompt for it in items],
-                            repeats=repeats)}
+    with the trained net), timed in ``repeats`` rounds (``measure_all``)."""
+    return measure_all({"run": run}, runs_dir, timing_steps, n_images, rounds=repeats)["run"]
+
+
+def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images: int = 8, rounds: int = 3) -> dict:
+    """``measure`` for several runs (one per architecture), interleaved: each of ``rounds`` rounds times every
+    run's step and image once, in turn, so that a slow spell of the machine falls on all of them rather than on
+    whichever was measured then (one pass after the other moved single numbers by 15-30% here). A time is the
+    median of its rounds' times; ``*_rounds`` keep each round's, to show the spread."""
+    plans = {}
+    for name, run in runs.items():
+        cfg = TrainConfig(**run.config)
+        pipe = load_pipeline(cfg.base)
+        size = cfg.resolution or image_size(pipe)
+        items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
+        plans[name] = (cfg, pipe, items)
+    found = {name: {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
+                    "file_bytes": file_bytes(runs[name].checkpoint), "step_times": [],
+                    "seconds_per_step_rounds": [], "seconds_per_image_rounds": []}
+             for name, (cfg, pipe, _) in plans.items()}
+    for _ in range(rounds):
+        for name, (cfg, pipe, items) in plans.items():
+            step = step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps)
+            image = image_seconds(pipe, runs[name].checkpoint, [it.condition for it in items],
+                                  [it.prompt for it in items], repeats=1)
+            f = found[name]
+            f["step_times"] += step["step_times"]
+            f["seconds_per_step_rounds"].append(step["seconds_per_step"])
+            f["seconds_per_image_rounds"].append(image["seconds_per_image"])
+            f.update({k: step[k] for k in ("batch_size", "threads")},
+                     **{k: image[k] for k in ("images", "denoising_steps")})
+    for f in found.values():
+        f["seconds_per_step"] = float(np.median(f["seconds_per_step_rounds"]))
+        f["seconds_per_image"] = float(np.median(f["seconds_per_image_rounds"]))
+    return found
 
 
 def training_seconds_to(run: Run, step: int | None) -> float | None:

@@ -1,5 +1,7 @@
 """cnkit.costs (an architecture's costs, measured on equal terms) and cnkit.successor_claims (the verdicts)."""
 
+import shutil
+
 import pytest
 
 from cnkit import architectures, costs, runs, successor_claims
@@ -21,13 +23,30 @@ def test_a_runs_costs_are_measured_from_its_own_architecture_base_and_data(train
     adapter = architectures.load(run.checkpoint)
     assert m["trainable_params"] == sum(p.numel() for p in adapter.trainable_parameters()) == 46_456
     assert m["file_bytes"] == (run.checkpoint / "diffusion_pytorch_model.safetensors").stat().st_size
-    assert len(m["step_times"]) == 2 and m["seconds_per_step"] > 0 and m["seconds_per_image"] > 0
+    assert len(m["step_times"]) == 2 * 3 and len(m["seconds_per_step_rounds"]) == 3  # 3 rounds of 2 steps
+    assert m["seconds_per_step"] == sorted(m["seconds_per_step_rounds"])[1] > 0
+    assert m["seconds_per_image"] == sorted(m["seconds_per_image_rounds"])[1] > 0
     row = costs.comparison_row("controlnext", m, {"fill": [run]})
     at = run.convergence["converged_at_step"]
     assert row["converged_at_step"] == {"fill": [at]} == {"fill": [0]}  # threshold 0: converged from the start
     assert row["converged_at_s"]["fill"] == [at * m["seconds_per_step"]]
     assert row["converged_at_s_as_trained"]["fill"][0] >= 0
     assert row["fidelity_final"]["fill"] == [run.convergence["fidelity_final"]]
+
+
+def test_several_runs_are_timed_in_interleaved_rounds(trained, monkeypatch, tmp_path):
+    run, runs_dir = trained
+    other = runs.Run(shutil.copytree(run.folder, tmp_path / "b"))
+    order = []
+    monkeypatch.setattr(costs, "step_seconds", lambda cfg, cache, steps: order.append(("step", cfg.seed)) or {
+        "seconds_per_step": 1.0 + cfg.seed, "step_times": [1.0] * steps, "batch_size": 2, "threads": 1})
+    monkeypatch.setattr(costs, "image_seconds", lambda pipe, ckpt, conds, prompts, repeats: order.append(
+        ("image", str(ckpt))) or {"seconds_per_image": 0.5, "images": len(prompts), "denoising_steps": 20})
+    m = costs.measure_all({"a": run, "b": other}, runs_dir, timing_steps=2, n_images=2, rounds=2)
+    assert [kind for kind, _ in order] == ["step", "image"] * 4
+    a, b = str(run.checkpoint), str(other.checkpoint)
+    assert [at for kind, at in order if kind == "image"] == [a, b, a, b]  # interleaved, not a, a, b, b
+    assert m["a"]["seconds_per_step_rounds"] == [1.0, 1.0] and m["b"]["seconds_per_image"] == 0.5
 
 
 def _row(params, step_s, image_s, fill_steps, fidelity):
