@@ -2,9 +2,10 @@
 
 Notebooks build their runs here, from their parameters (``run_config`` for 02-04), so that ``make figures``
 trains each run once and notebooks share them through ``cnkit.runs`` (cached by configuration): the ablation's ``zero``
-runs *are* notebook 04's sudden-convergence runs. ``python -m cnkit.experiments`` trains them all
-ahead of the notebooks (resumable; what is finished is only read back), ``--workers 2`` two at a
-time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one run on two threads
+runs *are* notebook 04's sudden-convergence runs. ``python -m cnkit.experiments`` trains ``make figures``' runs
+ahead of the notebooks (``--bench``: notebook 10's successor runs too; resumable: what is finished is only read
+back), ``--workers 2`` two at a time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one run
+on two threads
 (the tiny model's operators are too small to keep two threads busy; bench/train_step_variants.py).
 
 Budgets are chosen to keep the whole of ``make figures`` within 3 hours on 2 CPU cores: the
