@@ -25,9 +25,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import experiments
+from . import experiments, runs
 from .card import hardware
-from .runs import Run, is_finished, run_folder
+from .runs import Run, run_folder
 from .train import TrainConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +44,7 @@ def keeps_weights(cfg: TrainConfig) -> bool:
 
 def find(cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Run | None:
     """The finished run of ``cfg`` shipped in ``shipped_dir``, or None."""
-    folder = run_folder(cfg, shipped_dir)
-    return Run(folder) if is_finished(folder, cfg) else None
+    return runs.find(cfg, shipped_dir)
 
 
 def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
@@ -57,8 +56,8 @@ def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
     (tmp / "checkpoint").mkdir()
     for name in RUN_FILES:
         shutil.copy2(run.folder / name, tmp / name)
-    last = run.convergence["validated_steps"][-1]
-    shutil.copy2(run.sample_grid(last), tmp / "samples" / run.sample_grid(last).name)
+    grid = run.sample_grid(run.convergence["validated_steps"][-1])
+    shutil.copy2(grid, tmp / "samples" / grid.name)
     for f in sorted(run.checkpoint.iterdir()):
         if f.name == "trainer_state.json" or (keeps_weights(cfg) and f.name not in NOT_SHIPPED):
             shutil.copy2(f, tmp / "checkpoint" / f.name)

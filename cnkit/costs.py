@@ -95,17 +95,16 @@ def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images:
     run's step and image once, in turn, so that a slow spell of the machine falls on all of them rather than on
     whichever was measured then (one pass after the other moved single numbers by 15-30% here). A time is the
     median of its rounds' times; ``*_rounds`` keep each round's, to show the spread."""
-    plans = {}
+    plans, found = {}, {}
     for name, run in runs.items():
         cfg = TrainConfig(**run.config)
         pipe = load_pipeline(cfg.base)
         size = cfg.resolution or image_size(pipe)
         items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
         plans[name] = (cfg, pipe, items)
-    found = {name: {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
-                    "file_bytes": file_bytes(runs[name].checkpoint), "step_times": [],
-                    "seconds_per_step_rounds": [], "seconds_per_image_rounds": []}
-             for name, (cfg, pipe, _) in plans.items()}
+        found[name] = {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
+                       "file_bytes": file_bytes(run.checkpoint), "step_times": [],
+                       "seconds_per_step_rounds": [], "seconds_per_image_rounds": []}
     for _ in range(rounds):
         for name, (cfg, pipe, items) in plans.items():
             step = step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from .controlnets import VARIANTS
-from .runs import is_finished, run_folder, train
+from .runs import find, run_folder, train
 from .train import TrainConfig
 
 SEEDS = (0, 1, 2)
@@ -168,7 +168,7 @@ def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict
     depend on ``workers`` except through its thread count, which changes floating-point summation order only."""
     runs_dir = str(runs_dir)
     todo = schedule(configs)
-    left = [c for c in todo if not is_finished(run_folder(c, runs_dir), c)]
+    left = [c for c in todo if find(c, runs_dir) is None]
     log(f"training runs: {len(todo) - len(left)} of {len(todo)} found, {len(left)} to train, {workers} at a time")
     done, results = len(todo) - len(left), []
 

@@ -144,14 +144,21 @@ def is_finished(folder: Path, cfg: TrainConfig) -> bool:
     return f.is_file() and json.loads(f.read_text()).get("steps") == cfg.steps
 
 
+def find(cfg: TrainConfig, runs_dir) -> Run | None:
+    """The finished run of ``cfg`` under ``runs_dir``, or None (nothing there, or not finished)."""
+    folder = run_folder(cfg, runs_dir)
+    return Run(folder) if is_finished(folder, cfg) else None
+
+
 def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation_prompt: str | None = None,
           log=print) -> Run:
     """Train (or resume, or just read back) the run of ``cfg`` under ``runs_dir``; see the module doc."""
+    found = find(cfg, runs_dir)
+    if found is not None:
+        log(f"run found, not retrained: {found.folder}")
+        return found
     folder = run_folder(cfg, runs_dir)
     cfg = TrainConfig(**{**asdict(cfg), "out_dir": str(folder)})
-    if is_finished(folder, cfg):
-        log(f"run found, not retrained: {folder}")
-        return Run(folder)
     log(f"training into {folder}")
     start = time.perf_counter()
     trainer = Trainer(cfg, cache_dir=Path(runs_dir) / "cache")

@@ -106,9 +106,7 @@ def test_ablation_variants_train_validate_and_load_back(base_dir, tmp_path, vari
 
 
 def test_run_folders_are_named_by_architecture_seed_and_the_datasets_last_letters():
-    run_folder = runs.run_folder
-    union = experiments.architecture_run("union", "segmentation", 2)
-    name = run_folder(union, "r").name
+    name = runs.run_folder(experiments.architecture_run("union", "segmentation", 2), "r").name
     assert name.startswith("union-shapes-segmentation-depth-edges-outline-seed2-") and "--" not in name
-    fill = run_folder(experiments.ablation("gaussian", 1), "r").name
+    fill = runs.run_folder(experiments.ablation("gaussian", 1), "r").name
     assert fill.startswith("gaussian-toy-fill-seed1-")
