@@ -11,10 +11,11 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.cnkit-installed
+TEST_STAMP := $(VENV)/.cnkit-test-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup figures test test-fast lint unit notebooks nbval lab pretrain controlnets architectures clean
+.PHONY: setup setup-test figures test test-fast lint unit notebooks nbval lab pretrain controlnets architectures clean
 
 setup: $(STAMP)
 
@@ -26,8 +27,15 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name cnkit --display-name "Python (cnkit)" >/dev/null
 	touch $(STAMP)
 
+# The test runners, the linter and the browser driver (the `test` extra): only `make test` needs them.
+setup-test: $(TEST_STAMP)
+
+$(TEST_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e ".[hf,test]"
+	touch $(TEST_STAMP)
+
 figures: setup
-	$(PY) -m cnkit.report --profile full
+	$(VENV)/bin/cnkit figures --profile full
 
 test: lint unit nbval
 
@@ -35,16 +43,16 @@ test: lint unit nbval
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow" tests
 
-lint: setup
+lint: setup-test
 	$(VENV)/bin/ruff check cnkit tests bench studies
 
-unit: setup
+unit: setup-test
 	$(PY) -m pytest -q tests
 
 # nbval runs each notebook once, cell by cell, in notebooks/ with the smoke profile; --nbval-lax checks that cells
 # run (outputs are stripped in git, so there is nothing to compare them with), and each notebook's last cell checks
 # the files it declares. Runs start from nothing each time (notebooks/outputs is the notebooks' default out_dir).
-nbval: setup
+nbval: setup-test
 	rm -rf notebooks/outputs
 	CNKIT_PROFILE=smoke $(PY) -m pytest -q --nbval-lax -p no:cacheprovider notebooks
 
@@ -62,9 +70,9 @@ clean:
 
 # Trains (or reuses make figures' runs of) the shipped ControlNets, measures them and writes their cards.
 controlnets: setup
-	$(PY) -m cnkit.shipped
+	$(VENV)/bin/cnkit controlnets
 
 # Trains notebook 10's successor runs (or reuses them, in reports/architectures/runs) and ships them in
 # data/architecture-runs, which make figures reads: training them there would take it past 3 hours.
 architectures: setup
-	$(PY) -m cnkit.bench_runs
+	$(VENV)/bin/cnkit architectures

@@ -1,4 +1,4 @@
-"""Trainable parameters and seconds per training step of every architecture in cnkit.architectures, on one base.
+"""Trainable parameters and seconds per training step of every architecture in cnkit.models.architectures, on one base.
 
     .venv/bin/python bench/architectures_step.py [--batch 8] [--steps 5] [--warmup 2] [--threads 1]
 
@@ -18,8 +18,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from cnkit import architectures as A
-from cnkit.tiny import build_tiny_sd
+from cnkit.models import architectures as A
+from cnkit.models.tiny import build_tiny_sd
 
 
 def _timed(fn, steps: int, warmup: int) -> float:

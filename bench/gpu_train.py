@@ -4,7 +4,7 @@
     python bench/gpu_train.py                      # SD 1.5-shaped random base, 512 px, batch 8 and 32, bf16
     python bench/gpu_train.py --tiny --size 64 --batches 2 --steps 4      # the same code on a CPU, in seconds
 
-The base is ``cnkit.sd15``'s (SD 1.5's exact architecture, random weights: speed and memory do not depend on the
+The base is ``cnkit.models.sd15``'s (SD 1.5's exact architecture, random weights: speed and memory do not depend on the
 weights' values). Each (loop, batch) runs in its own process, so peak memory is its own. The reference loop does, each
 step, what ``train_controlnet.py`` does with ``--mixed_precision bf16``: the VAE (in bf16), the text encoder and the
 UNet frozen in bf16, the ControlNet's weights in fp32 under autocast, VAE-encode the batch's images, encode its
@@ -35,10 +35,10 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _base(tiny: bool):
     if tiny:
-        from cnkit.tiny import build_tiny_sd
+        from cnkit.models.tiny import build_tiny_sd
 
         return build_tiny_sd(seed=0)
-    from cnkit.sd15 import build_sd15_shaped
+    from cnkit.models.sd15 import build_sd15_shaped
 
     return build_sd15_shaped(seed=0)
 
@@ -59,7 +59,7 @@ def _peak(device) -> float:
 
 
 def run_cnkit(args, batch: int) -> dict:
-    from cnkit.train import TrainConfig, Trainer
+    from cnkit.training.train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
@@ -98,9 +98,9 @@ def run_reference(args, batch: int) -> dict:
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
-    from cnkit.bases import vae_scale_factor
-    from cnkit.controlnets import make_controlnet
-    from cnkit.toyworld import ToyWorld
+    from cnkit.data.toyworld import ToyWorld
+    from cnkit.models.bases import vae_scale_factor
+    from cnkit.models.controlnets import make_controlnet
 
     acc = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     device = acc.device

@@ -3,7 +3,7 @@
     .venv/bin/python bench/train_memory.py [--n 250] [--size 256] [--steps 3] [--kit PATH]
 
 Writes Fill50K-format folders of N and 8N pairs (the toy fill world, ``size`` px), then trains a few steps on each
-in a fresh process (``cnkit.train.Trainer`` on ``data/tiny-sd`` at ``size`` px: encoding the training set, then
+in a fresh process (``cnkit.training.train.Trainer`` on ``data/tiny-sd`` at ``size`` px: encoding the training set, then
 training), and prints each run's peak resident memory (VmHWM) and anonymous memory, the growth per pair, the
 encoded store's bytes per pair on disk, and what that means for the paper's Fill50K (50,000 pairs at 512 px) on SD
 1.5. ``--kit PATH`` runs the children against another checkout of the kit (e.g. an older commit, to compare).
@@ -34,7 +34,7 @@ def _status(field: str) -> int:
 def child(data: str, out: str, size: int, steps: int, batch: int) -> dict:
     """One training run in this process; returns its peak memory and where its encoded set went."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from cnkit.train import TrainConfig, Trainer
+    from cnkit.training.train import TrainConfig, Trainer
 
     peak_anon = [0]
     t0 = time.perf_counter()
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
         print(json.dumps(child(*args.child, args.size, args.steps, args.batch)))
         return 0
     sys.path.insert(0, str(ROOT))
-    from cnkit.toyworld import export_fill50k
+    from cnkit.data.toyworld import export_fill50k
 
     kit = Path(args.kit).resolve()
     results = {}

@@ -2,12 +2,12 @@
 
     .venv/bin/python bench/train_step_variants.py [--steps 14] [--batch 32] [--compile] [--profile]
 
-One cnkit training step (cnkit.train.Trainer.loss on a cached micro-batch, backward, AdamW) timed
+One cnkit training step (cnkit.training.train.Trainer.loss on a cached micro-batch, backward, AdamW) timed
 under variants that keep the recipe's maths, each in its own process on the same base, data, batch
 and seed; the first steps are warm-up, the median of the rest is reported with its ratio to the
 default. ``--profile`` adds the default step's top operators (torch.profiler), ``--compile`` a
 ``torch.compile`` variant (its compile time is printed apart). Last, two one-thread processes train
-side by side, as ``cnkit.experiments --workers 2`` trains the figures' runs: their combined rate.
+side by side, as ``cnkit.experiments.configs --workers 2`` trains the figures' runs: their combined rate.
 
 The variants are the ones a reader of bench/train_throughput.py would try first: diffusers' classic
 attention processor and SDPA's math backend instead of the flash kernel, bf16 autocast (Accelerate's
@@ -43,8 +43,8 @@ VARIANTS = {
 def run_variant(variant: str, base: str, steps: int, batch: int, profile: bool) -> dict:
     import torch
 
-    from cnkit.train import TrainConfig, Trainer
-    from cnkit.trainset import cached_store
+    from cnkit.data.trainset import cached_store
+    from cnkit.training.train import TrainConfig, Trainer
 
     if variant == "one-thread":
         torch.set_num_threads(1)
@@ -117,7 +117,7 @@ def main() -> None:
                "--batch", str(args.batch)] + (["--profile"] if args.profile and name == "default" else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         rows[name] = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
-    # Two one-thread runs at once (cnkit.experiments --workers 2): each step's median, and the two together.
+    # Two one-thread runs at once (cnkit.experiments.configs --workers 2): each step's median, and the two together.
     cmd = [sys.executable, __file__, "--child", "one-thread", "--base", base, "--steps", str(args.steps),
            "--batch", str(args.batch)]
     pair = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True) for _ in range(2)]

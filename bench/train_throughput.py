@@ -5,7 +5,7 @@
 The reference loop does, each step, what diffusers' examples/controlnet/train_controlnet.py does:
 VAE-encode the batch's images (posterior sample), run the text encoder on its tokenized prompts,
 add noise, run the ControlNet and the frozen UNet, MSE on the noise, AdamW step; fp32, no caching.
-cnkit's trainer (cnkit.train.Trainer) caches the frozen encoders' outputs once per item.
+cnkit's trainer (cnkit.training.train.Trainer) caches the frozen encoders' outputs once per item.
 
 Each loop runs in its own process (so peak memory is its own), on the same base, data, batch and
 seed; the first steps are warm-up, and the median of the rest is reported, with the ratio.
@@ -31,7 +31,7 @@ WARMUP = 3
 def _base(path: str) -> str:
     if Path(path).is_dir():
         return path
-    from cnkit.tiny import build_tiny_sd
+    from cnkit.models.tiny import build_tiny_sd
 
     out = Path(tempfile.mkdtemp()) / "tiny-sd"
     build_tiny_sd(seed=0).save_pretrained(out)
@@ -39,7 +39,7 @@ def _base(path: str) -> str:
 
 
 def run_cnkit(base: str, steps: int, batch: int) -> dict:
-    from cnkit.train import TrainConfig, Trainer
+    from cnkit.training.train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(base=base, dataset="toy:fill", steps=steps, batch_size=batch, n_train=512,
@@ -66,9 +66,9 @@ def run_reference(base: str, steps: int, batch: int) -> dict:
     import torch.nn.functional as F
     from diffusers import ControlNetModel, DDPMScheduler, StableDiffusionPipeline
 
-    from cnkit.bases import vae_scale_factor
-    from cnkit.controlnets import condition_encoder_channels
-    from cnkit.toyworld import ToyWorld
+    from cnkit.data.toyworld import ToyWorld
+    from cnkit.models.bases import vae_scale_factor
+    from cnkit.models.controlnets import condition_encoder_channels
 
     pipe = StableDiffusionPipeline.from_pretrained(base)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet

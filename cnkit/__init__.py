@@ -1,47 +1,95 @@
 """cnkit: a kit for understanding and reproducing ControlNet (Zhang, Rao, Agrawala, ICCV 2023).
 
-The map, bottom-up. Each module holds one idea and imports only modules of its own layer or below, so the
-package reads from the top of this list down and has no import cycle (``tests/test_layout.py`` checks both). A
-subpackage's modules are on the map by dotted name (``architectures.base``).
+The everyday names live here (``from cnkit import TrainConfig, train, generate, ControlUnit, load_base``); every
+module stays importable by its full path (``cnkit.training.telemetry``). The tree is the map, bottom-up: a module
+imports only its own folder and the folders below it, so the package has no import cycle and no upward arrow
+(``tests/test_layout.py`` reads the layers from the folders and checks both).
 
-- 0 foundations: ``params`` (notebook parameters), ``pixels`` (pixel conventions), ``card`` (model cards),
-  ``checkpoints`` (crash-safe run folders), ``summary`` (summary.json), ``viz`` (plots from numbers)
-- 1 data: ``toyworld`` (worlds with exact truth), ``datasets`` (Fill50K, imagefolder and HF readers),
-  ``splits`` (what is held out, and which seeds each measurement uses)
-- 2 models: ``tokenizer``, ``tiny`` (the embedded base's parts), ``sd15`` (a random base of SD 1.5's exact
-  shape, for testing the real path on a CPU), ``bases`` (loading any base), ``controlnets``
-  (ControlNet variants, building and loading them), ``export`` (the original single-file layout the WebUI and
-  ComfyUI load, both ways), ``architectures`` (a subpackage: ControlNet and its successors, ControlNet-XS,
-  T2I-Adapter, ControlNeXt, a multi-condition net, built from any base behind one interface)
-- 3 measures: ``metrics``: pure functions of images, masks and curves (numpy); no model, no generation
-- 4 generation: ``weighting`` (control modes, CFG weighting), ``annotators``, ``adapter_pipeline`` (diffusers'
-  text-to-image pipeline driven by any architecture), ``generate`` (generation from control units; the one image
-  loop every measurement uses)
-- 5 training: ``encoded`` (the encoded training set on disk, read a batch at a time), ``trainset`` (the training
-  set as the trainer reads it: fitted, encoded once or on the fly), ``train`` (the trainer of ControlNet and its
-  successors), ``telemetry`` (what watches it: injection points, validation), ``pretrain`` (the base's)
-- 6 experiments: ``evaluations`` (drivers that generate images to measure them), ``runs`` (runs kept by
-  configuration), ``experiments`` (the notebooks' runs), ``shipped`` (what the kit ships, and its cards),
-  ``bench_runs`` (notebook 10's successor runs, shipped finished so that ``make figures`` keeps its budget),
-  ``costs`` (an architecture's parameters, file size, step and image times, measured on equal terms),
-  ``successor_claims`` (ControlNet's successors' published claims and the verdicts measurements give them)
-- 7 surfaces: ``report`` (``make figures``), ``widgets`` (the playground)
+- top: foundations and pure measures: ``params`` (notebook parameters), ``pixels`` (pixel conventions),
+  ``colours`` and ``geometry`` (what the toy worlds paint with), ``card`` (model cards), ``summary``
+  (summary.json), ``viz`` (plots from numbers), ``metrics`` (pure numpy measures of images and curves)
+- ``data/``: ``toyworld``, ``readers``, ``splits``, ``encoded``, ``trainset``
+- ``models/``: ``tokenizer``, ``tiny``, ``sd15``, ``bases``, ``controlnets``, ``export``, ``architectures/``
+- ``generation/``: ``weighting``, ``annotators``, ``adapter_pipeline``, ``generate``
+- ``training/``: ``checkpoints``, ``train``, ``telemetry``, ``pretrain``
+- ``experiments/``: ``runs``, ``configs``, ``evaluations``, ``shipped``, ``bench_runs``, ``costs``,
+  ``successor_claims``
+- ``surfaces/``: ``report`` (make figures), ``widgets`` (the playground), ``cli`` (the ``cnkit`` command)
 
 Data flows one way: data -> train (with probes attached from outside) -> run folder (config, checkpoint,
 telemetry.csv, validation.csv, samples, convergence.json) -> evaluations / viz / report. Notebooks are thin
 drivers over these modules and read results back from files.
+
+Names are imported on first use (PEP 562), so ``import cnkit`` and ``cnkit --help`` stay fast.
 """
 
-LAYERS = {
-    "params": 0, "pixels": 0, "card": 0, "checkpoints": 0, "summary": 0, "viz": 0,
-    "toyworld": 1, "datasets": 1, "splits": 1,
-    "tokenizer": 2, "tiny": 2, "sd15": 2, "bases": 2, "controlnets": 2, "export": 2,
-    "architectures": 2, "architectures.base": 2, "architectures.controlnet": 2, "architectures.controlnet_xs": 2,
-    "architectures.t2i_adapter": 2, "architectures.controlnext": 2,
-    "architectures.union": 2, "architectures.control_lora": 2,
-    "metrics": 3,
-    "weighting": 4, "annotators": 4, "adapter_pipeline": 4, "generate": 4,
-    "encoded": 5, "trainset": 5, "train": 5, "telemetry": 5, "pretrain": 5,
-    "evaluations": 6, "runs": 6, "experiments": 6, "shipped": 6, "bench_runs": 6, "costs": 6, "successor_claims": 6,
-    "report": 7, "widgets": 7,
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+# name -> module that defines it. The curated surface a notebook or a user script needs; deeper names stay
+# reachable by their module.
+_API = {
+    # training
+    "TrainConfig": "cnkit.training.train", "Trainer": "cnkit.training.train", "RECIPES": "cnkit.training.train",
+    "InjectionTelemetry": "cnkit.training.telemetry", "Validation": "cnkit.training.telemetry",
+    "PretrainConfig": "cnkit.training.pretrain", "pretrain": "cnkit.training.pretrain",
+    # runs kept by configuration
+    "train": "cnkit.experiments.runs", "Run": "cnkit.experiments.runs", "find_run": "cnkit.experiments.runs",
+    "default_runs_dir": "cnkit.experiments.runs", "read_table": "cnkit.experiments.runs",
+    # generation
+    "generate": "cnkit.generation.generate", "generate_many": "cnkit.generation.generate",
+    "ControlUnit": "cnkit.generation.generate", "annotate": "cnkit.generation.annotators",
+    "CONTROL_MODES": "cnkit.generation.weighting",
+    # models
+    "load_base": "cnkit.models.bases", "load_pipeline": "cnkit.models.bases", "image_size": "cnkit.models.bases",
+    "make_controlnet": "cnkit.models.controlnets", "load_controlnet": "cnkit.models.controlnets",
+    "build_adapter": "cnkit.models.architectures", "load_adapter": "cnkit.models.architectures",
+    "build_tiny_sd": "cnkit.models.tiny", "export_original": "cnkit.models.export",
+    # data
+    "ToyWorld": "cnkit.data.toyworld", "toy_sample": "cnkit.data.toyworld", "load_dataset": "cnkit.data.readers",
+    "held_out_items": "cnkit.data.splits",
+    # summaries and the playground
+    "write_summary": "cnkit.summary", "read_summary": "cnkit.summary", "Playground": "cnkit.surfaces.widgets",
 }
+# names that differ from the module's own
+_ALIASES = {"find_run": "find", "build_adapter": "build", "load_adapter": "load", "toy_sample": "sample",
+            "load_dataset": "load"}
+
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    if name not in _API:
+        raise AttributeError(f"module 'cnkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_API[name]), _ALIASES.get(name, name))
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
+
+if TYPE_CHECKING:  # for editors and type checkers; at run time the names load on first use
+    from .data.readers import load as load_dataset  # noqa: F401
+    from .data.splits import held_out_items  # noqa: F401
+    from .data.toyworld import ToyWorld  # noqa: F401
+    from .data.toyworld import sample as toy_sample  # noqa: F401
+    from .experiments.runs import Run, default_runs_dir, read_table, train  # noqa: F401
+    from .experiments.runs import find as find_run  # noqa: F401
+    from .generation.annotators import annotate  # noqa: F401
+    from .generation.generate import ControlUnit, generate, generate_many  # noqa: F401
+    from .generation.weighting import CONTROL_MODES  # noqa: F401
+    from .models.architectures import build as build_adapter  # noqa: F401
+    from .models.architectures import load as load_adapter  # noqa: F401
+    from .models.bases import image_size, load_base, load_pipeline  # noqa: F401
+    from .models.controlnets import load_controlnet, make_controlnet  # noqa: F401
+    from .models.export import export_original  # noqa: F401
+    from .models.tiny import build_tiny_sd  # noqa: F401
+    from .summary import read_summary, write_summary  # noqa: F401
+    from .surfaces.widgets import Playground  # noqa: F401
+    from .training.pretrain import PretrainConfig, pretrain  # noqa: F401
+    from .training.telemetry import InjectionTelemetry, Validation  # noqa: F401
+    from .training.train import RECIPES, TrainConfig, Trainer  # noqa: F401

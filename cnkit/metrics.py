@@ -1,6 +1,6 @@
 """Measurements: pure functions of images, masks and curves (numpy), using the toy world's exact ground
 truth instead of downloaded evaluators. Nothing here loads a model or generates an image; the drivers
-that generate images to measure them are ``cnkit.evaluations``.
+that generate images to measure them are ``cnkit.experiments.evaluations``.
 
 Base quality (is the pretrained model any good?):
 
@@ -26,10 +26,10 @@ from types import SimpleNamespace
 import numpy as np
 from scipy import ndimage
 
-from . import toyworld
+from . import colours, geometry
 
-_PALETTE_NAMES = toyworld.COLOUR_NAMES
-_PALETTE = np.array([toyworld.PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)
+_PALETTE_NAMES = colours.COLOUR_NAMES
+_PALETTE = np.array([colours.PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)
 
 
 def nearest_colour(rgb) -> str:
@@ -89,9 +89,9 @@ def _params_grid(cx, cy, r):
 
 
 def _template_masks(kind: str, params: np.ndarray, size: int) -> np.ndarray:
-    x, y = toyworld._grid(size)
+    x, y = geometry.grid(size)
     cx, cy, r = (params[:, i].reshape(-1, 1, 1) for i in range(3))
-    return (toyworld._shape_geometry(kind, cx, cy, r, x, y) <= 0).reshape(len(params), -1).astype(np.float32)
+    return (geometry.shape_field(kind, cx, cy, r, x, y) <= 0).reshape(len(params), -1).astype(np.float32)
 
 
 _COARSE = _params_grid(np.linspace(0.08, 0.92, 22), np.linspace(0.08, 0.92, 22), np.linspace(0.09, 0.27, 10))
@@ -111,7 +111,7 @@ def classify_shape(region: np.ndarray, ignore: np.ndarray) -> tuple[str, float]:
     centres and radii, then refined around the best coarse placement."""
     size = region.shape[0]
     if size not in _TEMPLATE_CACHE:
-        _TEMPLATE_CACHE[size] = {k: _template_masks(k, _COARSE, size) for k in toyworld.SHAPE_KINDS}
+        _TEMPLATE_CACHE[size] = {k: _template_masks(k, _COARSE, size) for k in geometry.SHAPE_KINDS}
     keep = (~ignore).reshape(-1).astype(np.float32)
     target = (region & ~ignore).reshape(-1).astype(np.float32)
     best = ("circle", -1.0)
@@ -203,7 +203,7 @@ def disc_iou(image: np.ndarray, condition) -> float:
 
 
 def canny_edges(image: np.ndarray) -> np.ndarray:
-    return toyworld.canny(np.ascontiguousarray(image))[..., 0] > 127
+    return geometry.canny(np.ascontiguousarray(image))[..., 0] > 127
 
 
 def edge_f1(image: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> float:
@@ -218,7 +218,7 @@ def edge_f1(image: np.ndarray, reference: np.ndarray, tolerance: int = 1) -> flo
     return float(2 * precision * recall / max(precision + recall, 1e-9))
 
 
-SEGMENTATION_CLASSES = ("background", *toyworld.SHAPE_KINDS)
+SEGMENTATION_CLASSES = ("background", *geometry.SHAPE_KINDS)
 
 
 def truth_segmentation(sample) -> np.ndarray:
@@ -318,7 +318,7 @@ def _only_shape(sample, k: int):
     shape = sample.truth["shapes"][k]
     mask = sample.masks[f"shape{k}"]
     masks = {"shape0": mask} | {kind: mask if kind == shape["kind"] else np.zeros_like(mask)
-                                for kind in toyworld.SHAPE_KINDS}
+                                for kind in geometry.SHAPE_KINDS}
     return SimpleNamespace(image=sample.image, truth={**sample.truth, "shapes": [shape]}, masks=masks)
 
 

@@ -83,19 +83,22 @@ def out_path(out_dir) -> Path:
     return path
 
 
+# The kit's checkout (cnkit/ sits in it): where data/, notebooks/ and reports/ are.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
 def repo_path(path) -> Path:
     """``path`` as given when it exists, else relative to the kit's checkout (``data/...`` from a
     notebook whose working directory is ``notebooks/``)."""
     p = Path(path)
     if p.exists() or p.is_absolute():
         return p
-    root = Path(__file__).resolve().parent.parent
-    return root / p if (root / p).exists() else p
+    return REPO_ROOT / p if (REPO_ROOT / p).exists() else p
 
 
 def notebook_outputs(notebook: str) -> list[str]:
     """The files a notebook declares it writes (``metadata.cnkit.outputs`` of ``notebooks/<notebook>.ipynb``)."""
-    path = Path(__file__).resolve().parent.parent / "notebooks" / f"{notebook}.ipynb"
+    path = REPO_ROOT / "notebooks" / f"{notebook}.ipynb"
     return json.loads(path.read_text())["metadata"]["cnkit"]["outputs"]
 
 

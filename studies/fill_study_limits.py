@@ -7,7 +7,7 @@ Reads the nets ``recipe_on_independent_fill.py`` trained (each trainer's final n
 study measures them (each item's own prompt; the empty prompt with ``cfg_weighting="flat"``; DDIM 20, guidance 3,
 seeds 1000 + i) and splits each item's IoU against the true disc by what could limit it:
 
-- ``palette``: the embedded base was pretrained on 8 colours (``cnkit.toyworld.PALETTE``). Fill50K's 140 names
+- ``palette``: the embedded base was pretrained on 8 colours (``cnkit.data.toyworld.PALETTE``). Fill50K's 140 names
   map onto them: where the target's fill and background fall on the same palette colour (nearest in RGB) the base
   has no colour pair of its own to draw the disc against its background.
 - ``frame``: circles that leave the frame (open outlines).
@@ -40,13 +40,13 @@ NEAR = 40.0  # RGB distance that counts as "this palette colour"
 
 
 def nearest_palette(rgb) -> str:
-    from cnkit.toyworld import PALETTE
+    from cnkit.data.toyworld import PALETTE
 
     return min(PALETTE, key=lambda k: np.linalg.norm(np.subtract(PALETTE[k], rgb)))
 
 
 def palette_share(image: np.ndarray) -> float:
-    from cnkit.toyworld import PALETTE
+    from cnkit.data.toyworld import PALETTE
 
     colours = np.array(list(PALETTE.values()), float)
     d = np.linalg.norm(image.reshape(-1, 1, 3).astype(float) - colours[None], axis=-1).min(1)
@@ -58,7 +58,7 @@ def per_item(pipe, folder: Path, items, truths) -> dict:
     import torch
     from diffusers import ControlNetModel
 
-    from cnkit.generate import generate_many
+    from cnkit.generation.generate import generate_many
     from cnkit.metrics import iou
 
     net = ControlNetModel.from_pretrained(str(folder)).eval()
@@ -91,8 +91,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=64)
     args = ap.parse_args(argv)
 
-    from cnkit.splits import held_out_items
-    from cnkit.toyworld import PALETTE  # the 8 colours the base was pretrained on
+    from cnkit.data.splits import held_out_items
+    from cnkit.data.toyworld import PALETTE  # the 8 colours the base was pretrained on
 
     data = args.study / "data" / "fill50k-like"
     items = held_out_items(str(data), args.n_val, args.size, 0, args.n_val)

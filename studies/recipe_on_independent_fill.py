@@ -6,27 +6,27 @@
 
 ``PATH`` is a folder holding diffusers' ``examples/controlnet/train_controlnet.py`` (a checkout of the
 diffusers repository; the script is run as it is, never copied into the project). The data is a
-Fill50K-format folder from ``studies/fill50k_like.py`` (independent of ``cnkit.toyworld``):
+Fill50K-format folder from ``studies/fill50k_like.py`` (independent of ``cnkit.data.toyworld``):
 ``--n-train`` + ``--n-val`` items at the base's size; both trainers train on the first ``--n-train``
 and are measured on the last ``--n-val`` (the kit holds a folder's last ``validation_size`` items out;
 diffusers reads an imagefolder ``metadata.jsonl`` that lists only the first ``--n-train``).
 
 For each seed, one after the other (never two trainings at once):
 
-1. a zero ControlNet for the base (``python -m cnkit.controlnets init``: ``make_controlnet(base, "zero",
+1. a zero ControlNet for the base (``python -m cnkit.models.controlnets init``: ``make_controlnet(base, "zero",
    seed=seed)``), saved as a diffusers folder: diffusers' own ``ControlNetModel.from_unet`` builds SD's
    factor-8 condition encoder, which does not fit the tiny base's factor-4 VAE;
 2. diffusers' script, started from that folder: its recipe (uniform timesteps, AdamW with gradient
    clipping at 1.0, an epoch-shuffled data loader, the VAE and text encoder run every step), constant rate,
    ``--proportion_empty_prompts 0.5``, a ``checkpoint-<step>`` every ``--validate-every`` steps;
-3. the kit's trainer (what ``python -m cnkit.train`` runs, with the kit's recipe: cubic timesteps,
+3. the kit's trainer (what ``python -m cnkit.training.train`` runs, with the kit's recipe: cubic timesteps,
    prompt dropout 0.5), same seed, hence the same initial ControlNet, a checkpoint every
    ``--validate-every`` steps; a callback copies each checkpoint's weights aside (the kit keeps only the
    latest), so the kit's curve is measured like diffusers';
 4. every saved net of both is measured the same way, on the same ``--n-val`` held-out outlines, fixed
-   seeds 1000 + i, DDIM 20 steps, guidance 3, through ``cnkit.generate.generate_many``:
+   seeds 1000 + i, DDIM 20 steps, guidance 3, through ``cnkit.generation.generate.generate_many``:
    ``disc_iou_prompt`` with each item's own prompt (exactly the kit's own validation,
-   ``cnkit.telemetry.Validation``: the kit's ``validation.csv`` is reproduced, see ``kit_validation`` in
+   ``cnkit.training.telemetry.Validation``: the kit's ``validation.csv`` is reproduced, see ``kit_validation`` in
    the results) and ``disc_iou_empty`` with the empty prompt and the condition in the conditional branch
    only (``cfg_weighting="flat"``). Both with ``cnkit.metrics.disc_iou``, which reads the disc from the
    outline; ``disc_iou_truth_*`` score the same images against the true disc (``truth.jsonl``), because
@@ -70,7 +70,7 @@ import fill50k_like  # noqa: E402  (beside this file)
 
 THRESHOLD = 0.8
 LOWER_THRESHOLDS = (0.6, 0.7)  # what each trainer reaches when neither reaches THRESHOLD: compared the same way
-EVAL = {"steps": 20, "guidance": 3.0, "seed0": 1000, "batch": 32}  # cnkit.telemetry.Validation's settings
+EVAL = {"steps": 20, "guidance": 3.0, "seed0": 1000, "batch": 32}  # cnkit.training.telemetry.Validation's settings
 MEASURES = ("disc_iou_prompt", "disc_iou_empty", "disc_iou_truth_prompt", "disc_iou_truth_empty")
 RESULT_FIELDS = ["trainer", "seed", "step", "wall_s", *MEASURES, "kit_validation"]
 
@@ -107,9 +107,9 @@ def prepare_data(folder: Path, n_train: int, n_val: int, size: int, data_seed: i
 
 def zero_controlnet(base: str, folder: Path, seed: int) -> Path:
     """A zero ControlNet for ``base`` with its VAE's condition-encoder factor, as a diffusers folder (what
-    ``python -m cnkit.controlnets init`` writes): the very net the kit's trainer starts from with this seed."""
+    ``python -m cnkit.models.controlnets init`` writes): the very net the kit's trainer starts from with this seed."""
     if not (folder / "config.json").is_file():
-        from cnkit.controlnets import main as controlnets_cli
+        from cnkit.models.controlnets import main as controlnets_cli
 
         controlnets_cli(["init", "--base", base, "--variant", "zero", "--seed", str(seed), "--out", str(folder)])
     return folder
@@ -135,7 +135,7 @@ def diffusers_command(args, launcher: str, script: Path, base: Path, data: Path,
 
 
 def kit_command(args, base: Path, data: Path, out: Path, seed: int) -> list[str]:
-    # the kit's recipe (TrainConfig's defaults, python -m cnkit.train --recipe=kit: cubic timesteps, 50% empty
+    # the kit's recipe (TrainConfig's defaults, python -m cnkit.training.train --recipe=kit: cubic timesteps, 50% empty
     # prompts), with the learning rate both trainers share
     flags = [f"--base={base}", f"--dataset={data}", f"--steps={args.steps}", f"--batch_size={args.batch_size}",
              f"--learning_rate={args.learning_rate}",
@@ -146,14 +146,14 @@ def kit_command(args, base: Path, data: Path, out: Path, seed: int) -> list[str]
 
 
 def kit_worker(argv: list[str]) -> None:
-    """``cnkit.train.main`` (the same flags, telemetry and validation) plus one callback that copies each
+    """``cnkit.training.train.main`` (the same flags, telemetry and validation) plus one callback that copies each
     checkpoint's weights to ``--keep``/step-NNNNNN and logs when (the kit keeps only its latest)."""
     from dataclasses import fields
 
-    from cnkit.telemetry import Validation, ZeroConvTelemetry
-    from cnkit.train import TrainConfig, Trainer
+    from cnkit.training.telemetry import Validation, ZeroConvTelemetry
+    from cnkit.training.train import TrainConfig, Trainer
 
-    ap = argparse.ArgumentParser(description="cnkit.train with every checkpoint kept")
+    ap = argparse.ArgumentParser(description="cnkit.training.train with every checkpoint kept")
     ap.add_argument("--keep", required=True)
     ap.add_argument("--timing", required=True)
     for f in fields(TrainConfig):
@@ -295,7 +295,7 @@ def evaluation_pipeline(base: str):
     """The locked base as the kit's Validation sees it (its trainer holds the UNet channels-last on a CPU)."""
     import torch
 
-    from cnkit.bases import load_base
+    from cnkit.models.bases import load_base
 
     pipe = load_base(base)
     if pipe.device.type == "cpu":
@@ -308,7 +308,7 @@ def measure(pipe, net_folder: Path, items: list, truths: list[dict], prompted_on
     import torch
     from diffusers import ControlNetModel
 
-    from cnkit.generate import generate_many
+    from cnkit.generation.generate import generate_many
     from cnkit.metrics import condition_disc, disc_iou, iou
 
     net = ControlNetModel.from_pretrained(str(net_folder)).eval()
@@ -485,7 +485,7 @@ def main(argv=None) -> None:
     base = (ROOT / args.base) if (ROOT / args.base).exists() else Path(args.base)
     data = prepare_data(out / "data" / "fill50k-like", args.n_train, args.n_val, args.size, args.data_seed)
 
-    from cnkit.splits import held_out_items
+    from cnkit.data.splits import held_out_items
 
     items = held_out_items(str(data), args.n_val, args.size, 0, args.n_val)
     truths = fill50k_like.read_truth(data)[-args.n_val:]

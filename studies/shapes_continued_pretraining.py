@@ -7,7 +7,7 @@ data/tiny-sd draws the prompted shapes, counts and colours in 3.5% of held-out s
 card; issue 3 asks for 75%). This study continues the shipped model's pretraining (UNet + text
 encoder, the same data, batch, Min-SNR, EMA and empty-prompt share as its card's recipe, a fresh
 warm-up and cosine cycle at ``--learning-rate``) and evaluates the EMA weights every
-``--eval-every`` steps with ``cnkit.evaluations.evaluate_base`` on ``--n-eval`` held-out prompts per
+``--eval-every`` steps with ``cnkit.experiments.evaluations.evaluate_base`` on ``--n-eval`` held-out prompts per
 world, writing one row per evaluation to ``curve.csv``. A rising curve says more pretraining
 compute closes the gap; a flat one says the recipe or the model's size must change. Resumable:
 rerun the same command after an interruption.
@@ -29,8 +29,8 @@ from pathlib import Path
 import torch
 
 from cnkit.card import card_data
-from cnkit.evaluations import evaluate_base
-from cnkit.pretrain import PretrainConfig, encode_latents, train_unet, training_set
+from cnkit.experiments.evaluations import evaluate_base
+from cnkit.training.pretrain import PretrainConfig, encode_latents, train_unet, training_set
 
 
 def main() -> None:

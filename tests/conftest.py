@@ -13,7 +13,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_pipe():
     """The embedded model's architecture with fresh weights (as diffusers' get_dummy_components)."""
-    from cnkit.tiny import build_tiny_sd
+    from cnkit.models.tiny import build_tiny_sd
 
     return build_tiny_sd(seed=0)
 

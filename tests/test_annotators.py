@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cnkit import annotators, toyworld
+from cnkit.data import toyworld
+from cnkit.generation import annotators
 
 
 def test_offline_annotators_make_maps_at_the_source_size():

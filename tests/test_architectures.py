@@ -1,4 +1,4 @@
-"""cnkit.architectures: every architecture builds from the tiny base (factor 4) and from a small SD-layout UNet
+"""cnkit.models.architectures: every architecture builds from the tiny base (factor 4) and from a small SD-layout UNet
 (factor 8), predicts noise of the UNet's shape, leaves the locked base untouched by a training step, reports its
 injections, round-trips its checkpoint through the class that loads it, and behaves at step 0 as its method says."""
 
@@ -10,19 +10,19 @@ import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-from cnkit import architectures as A
-from cnkit.architectures.base import ControlAdapter
-from cnkit.architectures.controlnext import ControlNeXtModel
-from cnkit.architectures.t2i_adapter import feature_shapes
-from cnkit.controlnets import ControlNetLiteModel
+from cnkit.models import architectures as A
+from cnkit.models.architectures.base import ControlAdapter
+from cnkit.models.architectures.controlnext import ControlNeXtModel
+from cnkit.models.architectures.t2i_adapter import feature_shapes
+from cnkit.models.controlnets import ControlNetLiteModel
 
 # (registry name, build options): every architecture that can be built here, T2I-Adapter in both of its types.
 CASES = [("controlnet", {}), ("controlnet-gaussian", {}), ("controlnet-lite", {}), ("control-lora", {}),
          ("controlnet-xs", {}), ("t2i-adapter", {}), ("t2i-adapter", {"adapter_type": "light_adapter"}),
          ("controlnext", {}), ("union", {})]
 IDS = [n + ("-light" if o else "") for n, o in CASES]
-KIT_CLASSES = {"cnkit.controlnets.ControlNetLiteModel": ControlNetLiteModel,
-               "cnkit.architectures.controlnext.ControlNeXtModel": ControlNeXtModel}
+KIT_CLASSES = {"cnkit.models.controlnets.ControlNetLiteModel": ControlNetLiteModel,
+               "cnkit.models.architectures.controlnext.ControlNeXtModel": ControlNeXtModel}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,7 +38,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def tiny():
     """The tiny base (own copy: building an architecture locks the UNet, and the shared tiny_pipe must stay as is)."""
-    from cnkit.tiny import build_tiny_sd
+    from cnkit.models.tiny import build_tiny_sd
 
     pipe = build_tiny_sd(seed=0)
     return SimpleNamespace(unet=pipe.unet, factor=4, latent=16, text=64, pipe=pipe)
@@ -175,7 +175,7 @@ def test_controlnet_predict_noise_is_what_the_trainer_computes(tiny):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from cnkit.train import Trainer
+    from cnkit.training.train import Trainer
 
     adapter = build("controlnet", {}, tiny)
     with torch.no_grad():  # non-zero connections, so the residuals matter

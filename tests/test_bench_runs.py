@@ -1,11 +1,13 @@
-"""Notebook 10's successor runs, shipped in data/architecture-runs (cnkit.bench_runs)."""
+"""Notebook 10's successor runs, shipped in data/architecture-runs (cnkit.experiments.bench_runs)."""
 
 import json
 
 import pytest
 
-from cnkit import architectures, bench_runs, experiments
-from cnkit.runs import run_folder, train
+from cnkit.experiments import bench_runs
+from cnkit.experiments import configs as experiments
+from cnkit.experiments.runs import run_folder, train
+from cnkit.models import architectures
 
 
 @pytest.mark.parametrize("cfg", experiments.bench_configs(), ids=lambda c: run_folder(c, "r").name)

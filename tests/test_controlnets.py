@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from cnkit.controlnets import (
+from cnkit.models.controlnets import (
     ControlNetLiteModel,
     connection_table,
     make_controlnet,
@@ -94,9 +94,9 @@ def test_controlnet_checkpoint_is_a_stock_diffusers_folder(tiny_pipe, tmp_path):
 
 
 def test_init_writes_a_zero_net_matched_to_the_base_and_a_wrong_factor_is_named(tiny_pipe, tmp_path, capsys):
-    """python -m cnkit.controlnets init: the net diffusers' stock train_controlnet.py can start from on the kit's
+    """python -m cnkit.models.controlnets init: the net diffusers' stock train_controlnet.py can start from on the kit's
     base (its own from_unet builds SD's factor 8, which fails at the first step on the tiny base's factor 4)."""
-    from cnkit.controlnets import condition_factor, main
+    from cnkit.models.controlnets import condition_factor, main
 
     tiny_pipe.save_pretrained(tmp_path / "base")
     main(["init", "--base", str(tmp_path / "base"), "--out", str(tmp_path / "net"), "--seed", "3"])

@@ -8,7 +8,7 @@ import pytest
 from diffusers import ControlNetModel
 
 from cnkit.card import card_data, card_hashes, file_hashes
-from cnkit.shipped import SHIPPED
+from cnkit.experiments.shipped import SHIPPED
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "data" / "controlnets"
@@ -29,8 +29,8 @@ def test_two_nets_composed_in_one_call_satisfy_both_conditions():
     """The two shipped shapes nets in one call on the first 4 held-out two-shape scenes, regenerated here (the
     32-scene numbers, mIoU 0.84 and edge F1 0.72, are in data/controlnets/README.md; on these 4 they are 0.71 and
     0.57; the base alone re-detects a segmentation mIoU of 0.43): each condition is followed where it speaks."""
-    from cnkit.bases import load_pipeline
-    from cnkit.evaluations import evaluate_composition
+    from cnkit.experiments.evaluations import evaluate_composition
+    from cnkit.models.bases import load_pipeline
 
     got = evaluate_composition(load_pipeline("data/tiny-sd"), str(OUT / "shapes-segmentation"),
                                str(OUT / "shapes-outline"), n=4)
@@ -41,8 +41,8 @@ def test_two_nets_composed_in_one_call_satisfy_both_conditions():
 def test_fill_net_card_figures_reproduce_on_a_fixed_sample():
     """The card's headline is the mean of the per-item values it lists, the bar holds on it, and those values are
     what the net gives now on the first 8 items (same items, seeds and pipeline)."""
-    from cnkit.bases import load_pipeline
-    from cnkit.evaluations import evaluate_controlnet
+    from cnkit.experiments.evaluations import evaluate_controlnet
+    from cnkit.models.bases import load_pipeline
 
     data = card_data(OUT / "fill-outline")
     ev = data["evaluation"]

@@ -1,11 +1,13 @@
-"""cnkit.costs (an architecture's costs, measured on equal terms) and cnkit.successor_claims (the verdicts)."""
+"""cnkit.experiments.costs (an architecture's costs, measured on equal terms) and cnkit.experiments.successor_claims
+(the verdicts)."""
 
 import shutil
 
 import pytest
 
-from cnkit import architectures, costs, runs, successor_claims
-from cnkit.train import TrainConfig
+from cnkit.experiments import costs, runs, successor_claims
+from cnkit.models import architectures
+from cnkit.training.train import TrainConfig
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cnkit import datasets, toyworld
-from cnkit.datasets import DatasetError
+from cnkit.data import readers as datasets
+from cnkit.data import toyworld
+from cnkit.data.readers import DatasetError
 
 
 def _fill50k(tmp_path, rows=2, size=(32, 32)):

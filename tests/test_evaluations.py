@@ -1,11 +1,12 @@
-"""cnkit.evaluations: the prompt settings of Fig. 8, the guidance forms of Fig. 5, Table 2's references."""
+"""cnkit.experiments.evaluations: the prompt settings of Fig. 8, the guidance forms of Fig. 5, Table 2's references."""
 
 import numpy as np
 import pytest
 
-from cnkit import evaluations as E
-from cnkit import metrics, toyworld
-from cnkit.controlnets import make_controlnet
+from cnkit import metrics
+from cnkit.data import toyworld
+from cnkit.experiments import evaluations as E
+from cnkit.models.controlnets import make_controlnet
 
 
 def test_prompt_settings_follow_the_paper_and_conflict_with_the_item():

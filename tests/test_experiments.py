@@ -1,11 +1,11 @@
-"""cnkit.experiments: the figures' runs trained ahead of the notebooks, several at a time."""
+"""cnkit.experiments.configs: the figures' runs trained ahead of the notebooks, several at a time."""
 
 import json
 
 import pytest
 
-from cnkit import experiments
-from cnkit.runs import run_folder
+from cnkit.experiments import configs as experiments
+from cnkit.experiments.runs import run_folder
 
 
 def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(tmp_path):

@@ -1,4 +1,4 @@
-"""cnkit.export: the original ControlNet single-file layout, checked against diffusers' own reader."""
+"""cnkit.models.export: the original ControlNet single-file layout, checked against diffusers' own reader."""
 
 from types import SimpleNamespace
 
@@ -8,8 +8,8 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from cnkit import export
-from cnkit.controlnets import make_controlnet
+from cnkit.models import export
+from cnkit.models.controlnets import make_controlnet
 
 SD15_DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 SD15_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3

@@ -12,7 +12,7 @@ import fill50k_like  # noqa: E402
 
 
 def test_writes_fill50k_layout_deterministically_and_the_kit_reads_it(tmp_path):
-    from cnkit.datasets import load
+    from cnkit.data.readers import load
     from cnkit.metrics import condition_disc, iou
 
     a = fill50k_like.write(tmp_path / "a", n=12, size=64, seed=3)

@@ -1,14 +1,15 @@
-"""cnkit.generate: control units over diffusers' pipeline; equal to diffusers where only its features are used."""
+"""cnkit.generation.generate: control units over diffusers' pipeline; equal to diffusers where only its features are
+used."""
 
 import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
 
-from cnkit import generate as G
-from cnkit import toyworld
-from cnkit import weighting as W
-from cnkit.controlnets import make_controlnet
+from cnkit.data import toyworld
+from cnkit.generation import generate as G
+from cnkit.generation import weighting as W
+from cnkit.models.controlnets import make_controlnet
 
 KW = dict(steps=3, guidance=4.0, seed=7)
 
@@ -154,11 +155,12 @@ def test_flat_weighting_is_the_conditional_branch_alone(parts):
 
 
 def test_a_unit_takes_an_original_layout_single_file(parts, tmp_path):
-    """What the WebUI and ComfyUI load (cnkit.export) works as a unit's ControlNet: with the config the kit stores
+    """What the WebUI and ComfyUI load (cnkit.models.export) works as a unit's ControlNet: with the config the kit
+    stores
     in it, and without (a file from elsewhere), read against the base's UNet."""
     from safetensors.torch import load_file, save_file
 
-    from cnkit.export import export_original
+    from cnkit.models.export import export_original
 
     pipe, (net, _), (cond, _) = parts
     ours = export_original(net, tmp_path / "net.safetensors")

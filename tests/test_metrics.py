@@ -1,6 +1,8 @@
 import numpy as np
 
-from cnkit import evaluations, metrics, splits, toyworld
+from cnkit import geometry, metrics
+from cnkit.data import splits, toyworld
+from cnkit.experiments import evaluations
 
 
 def test_fill_analysis_passes_ground_truth_and_reads_colours():
@@ -36,8 +38,8 @@ def test_shapes_analysis_on_ground_truth_and_wrong_prompts():
 
 def test_shape_kinds_are_told_apart():
     for kind in toyworld.SHAPE_KINDS:
-        x, y = toyworld._grid(64)
-        region = toyworld._shape_geometry(kind, 0.5, 0.5, 0.2, x, y) <= 0
+        x, y = geometry.grid(64)
+        region = geometry.shape_field(kind, 0.5, 0.5, 0.2, x, y) <= 0
         assert metrics.classify_shape(region, np.zeros_like(region))[0] == kind
 
 

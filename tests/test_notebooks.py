@@ -54,11 +54,11 @@ def _parameters(path: Path) -> dict:
 
 def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
     """Notebooks 02-04 default to TrainConfig's defaults (the kit's recipe), so with their defaults they train
-    one run between them; 06-09 default to the budgets cnkit.experiments trains ahead of them."""
+    one run between them; 06-09 default to the budgets cnkit.experiments.configs trains ahead of them."""
     from dataclasses import asdict
 
-    from cnkit import experiments
-    from cnkit.train import TrainConfig
+    from cnkit.experiments import configs as experiments
+    from cnkit.training.train import TrainConfig
 
     recipe = {k: v for k, v in asdict(TrainConfig()).items() if k != "out_dir"}  # a notebook's out_dir is its own
     for stem in ("02_train_controlnet", "03_zero_conv_growth", "04_sudden_convergence"):

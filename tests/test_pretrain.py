@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cnkit import pretrain
-from cnkit.pretrain import PretrainConfig
-from cnkit.splits import HELD_OUT_FILL_PAIRS
+from cnkit.data.splits import HELD_OUT_FILL_PAIRS
+from cnkit.training import pretrain
+from cnkit.training.pretrain import PretrainConfig
 
 
 def _cfg(out_dir, **kw):

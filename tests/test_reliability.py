@@ -13,11 +13,14 @@ import pytest
 import torch
 from PIL import Image
 
-from cnkit import checkpoints, datasets, experiments, toyworld
-from cnkit import generate as G
-from cnkit.checkpoints import Checkpoint, FolderBusy, claim
-from cnkit.controlnets import load_controlnet, make_controlnet
-from cnkit.train import TrainConfig, Trainer
+from cnkit.data import readers as datasets
+from cnkit.data import toyworld
+from cnkit.experiments import configs as experiments
+from cnkit.generation import generate as G
+from cnkit.models.controlnets import load_controlnet, make_controlnet
+from cnkit.training import checkpoints
+from cnkit.training.checkpoints import Checkpoint, FolderBusy, claim
+from cnkit.training.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -94,7 +97,7 @@ def test_a_second_process_on_the_same_run_folder_is_refused(base_dir, tmp_path):
     try:
         with pytest.raises(FolderBusy, match="another process is writing into"):
             claim(tmp_path, {"a": 1}, "train_config.json", "a run")
-        done = subprocess.run([sys.executable, "-m", "cnkit.train", f"--base={base_dir}", f"--out_dir={tmp_path}",
+        done = subprocess.run([sys.executable, "-m", "cnkit", "train", f"--base={base_dir}", f"--out_dir={tmp_path}",
                                "--steps=1", "--batch_size=2", "--n_train=4", "--validate_every=0"],
                               capture_output=True, text=True, cwd=ROOT, timeout=600,
                               env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
@@ -120,7 +123,7 @@ def test_a_run_interrupted_before_a_setting_existed_resumes_after_the_upgrade(ba
     LATER_SETTINGS value, so resuming is not "another configuration"; a different value still is."""
     import json
 
-    from cnkit.train import LATER_SETTINGS
+    from cnkit.training.train import LATER_SETTINGS
 
     tr = Trainer(_cfg(base_dir, tmp_path, steps=3, checkpoint_every=10))
     tr.add_callback("on_step_end", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 2 else None)
@@ -274,7 +277,7 @@ def test_checkpoints_module_names_a_read_only_folder(tmp_path, monkeypatch):
 
 
 def test_a_long_prompt_in_generation_is_noted_and_a_file_that_is_no_controlnet_is_named(tiny_pipe, tmp_path):
-    from cnkit.controlnets import make_controlnet as build
+    from cnkit.models.controlnets import make_controlnet as build
 
     net = build(tiny_pipe, "zero")
     out = G.generate(tiny_pipe, "red circle " * 60, [G.ControlUnit(net, np.zeros((64, 64, 3), np.uint8))], steps=1)

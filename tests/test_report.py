@@ -1,11 +1,11 @@
-"""`make figures` (cnkit.report): notebooks run once per source and parameters, and the index puts the
+"""`make figures` (cnkit.surfaces.report): notebooks run once per source and parameters, and the index puts the
 paper's claim, the kit's measurement and the verdict beside each notebook's figures and tables."""
 
 import json
 
 import nbformat
 
-from cnkit import report
+from cnkit.surfaces import report
 
 
 def _notebook(path, body: str, outputs, key_figures=()):

@@ -1,4 +1,4 @@
-"""Runs kept by configuration (cnkit.runs), folder hold-out, and two CPU processes under Accelerate."""
+"""Runs kept by configuration (cnkit.experiments.runs), folder hold-out, and two CPU processes under Accelerate."""
 
 import json
 import os
@@ -10,8 +10,10 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from cnkit import experiments, runs, toyworld
-from cnkit.train import TrainConfig, open_dataset
+from cnkit.data import toyworld
+from cnkit.experiments import configs as experiments
+from cnkit.experiments import runs
+from cnkit.training.train import TrainConfig, open_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,8 +59,8 @@ def test_a_folder_trains_on_all_but_its_validation_items(base_dir, tmp_path):
     assert len(train_part) == 7
     with pytest.raises(IndexError):
         train_part[7]
-    from cnkit.datasets import load
-    from cnkit.splits import held_out_items
+    from cnkit.data.readers import load
+    from cnkit.data.splits import held_out_items
 
     everything = load(str(folder))
     held = held_out_items(cfg.dataset, 3, 64, cfg.data_seed, cfg.validation_size)
@@ -71,7 +73,7 @@ def _two_processes(base_dir, out, steps):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "cnkit.train", f"--base={base_dir}", f"--steps={steps}", "--batch_size=2", "--n_train=40",
+           "-m", "cnkit.training.train", f"--base={base_dir}", f"--steps={steps}", "--batch_size=2", "--n_train=40",
            "--validate_every=0", "--checkpoint_every=2", f"--out_dir={out}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -1,8 +1,9 @@
 """The kit's real path at Stable Diffusion 1.5's scale, on a CPU (issue 14).
 
-``cnkit.sd15`` builds a base with SD 1.5's exact architecture (860M-parameter UNet, 768-wide CLIP ViT-L/14 text
+``cnkit.models.sd15`` builds a base with SD 1.5's exact architecture (860M-parameter UNet, 768-wide CLIP ViT-L/14 text
 tower, 8x VAE) and random weights. Here it goes through what a user does with real SD 1.5: save and load it with the
-stock pipeline, train a ControlNet with ``python -m cnkit.train`` (telemetry and validation callbacks attached, as
+stock pipeline, train a ControlNet with ``python -m cnkit.training.train`` (telemetry and validation callbacks
+attached, as
 the CLI does), resume, load the checkpoint with the stock ``ControlNetModel``, generate from two control units, and
 run the validation hook once. Images are 128 px (latents 16x16) so that it runs in minutes on 2 CPU cores; the
 shapes are SD's. Training peaks at about 13.5 GiB RSS on a CPU (fp32 weights, gradients and AdamW state of the 361M
@@ -10,7 +11,7 @@ ControlNet, the 860M UNet, and the base's memory-mapped files; README, "Real SD 
 
 Each stage's wall time and peak RSS are written to ``reports/test-artifacts/sd_scale.json`` (and printed with -s).
 Peak RSS is per stage: VmHWM is reset at each stage's start (``/proc/self/clear_refs``), so a stage's number includes
-what earlier stages still hold (the base cached by ``cnkit.generate``, for example).
+what earlier stages still hold (the base cached by ``cnkit.generation.generate``, for example).
 """
 
 import gc
@@ -90,10 +91,10 @@ def _round(x):
 
 def _write_measurements():
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    import cnkit.train
+    import cnkit.training.train
 
     info = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "resolution": RESOLUTION,
-            "kit": cnkit.train.__file__}
+            "kit": cnkit.training.train.__file__}
     (ARTIFACTS / "sd_scale.json").write_text(json.dumps({"machine": info, "stages": MEASURED}, indent=1))
 
 
@@ -108,7 +109,7 @@ def _report():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """(a) The SD-1.5-shaped base, built and saved once; the caller's RNG is untouched."""
-    from cnkit.sd15 import folder_size, save_sd15_shaped
+    from cnkit.models.sd15 import folder_size, save_sd15_shaped
 
     folder = tmp_path_factory.mktemp("sd15") / "base"
     with stage("build_and_save") as s:
@@ -122,7 +123,7 @@ def base(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     """(b) 40 Fill50K-format pairs at 128 px (36 to train on, the last 4 held out for validation)."""
-    from cnkit.toyworld import export_fill50k
+    from cnkit.data.toyworld import export_fill50k
 
     with stage("export_dataset"):
         return export_fill50k(tmp_path_factory.mktemp("fill50k") / "data", n=40, size=RESOLUTION)
@@ -136,9 +137,9 @@ def _train_args(base, dataset, out_dir, steps):
 
 @pytest.fixture(scope="module")
 def run_dir(base, dataset, tmp_path_factory):
-    """(c) Two optimizer steps through ``python -m cnkit.train``'s entry point (telemetry and validation
+    """(c) Two optimizer steps through ``python -m cnkit.training.train``'s entry point (telemetry and validation
     callbacks attached), checkpointing every step."""
-    from cnkit import train
+    from cnkit.training import train
 
     out = tmp_path_factory.mktemp("run") / "controlnet"
     with stage("train_2_steps") as s:
@@ -150,7 +151,7 @@ def run_dir(base, dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def resumed(base, dataset, run_dir):
     """(d) The same run asked for 3 steps: it resumes from the step-2 checkpoint."""
-    from cnkit import train
+    from cnkit.training import train
 
     with stage("resume_to_3_steps") as s:
         s.extra["result"] = train.main(_train_args(base, dataset, run_dir, steps=3))
@@ -163,7 +164,7 @@ def test_sd15_configs_have_sd15s_parameter_counts():
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cnkit.sd15 import SD15_PARAMETERS, SD15_TEXT, SD15_UNET, SD15_VAE
+    from cnkit.models.sd15 import SD15_PARAMETERS, SD15_TEXT, SD15_UNET, SD15_VAE
 
     with torch.device("meta"):
         parts = {"unet": UNet2DConditionModel(**SD15_UNET), "vae": AutoencoderKL(**SD15_VAE),
@@ -177,7 +178,7 @@ def test_sd15_configs_have_sd15s_parameter_counts():
 def test_base_has_sd15_shapes_and_the_stock_pipeline_loads_it(base):
     from diffusers import StableDiffusionPipeline
 
-    from cnkit.sd15 import SD15_PARAMETERS, SD15_TEXT, SD15_UNET, parameter_counts
+    from cnkit.models.sd15 import SD15_PARAMETERS, SD15_TEXT, SD15_UNET, parameter_counts
 
     with stage("load_stock_pipeline") as s:
         pipe = StableDiffusionPipeline.from_pretrained(base)  # safetensors are memory-mapped: this is lazy
@@ -236,8 +237,8 @@ def test_checkpoint_loads_with_stock_controlnet(resumed, run_dir):
 
 @pytest.mark.slow
 def test_generates_from_two_units(resumed, run_dir, base, dataset):
-    from cnkit.bases import forget
-    from cnkit.generate import ControlUnit, generate
+    from cnkit.generation.generate import ControlUnit, generate
+    from cnkit.models.bases import forget
 
     cond = Image.open(dataset / "source" / "39.png").convert("RGB")
     ckpt = str(run_dir / "checkpoint")
@@ -257,8 +258,8 @@ def test_validation_generates_at_the_training_resolution(base, dataset, tmp_path
     """The validation hook at SD scale: one held-out condition, one denoising step. Its images must have the
     training resolution (128), not the base's native 512: the fidelity metric compares them with the 128-px
     condition, and 512-px validation costs 16x the compute (issue 14's report)."""
-    from cnkit.telemetry import Validation
-    from cnkit.train import TrainConfig, Trainer
+    from cnkit.training.telemetry import Validation
+    from cnkit.training.train import TrainConfig, Trainer
 
     with stage("validation_1_item_1_step") as s:
         trainer = Trainer(TrainConfig(base=str(base), dataset=str(dataset), steps=1, batch_size=1,

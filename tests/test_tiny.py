@@ -5,9 +5,9 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cnkit.bases import vae_scale_factor
-from cnkit.tiny import build_tiny_sd
-from cnkit.toyworld import VOCABULARY
+from cnkit.data.toyworld import VOCABULARY
+from cnkit.models.bases import vae_scale_factor
+from cnkit.models.tiny import build_tiny_sd
 
 
 def test_components_have_sd15_classes_and_shapes(tiny_pipe):

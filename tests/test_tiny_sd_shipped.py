@@ -9,7 +9,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from cnkit import card, generate, metrics, splits
+from cnkit import card, metrics
+from cnkit.data import splits
+from cnkit.generation import generate
 
 TINY = Path(__file__).resolve().parent.parent / "data" / "tiny-sd"
 # Tolerance for reproducing the card on a small fixed sample: per-image outcomes may flip where a
@@ -39,8 +41,8 @@ def test_size_and_formats():
 
 def test_vae_reconstruction_reproduces_the_card(shipped):
     """The card's VAE PSNR (bar: 30 dB), recomputed on the same 64 held-out images."""
-    from cnkit.pretrain import vae_psnr
-    from cnkit.splits import held_out_images
+    from cnkit.data.splits import held_out_images
+    from cnkit.training.pretrain import vae_psnr
 
     data = card.card_data(TINY)
     psnr = vae_psnr(shipped.vae, held_out_images(64, data["recipe"]["seed"]))

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from cnkit import datasets, toyworld
+from cnkit.data import readers as datasets
+from cnkit.data import toyworld
 
 
 @pytest.mark.parametrize("world", toyworld.WORLDS)

@@ -7,9 +7,9 @@ import torch
 from diffusers import ControlNetModel
 
 from cnkit import metrics
-from cnkit.telemetry import ZeroConvTelemetry
-from cnkit.train import TrainConfig, Trainer
-from cnkit.trainset import cached_store
+from cnkit.data.trainset import cached_store
+from cnkit.training.telemetry import ZeroConvTelemetry
+from cnkit.training.train import TrainConfig, Trainer
 
 
 def _cfg(base_dir, out_dir, **kw):
@@ -129,7 +129,7 @@ def test_convergence_detector_reports_the_raw_series():
 
 
 def test_disc_iou_finds_the_disc_without_trusting_colours():
-    from cnkit import toyworld
+    from cnkit.data import toyworld
 
     s = toyworld.sample("fill", 3)
     assert metrics.disc_iou(s.image, s.conditions["outline"]) > 0.95

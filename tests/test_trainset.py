@@ -1,4 +1,5 @@
-"""The training set on disk (cnkit.encoded, cnkit.trainset): shards read per batch give exactly what the encoders
+"""The training set on disk (cnkit.data.encoded, cnkit.data.trainset): shards read per batch give exactly what the
+encoders
 gave, an interrupted encode continues, a store for another base is not reused, a dataset too big for the disk is
 refused before anything is written; encoding on the fly trains too; the memory options keep the numbers."""
 
@@ -11,9 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from cnkit import encoded, toyworld
-from cnkit.train import TrainConfig, Trainer
-from cnkit.trainset import Fitter, cached_store, encode_prompts
+from cnkit.data import encoded, toyworld
+from cnkit.data.trainset import Fitter, cached_store, encode_prompts
+from cnkit.training.train import TrainConfig, Trainer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -68,7 +69,7 @@ def test_an_interrupted_encode_continues_after_its_last_shard(tiny_pipe, tmp_pat
 
 
 def test_a_store_for_another_base_or_version_is_not_reused(tiny_pipe, tmp_path):
-    from cnkit.tiny import build_tiny_sd
+    from cnkit.models.tiny import build_tiny_sd
 
     ds = toyworld.ToyWorld("fill", n=8)
     fit = Fitter(64, "crop_and_resize", tiny_pipe.tokenizer)
@@ -142,8 +143,8 @@ def test_gradient_checkpointing_lowers_peak_memory(base_dir):
     """One forward and backward at 256 px, batch 8, in a fresh process each: the activations dominate."""
     code = f"""
 import torch
-from cnkit.bases import load_base
-from cnkit.controlnets import make_controlnet
+from cnkit.models.bases import load_base
+from cnkit.models.controlnets import make_controlnet
 pipe = load_base({str(base_dir)!r})
 net = make_controlnet(pipe, "zero", seed=0)
 if {{ckpt}}:

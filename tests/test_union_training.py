@@ -1,5 +1,5 @@
 """One net for several conditions (the union architecture): read from multi-condition data, encoded, trained by
-cnkit.train's loop with replayable per-condition dropout, validated and generated from a set of maps."""
+cnkit.training.train's loop with replayable per-condition dropout, validated and generated from a set of maps."""
 
 import csv
 
@@ -8,14 +8,17 @@ import pytest
 import torch
 from diffusers import ControlNetModel
 
-from cnkit import architectures, datasets, evaluations, splits, toyworld
-from cnkit.encoded import png_bytes
-from cnkit.generate import ControlUnit, generate, generate_many
+from cnkit.data import readers as datasets
+from cnkit.data import splits, toyworld
+from cnkit.data.encoded import png_bytes
+from cnkit.data.trainset import OnTheFly, cached_store
+from cnkit.experiments import evaluations
+from cnkit.generation.generate import ControlUnit, generate, generate_many
 from cnkit.metrics import segmentation_miou
+from cnkit.models import architectures
 from cnkit.pixels import side_by_side, stack_maps
-from cnkit.telemetry import InjectionTelemetry, Validation
-from cnkit.train import TrainConfig, Trainer
-from cnkit.trainset import OnTheFly, cached_store
+from cnkit.training.telemetry import InjectionTelemetry, Validation
+from cnkit.training.train import TrainConfig, Trainer
 
 TWO = "toy:shapes/segmentation+depth"
 

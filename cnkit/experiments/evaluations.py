@@ -1,0 +1,240 @@
+"""Every driver that generates images to measure them: the base's quality, a ControlNet's fidelity, two nets
+composed, and the paper's figures on the embedded default (notebooks 01, 06-09, the shipped cards).
+
+Each one draws held-out items and seeds from ``cnkit.data.splits`` (named, never trained on), generates through
+``cnkit.generation.generate.generate_many`` (diffusers' pipeline, batched, one seed per image) and measures with the
+pure functions of ``cnkit.metrics``; every function returns numbers, and those that feed a figure also the
+images they were measured on, so a notebook's table and grid agree.
+
+- ``evaluate_base``: the pretrained base from held-out prompts (fill: one disc, the prompted colours;
+  shapes: the prompted shapes, counts and colours).
+- ``evaluate_controlnet``: condition fidelity on held-out conditions; ``evaluate_composition``: two nets in
+  one call (Fig. 6), each condition measured where it speaks; ``evaluate_condition_subsets``: a
+  multi-condition (union) net given all its maps and each alone.
+- ``evaluate_prompt_settings`` (Fig. 8): the four prompt settings on the fill task; condition fidelity
+  (disc IoU) and prompt adherence (the prompted colours, where a prompt names any).
+- ``evaluate_cfg_forms`` (Fig. 5): no prompt; no guidance / guidance with the condition in both branches /
+  in the conditional branch only, unweighted and with the three resolution weightings; fidelity and
+  over-saturation.
+- ``segmentation_references`` (Table 2): the ceiling and floor of re-detected segmentation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .. import metrics
+from ..data import splits, toyworld
+from ..generation.generate import generate_many
+from ..models.bases import image_size
+from ..models.controlnets import load_controlnet
+from ..pixels import from_model_range, to_model_range
+
+PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
+# The paper's insufficient prompt (Fig. 8); the tiny tokenizer has a token for each of its words.
+INSUFFICIENT_PROMPT = "a high-quality, detailed, and professional image"
+# Fig. 5's settings, each (guidance on?, cfg_weighting); all without a prompt.
+CFG_FORMS = {
+    "no guidance": (False, None),
+    "guidance, condition in both branches": (True, None),
+    "guidance, conditional branch only, unweighted": (True, "flat"),
+    "resolution weighting (paper: 64/h)": (True, "paper"),
+    "resolution weighting (0.825 form)": (True, "0.825"),
+    "resolution weighting (logspace form)": (True, "logspace"),
+}
+
+
+# --- the base -------------------------------------------------------------------------------
+
+
+def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: float = 5.0,
+                  held_out_fill_pairs=splits.HELD_OUT_FILL_PAIRS, train_prompts=frozenset(), batch: int = 32) -> dict:
+    """Base-model quality on ``n`` fill and ``n`` shapes generations from held-out prompts."""
+    fills, shapes = splits.held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
+    fill_images = generate_many(pipe, [f["prompt"] for f in fills], None, [], [f["seed"] for f in fills],
+                                steps=steps, guidance=guidance, batch=batch)
+    shape_images = generate_many(pipe, [s["prompt"] for s in shapes], None, [], [s["seed"] for s in shapes],
+                                 steps=steps, guidance=guidance, batch=batch)
+    per_fill = []
+    for f, img in zip(fills, fill_images):
+        a = metrics.analyse_fill(img)
+        per_fill.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
+                         "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
+    per_shapes = []
+    for s, img in zip(shapes, shape_images):
+        a = metrics.analyse_shapes(img, s["truth"])
+        per_shapes.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
+                           "colours_ok": a["colours_ok"]})
+    rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
+    return {
+        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
+        "fill": {"one_disc": rate(per_fill, "one_disc"), "fill_colour": rate(per_fill, "fill_ok"),
+                 "background_colour": rate(per_fill, "background_ok")},
+        "shapes": {"correct": rate(per_shapes, "correct"), "colours_and_counts": rate(per_shapes, "colours_ok")},
+        "per_image": {"fill": per_fill, "shapes": per_shapes},
+        "images": {"fill": fill_images, "shapes": shape_images},
+    }
+
+
+# --- one ControlNet, two composed -----------------------------------------------------------
+
+
+def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str | None = "", data_seed: int = 0,
+                        steps: int = 20, guidance: float = 3.0, cfg_weighting: str | None = None) -> dict:
+    """Condition fidelity of ``controlnet`` on ``n`` held-out toy conditions, with ``prompt`` ("" by default:
+    the condition alone; None: each item's own prompt), the validation seeds (the same images a training run's
+    validation makes of the same items), through ``generate_many`` (``cfg_weighting`` as there). Returns every
+    metric's mean and per-item values."""
+    items = splits.held_out_items(dataset, n, image_size(pipe), data_seed)
+    fidelity = metrics.fidelity_metrics_for(dataset)
+    prompts = [item.prompt if prompt is None else prompt for item in items]
+    images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items],
+                           [load_controlnet(controlnet)], splits.seeds("validation", len(items)), steps=steps,
+                           guidance=guidance, cfg_weighting=cfg_weighting)
+    scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in fidelity.items()}
+    return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
+            "cfg_weighting": cfg_weighting,
+            "data_seed": data_seed, **{name: float(np.mean(v)) for name, v in scores.items()},
+            "per_item": scores}
+
+
+def evaluate_condition_subsets(pipe, net, dataset: str, n: int = 32, data_seed: int = 0, steps: int = 20,
+                               guidance: float = 3.0, batch: int = 32) -> dict:
+    """A multi-condition (union) net trained on ``dataset`` (maps m1+m2+...) given all its maps, then each map alone
+    (the others missing, black), on ``n`` held-out items with their own prompts and the validation seeds: the same
+    images a training run's validation makes when every map is given. Returns ``{subset: {metric: mean}}``, subsets
+    named "all" and by map."""
+    items = splits.held_out_items(dataset, n, image_size(pipe), data_seed)
+    maps = dataset.partition("/")[2].split("+")
+    fidelity = metrics.fidelity_metrics_for(dataset)
+    subsets = {"all": maps, **{m: [m] for m in maps}}
+    out = {}
+    for label, keep in subsets.items():
+        conditions = [[tuple(c if m in keep else None for m, c in zip(maps, item.condition))] for item in items]
+        images = generate_many(pipe, [item.prompt for item in items], conditions, [net],
+                               splits.seeds("validation", len(items)), steps=steps, guidance=guidance, batch=batch)
+        out[label] = {name: float(np.mean([fn(img, item) for img, item in zip(images, items)]))
+                      for name, fn in fidelity.items()}
+    return out
+
+
+def composition_conditions(sample) -> tuple[np.ndarray, np.ndarray]:
+    """The segmentation map of shape 0 alone and the outline of shape 1 alone."""
+    other = [ndimage.binary_dilation(sample.masks[f"shape{k}"], iterations=3) for k in (0, 1)]
+    seg = sample.conditions["segmentation"].copy()
+    seg[other[1]] = toyworld.SEGMENTATION_COLOURS["background"]
+    outline = sample.conditions["outline"].copy()
+    outline[~other[1]] = 0
+    return seg, outline
+
+
+def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, prompt: str | None = None,
+                         data_seed: int = 0, steps: int = 20, guidance: float = 3.0, keep_images: bool = False) -> dict:
+    """Two nets in one call: the segmentation net gets shape 0's segmentation map, the outline net shape 1's
+    outline, on ``n`` held-out two-shape scenes; each condition's fidelity where it speaks
+    (``metrics.composition_fidelity``). ``prompt`` None: each scene's own prompt. ``keep_images``: the result
+    also holds the scenes and their generated images (for a figure, without generating twice)."""
+    scenes = splits.composition_scenes(n, data_seed)
+    prompts = [scene.prompt if prompt is None else prompt for scene in scenes]
+    images = generate_many(pipe, prompts, [list(composition_conditions(scene)) for scene in scenes],
+                           [load_controlnet(segmentation_net), load_controlnet(outline_net)],
+                           splits.seeds("composition", n), steps=steps, guidance=guidance)
+    rows = [metrics.composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
+    return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
+            **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
+            "per_item": rows, **({"scenes": scenes, "images": images} if keep_images else {})}
+
+
+# --- Fig. 8: prompt settings ---------------------------------------------------------------
+
+
+def fill_prompt(setting: str, truth: dict, k: int) -> tuple[str, tuple[str, str] | None]:
+    """The prompt of ``setting`` for a fill item with ``truth``, and the (fill, background) colours it
+    asks for (None when it names none). Conflicting: a square, in two other colours (chosen by ``k``)."""
+    if setting == "none":
+        return "", None
+    if setting == "insufficient":
+        return INSUFFICIENT_PROMPT, None
+    if setting == "perfect":
+        return f"{truth['fill']} circle with {truth['background']} background", (truth["fill"], truth["background"])
+    if setting == "conflicting":
+        others = [c for c in toyworld.COLOUR_NAMES if c not in (truth["fill"], truth["background"])]
+        fill, background = others[k % len(others)], others[(k + 1) % len(others)]
+        return f"{fill} square on {background} background", (fill, background)
+    raise ValueError(f"unknown prompt setting {setting!r}; known: {', '.join(PROMPT_SETTINGS)}")
+
+
+def evaluate_prompt_settings(pipe, controlnet, n: int = 32, settings=PROMPT_SETTINGS, data_seed: int = 0,
+                             steps: int = 20, guidance: float = 3.0) -> dict:
+    """Per setting: mean disc IoU (fidelity), prompt adherence (share of images whose fill and
+    background are the prompted colours; None where the prompt names none), the share of clean
+    single-disc images, per-item values and the images. Same conditions and seeds for every setting."""
+    controlnet = load_controlnet(controlnet)
+    items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
+    conditions = [[np.asarray(it.condition)] for it in items]
+    seeds = splits.seeds("prompt_settings", n)
+    out = {}
+    for setting in settings:
+        asked = [fill_prompt(setting, it.sample.truth, k) for k, it in enumerate(items)]
+        images = generate_many(pipe, [p for p, _ in asked], conditions, [controlnet], seeds, steps=steps,
+                               guidance=guidance)
+        fidelity = [metrics.disc_iou(img, it.condition) for img, it in zip(images, items)]
+        found = [metrics.analyse_fill(img) for img in images]
+        adherence = None if asked[0][1] is None else [
+            float(f.get("fill") == want[0] and f["background"] == want[1]) for f, (_, want) in zip(found, asked)]
+        out[setting] = {"prompt_example": asked[0][0], "disc_iou": float(np.mean(fidelity)),
+                        "disc_iou_per_item": fidelity,
+                        "adherence": None if adherence is None else float(np.mean(adherence)),
+                        "one_disc": float(np.mean([f["one_disc"] for f in found])), "images": images}
+    out["conditions"] = [c[0] for c in conditions]
+    return out
+
+
+# --- Fig. 5: CFG resolution weighting ------------------------------------------------------
+
+
+def evaluate_cfg_forms(pipe, controlnet, n: int = 32, forms=tuple(CFG_FORMS), guidance: float = 3.0,
+                       data_seed: int = 0, steps: int = 20) -> dict:
+    """Per form of ``CFG_FORMS``, without a prompt: mean disc IoU, saturation excess over the true
+    images (mean HSV saturation, generated minus true), off-palette distance, per-item fidelity, images."""
+    controlnet = load_controlnet(controlnet)
+    items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
+    conditions = [[np.asarray(it.condition)] for it in items]
+    seeds = splits.seeds("cfg_forms", n)
+    true_saturation = float(np.mean([metrics.saturation(np.asarray(it.image)) for it in items]))
+    out = {"true_saturation": true_saturation}
+    for form in forms:
+        guided, weighting = CFG_FORMS[form]
+        images = generate_many(pipe, [""] * n, conditions, [controlnet], seeds, steps=steps,
+                               guidance=guidance if guided else 1.0, cfg_weighting=weighting)
+        fidelity = [metrics.disc_iou(img, it.condition) for img, it in zip(images, items)]
+        out[form] = {"guidance": guidance if guided else 1.0, "cfg_weighting": weighting,
+                     "disc_iou": float(np.mean(fidelity)), "disc_iou_per_item": fidelity,
+                     "saturation_excess": float(np.mean([metrics.saturation(i) for i in images]) - true_saturation),
+                     "off_palette": float(np.mean([metrics.off_palette(i) for i in images])), "images": images}
+    out["conditions"] = [c[0] for c in conditions]
+    return out
+
+
+# --- Table 2: segmentation re-detected ---------------------------------------------------------
+
+
+def segmentation_references(pipe, n: int = 32, data_seed: int = 0, steps: int = 20, guidance: float = 3.0) -> dict:
+    """mIoU of segmentation re-detected from: the true images (the detector's own ceiling), the true
+    images through the base's VAE (the ceiling of anything the base can draw), and the base alone from
+    each item's prompt (no ControlNet: the floor). Same held-out items and metric as the nets'."""
+    items = splits.held_out_items("toy:shapes/segmentation", n, image_size(pipe), data_seed)
+    truth = [np.asarray(it.image) for it in items]
+    with torch.no_grad():
+        latents = pipe.vae.encode(to_model_range(np.stack(truth)).to(pipe.vae.dtype)).latent_dist.mode()
+        roundtrip = from_model_range(pipe.vae.decode(latents).sample)
+    prompt_only = generate_many(pipe, [it.prompt for it in items], None, [], splits.seeds("references", n),
+                                steps=steps, guidance=guidance)
+    score = lambda images: [metrics.segmentation_miou(img, it.sample) for img, it in zip(images, items)]
+    rows = {"ground truth": score(truth), "ground truth through the VAE": score(roundtrip),
+            "base alone, prompt only": score(prompt_only)}
+    return {name: {"miou": float(np.mean(v)), "per_item": v} for name, v in rows.items()} | {
+        "images": {"ground truth": truth, "ground truth through the VAE": roundtrip,
+                   "base alone, prompt only": prompt_only}}

@@ -1,0 +1,192 @@
+"""What the kit ships, and the cards that say what it is: the embedded base ``data/tiny-sd`` (pretrained by
+notebook 01, ``write_base_card``) and the ControlNets in ``data/controlnets/`` (trained by the kit's recipe on
+the embedded base, measured, and written as stock diffusers ControlNet folders: ``build``).
+
+    python -m cnkit.experiments.shipped [--only fill-outline ...] [--runs-dir runs/shipped]     (make controlnets)
+
+Training goes through ``cnkit.experiments.runs`` (cached by configuration, resumable). Every figure on a card is
+measured on held-out items through ``cnkit.experiments.evaluations`` (diffusers' pipeline, fixed seeds); every card has
+the same sections (what it is, recipe, measured, rebuild, load) and the SHA-256 of its files (``cnkit.card``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from ..card import card_data, hardware, write_card
+from ..data.splits import HELD_OUT_FILL_PAIRS
+from ..models.bases import load_pipeline
+from ..params import REPO_ROOT
+from ..training.train import TrainConfig
+from .evaluations import evaluate_composition, evaluate_controlnet
+from .runs import train
+
+ROOT = REPO_ROOT
+OUT = ROOT / "data" / "controlnets"
+
+# name -> (what it learns, training overrides of the recipe, how it is evaluated)
+SHIPPED = {
+    "fill-outline": {
+        "about": "Fill50K's task: a circle outline -> a filled disc where the outline is.",
+        "train": {"dataset": "toy:fill"},
+        # With an empty prompt both CFG branches see the same text, so a condition in both cancels guidance
+        # (notebook 07 measures it); the bar is measured with the condition in the conditional branch only
+        # (generate's cfg_weighting="flat"), and the plain placement is recorded beside it.
+        "eval": {"dataset": "toy:fill", "prompt": "", "metric": "disc_iou", "bar": 0.8, "cfg_weighting": "flat",
+                 "also": {"condition in both CFG branches": {"cfg_weighting": None}}},
+    },
+    "shapes-segmentation": {
+        "about": "shapes world: a segmentation map (a colour per shape class) -> those shapes there.",
+        "train": {"dataset": "toy:shapes/segmentation", "steps": 800, "validate_every": 50, "n_train": 5000},
+        "eval": {"dataset": "toy:shapes/segmentation", "prompt": None, "metric": "miou", "bar": 0.7},
+    },
+    # With shapes-segmentation, the composition pair (compose()).
+    "shapes-outline": {
+        "about": "shapes world: outlines (scribble-like) -> shapes with those edges.",
+        "train": {"dataset": "toy:shapes/outline", "steps": 800, "validate_every": 50, "n_train": 5000},
+        "eval": {"dataset": "toy:shapes/outline", "prompt": None, "metric": "edge_f1", "bar": 0.7},
+    },
+}
+N_EVAL = 64
+
+
+def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, profile: str) -> Path:
+    """The card of a pretrained base (``notebooks/01_pretrain_tiny_sd.ipynb`` writes ``data/tiny-sd``'s):
+    ``cfg`` a PretrainConfig, ``stats`` what ``cnkit.training.pretrain.pretrain`` measured, ``evaluation``
+    ``cnkit.experiments.evaluations.evaluate_base``'s result (images removed), ``speed`` the stock pipeline's timing."""
+    folder = Path(folder)
+    recipe = json.loads((Path(cfg.out_dir) / "pretrain_config.json").read_text())
+    data = {"recipe": recipe, "stats": stats,
+            "evaluation": {k: evaluation[k] for k in ("settings", "fill", "shapes")}, "speed_8_images_25_steps": speed,
+            "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "hardware": hardware(), "profile": profile,
+            "wall_time_s": sum(stats["timings_s"].values())}
+    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    f, s, settings = evaluation["fill"], evaluation["shapes"], evaluation["settings"]
+    return write_card(folder, "tiny-sd: the kit's embedded Stable Diffusion", {
+        "What it is": "A Stable Diffusion 1.5-shaped text-to-image model (64x64 images, latents 4x16x16, SD 1.5's "
+                      "UNet block layout, a 2-layer CLIP text encoder, an offline CLIP tokenizer), pretrained by cnkit "
+                      "on its toy world. Load it with the stock "
+                      "`StableDiffusionPipeline.from_pretrained('data/tiny-sd')`.",
+        "Recipe": f"`cnkit.training.pretrain` through `notebooks/01_pretrain_tiny_sd.ipynb`, profile `{profile}`, seed "
+                  f"{cfg.seed}: VAE {cfg.vae_steps} steps (batch {cfg.vae_batch_size}, {cfg.vae_crop}px crops, lr "
+                  f"{cfg.vae_learning_rate}); UNet + text encoder {cfg.steps} steps (batch {cfg.batch_size}, lr "
+                  f"{cfg.learning_rate}, {cfg.empty_prompt:.0%} empty prompts, Min-SNR-{cfg.snr_gamma:g}, EMA "
+                  f"{cfg.ema_decay}); {stats['n_train_images']} training images. Wall time "
+                  f"{data['wall_time_s'] / 60:.1f} min on {data['hardware']}.",
+        "Measured quality": f"{settings['n']} generations per world from held-out prompts (DDIM {settings['steps']} "
+                            f"steps, guidance {settings['guidance']}): fill: one disc {f['one_disc']:.1%}, fill colour "
+                            f"{f['fill_colour']:.1%}, background colour {f['background_colour']:.1%}; shapes: prompted "
+                            f"shapes, counts and colours {s['correct']:.1%} (colours and counts "
+                            f"{s['colours_and_counts']:.1%}). VAE reconstruction PSNR {stats['vae_psnr_db']:.1f} dB on "
+                            f"64 held-out images. 8 images at 25 steps: {speed['median_s']:.2f} s (median, "
+                            f"{speed['threads']} threads). Per-image outcomes: `evaluation.json`.",
+        "Rebuild": "`make pretrain` (runs this notebook at the full profile and copies the result here).",
+    }, data)
+
+
+def train_config(name: str) -> TrainConfig:
+    return TrainConfig(**SHIPPED[name]["train"])
+
+
+def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
+    spec = SHIPPED[name]
+    cfg = train_config(name)
+    start = time.perf_counter()
+    run = train(cfg, runs_dir, log=log)
+    folder = out_root / name
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for f in ("config.json", "diffusion_pytorch_model.safetensors"):  # the stock ControlNet folder only
+        shutil.copy(run.checkpoint / f, folder / f)
+    pipe = load_pipeline(cfg.base)
+    ev = spec["eval"]
+    measured = evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"],
+                                   cfg_weighting=ev.get("cfg_weighting"))
+    also = {}
+    for label, settings in ev.get("also", {}).items():  # the same items and seeds, other settings
+        m = evaluate_controlnet(pipe, str(folder), ev["dataset"], n=N_EVAL, prompt=ev["prompt"], **settings)
+        also[label] = {k: v for k, v in m.items() if k != "per_item"}
+    report = run.convergence
+    data = {"name": name, "about": spec["about"], "base": cfg.base, "config": report["config"],
+            "training": {k: report[k] for k in ("steps", "samples_seen", "wall_time_s", "converged_at_step",
+                                                 "fidelity_final", "metric")},
+            "evaluation": {**{k: v for k, v in measured.items() if k != "per_item"},
+                           # per held-out item, in order, so a test can reproduce a prefix of them
+                           "per_item": {ev["metric"]: [round(x, 4) for x in measured["per_item"][ev["metric"]]]}},
+            "also_measured": also,
+            "bar": {"metric": ev["metric"], "at_least": ev["bar"], "met": measured[ev["metric"]] >= ev["bar"]},
+            "hardware": hardware(), "build_seconds": time.perf_counter() - start,
+            "rebuild": f"make controlnets  (python -m cnkit.experiments.shipped --only {name})"}
+    prompt = "the empty prompt" if ev["prompt"] == "" else "each scene's own prompt"
+    sections = {
+        "What it does": spec["about"],
+        "Recipe": (f"cnkit.training.train on `{cfg.base}`, dataset `{cfg.dataset}` ({cfg.n_train} items, data seed "
+                   f"{cfg.data_seed}), variant `{cfg.variant}`, {cfg.steps} optimizer steps at batch {cfg.batch_size}, "
+                   f"AdamW {cfg.learning_rate:g}, {cfg.timestep_sampling} timestep sampling, "
+                   f"{cfg.prompt_dropout:.0%} empty prompts, seed {cfg.seed}."),
+        "Measured": (f"On {N_EVAL} held-out conditions with {prompt}, DDIM {measured['steps']} steps, guidance "
+                     f"{measured['guidance']}"
+                     + (f", condition in the conditional CFG branch only (cfg_weighting={ev['cfg_weighting']!r})"
+                        if ev.get("cfg_weighting") else "") + ": " + ", ".join(
+                         f"{k} {measured[k]:.3f}" for k in measured if isinstance(measured[k], float)
+                         and k not in ("guidance",)) + f". Bar: {ev['metric']} >= {ev['bar']}: "
+                     + ("met." if data["bar"]["met"] else "NOT met.")
+                     + "".join(f" Same items and seeds, {label}: {ev['metric']} {m[ev['metric']]:.3f}."
+                               for label, m in also.items())),
+        "Rebuild": f"`{data['rebuild']}`; training wall time {report['wall_time_s'] / 60:.1f} min on {hardware()}.",
+        "Load": f"`ControlNetModel.from_pretrained(\"data/controlnets/{name}\")`",
+    }
+    write_card(folder, f"cnkit ControlNet: {name}", sections, data)
+    log(json.dumps({"name": name, **data["evaluation"], "bar_met": data["bar"]["met"]}))
+    return data
+
+
+def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
+    """Both shapes nets in one call on scenes built for it; the result goes in data/controlnets/README.md."""
+    pipe = load_pipeline(TrainConfig().base)
+    result = evaluate_composition(pipe, str(out_root / "shapes-segmentation"), str(out_root / "shapes-outline"), n=n)
+    summary = {k: v for k, v in result.items() if k != "per_item"}
+    lines = ["# ControlNets shipped with cnkit", "",
+             "Trained by `make controlnets` (`cnkit controlnets`) on `data/tiny-sd`; each folder is a stock "
+             "diffusers ControlNet with its own card.", "", "| name | what it does | measured |", "|---|---|---|"]
+    for name, spec in SHIPPED.items():
+        card = out_root / name / "README.md"
+        if card.is_file():
+            ev = card_data(out_root / name)["evaluation"]
+            metric = spec["eval"]["metric"]
+            lines.append(f"| `{name}` | {spec['about']} | {metric} {ev[metric]:.3f} |")
+    lines += ["", "## Composition", "",
+              f"`shapes-segmentation` and `shapes-outline` in one `cnkit.generate` call on {n} held-out two-shape "
+              "scenes: the segmentation net gets one shape's segmentation map, the outline net the other shape's "
+              "outline; each condition is scored where it speaks (the other shape's area painted out): "
+              f"segmentation mIoU {summary['segmentation_miou']:.3f}, outline edge F1 {summary['outline_edge_f1']:.3f} "
+              f"(bar: 0.7 each). DDIM {summary['steps']} steps, guidance {summary['guidance']}, each scene's prompt; "
+              f"{hardware()}.", "", "```json", json.dumps(summary, indent=1), "```", ""]
+    (out_root / "README.md").write_text("\n".join(lines))
+    log(json.dumps(summary))
+    return summary
+
+
+def main(argv=None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
+    # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
+    ap.add_argument("--runs-dir", default=str(ROOT / "reports" / "full" / "runs"))
+    args = ap.parse_args(argv)
+    for name in args.only or SHIPPED:
+        build(name, Path(args.runs_dir))
+    if all((OUT / name / "README.md").is_file() for name in ("shapes-segmentation", "shapes-outline")):
+        compose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""The locked base: any Stable Diffusion-shaped diffusers pipeline, from a local folder or a hub id.
+
+Every path of the kit takes ``base=``: ``"data/tiny-sd"`` (the embedded default) or real SD 1.5
+(``"stable-diffusion-v1-5/stable-diffusion-v1-5"`` where a hub can be reached, or a folder). Sizes are
+read from the base's own configs, never assumed: the image size is the UNet's latent size times the
+VAE's downsampling factor (64 = 16 x 4 for the tiny base, 512 = 64 x 8 for SD 1.5).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from diffusers import StableDiffusionPipeline
+
+from ..params import repo_path
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent cell: 8 for SD 1.5, 4 for the tiny model."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def image_size(pipe) -> int:
+    """The base's native image size in pixels."""
+    size = pipe.unet.config.sample_size
+    size = size[0] if isinstance(size, list | tuple) else size
+    return size * vae_scale_factor(pipe.vae)
+
+
+def load_base(base: str, device=None) -> StableDiffusionPipeline:
+    """The locked base pipeline (local folder or hub id), frozen, in eval mode."""
+    path = repo_path(base)
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"could not load the base model {base!r} ({type(e).__name__}: {str(e)[:300]}). Pass a local "
+            "diffusers pipeline folder, or a hub id on a machine that can download it (with HF_HUB_OFFLINE "
+            "unset), or download it once with StableDiffusionPipeline.from_pretrained(id).save_pretrained(folder)"
+        ) from e
+    for module in (pipe.vae, pipe.text_encoder, pipe.unet):
+        module.requires_grad_(False).eval()
+    if device is not None:
+        pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+_LOADED: dict[str, Any] = {}
+
+
+def forget(base=None) -> None:
+    """Drop ``base`` (or every base) from ``load_pipeline``'s cache; an SD-scale base holds ~4 GB."""
+    if base is None:
+        _LOADED.clear()
+    else:
+        _LOADED.pop(str(base), None)
+
+
+def load_pipeline(base) -> StableDiffusionPipeline:
+    """``load_base``, once per process (generation and evaluations call it per image set); a pipeline
+    passed in is returned as it is."""
+    if isinstance(base, StableDiffusionPipeline):
+        return base
+    key = str(base)
+    if key not in _LOADED:
+        _LOADED[key] = load_base(base)
+    return _LOADED[key]
