@@ -83,6 +83,65 @@ def analyse_fill(image: np.ndarray) -> dict:
     return out
 
 
+def fitted_disc(mask: np.ndarray) -> np.ndarray:
+    """The disc whose circle best fits the region's edge (an algebraic least-squares fit to the edge pixels that
+    are not on the frame), clipped to the frame: a disc the image's edge cuts is still a disc."""
+    edge = mask & ~ndimage.binary_erosion(mask, border_value=1)
+    ys, xs = np.nonzero(edge)
+    if len(xs) < 3:
+        return np.zeros_like(mask)
+    (a, b, c), *_ = np.linalg.lstsq(np.stack([xs, ys, np.ones_like(xs)], 1).astype(float),
+                                    (xs**2 + ys**2).astype(float), rcond=None)
+    cx, cy = a / 2, b / 2
+    r = np.sqrt(max(c + cx**2 + cy**2, 0.0))
+    yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]]
+    return (xx - cx) ** 2 + (yy - cy) ** 2 <= r**2
+
+
+def _two_colours(image: np.ndarray, iters: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """2-means in CIELAB, started from the border's median and the pixel farthest from it: (labels, centres)."""
+    lab = colours.srgb_to_lab(image.reshape(-1, 3))
+    start = colours.srgb_to_lab(np.median(_border(image), axis=0))
+    far = lab[np.argmax(((lab - start) ** 2).sum(-1))]
+    centres = np.stack([start, far])
+    for _ in range(iters):
+        labels = ((lab[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
+        centres = np.stack([lab[labels == k].mean(0) if (labels == k).any() else centres[k] for k in (0, 1)])
+    return labels.reshape(image.shape[:2]), centres
+
+
+def analyse_fill_x11(image: np.ndarray, fill_rgb, background_rgb, tolerance: float = 10.0) -> dict:
+    """One disc with the prompted colours, for any of Fill50K's 140 colours and geometries (discs may leave the
+    frame), without trusting the colours to find it: the image is split into its two main colours (2-means in
+    CIELAB); the disc is the part a circle fits best (its edge away from the frame); it is "one disc" when that
+    part is one region whose IoU with its fitted circle is at least 0.8 and the two colours explain the image (90%
+    of the pixels within CIEDE2000 15 of their part's colour). A colour is right when its median is within
+    ``tolerance`` CIEDE2000 of the prompted one (10: the same colour, a clearly different shade at most); the
+    nearest X11 name is reported beside it."""
+    size = image.shape[0]
+    min_area = max(4, int(0.004 * size * size))
+    labels, _ = _two_colours(image)
+    fits = []
+    for k in (0, 1):
+        part = ndimage.binary_fill_holes(labels == k)
+        fits.append(iou(part, fitted_disc(part)) if part.sum() >= min_area and (~part).sum() >= min_area else 0.0)
+    k = int(np.argmax(fits))
+    disc, rest = labels == k, labels != k
+    inner = ndimage.binary_erosion(disc, iterations=1)
+    fill = np.median(image[inner if inner.sum() >= 4 else disc], axis=0) if disc.any() else np.zeros(3)
+    background = np.median(image[rest], axis=0) if rest.any() else np.zeros(3)
+    fit_error = np.where(disc, colours.delta_e(image, fill), colours.delta_e(image, background))
+    out = {"disc_iou": fits[k], "regions": len(_regions(disc, min_area)),
+           "explained": float((fit_error <= 15).mean()),
+           "fill": colours.nearest_x11(fill), "background": colours.nearest_x11(background),
+           "fill_delta_e": float(colours.delta_e(fill, fill_rgb)),
+           "background_delta_e": float(colours.delta_e(background, background_rgb))}
+    out["one_disc"] = out["regions"] == 1 and fits[k] >= 0.8 and out["explained"] >= 0.9
+    out["fill_ok"] = out["fill_delta_e"] <= tolerance
+    out["background_ok"] = out["background_delta_e"] <= tolerance
+    return out
+
+
 def _params_grid(cx, cy, r):
     cx, cy, r = np.meshgrid(cx, cy, r, indexing="ij")
     return np.stack([cx.ravel(), cy.ravel(), r.ravel()], 1)

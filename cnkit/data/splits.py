@@ -10,7 +10,8 @@ range, so no net or base ever saw it:
 - ``BASE_EVALUATION``: held-out shapes prompts for judging the pretrained base.
 
 A folder dataset holds its last ``validation_size`` items out instead (``training_items`` /
-``held_out_items``). The fill world's ``HELD_OUT_FILL_PAIRS`` (colour pairs) never reach pretraining.
+``held_out_items``). The fill worlds' held-out colour pairs (``HELD_OUT_FILL_PAIRS``, ``HELD_OUT_X11_PAIRS``) never
+reach pretraining.
 
 Generation seeds come in named streams (``seeds("validation", n)``): item k of a measurement always
 gets the same seed, whatever the batching, and two measurements never share noise by accident.
@@ -22,6 +23,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from ..colours import delta_e
 from ..pixels import fit, is_condition_set
 from . import toyworld
 from .readers import Example, is_toy, load
@@ -43,6 +45,21 @@ SEED_STREAMS = {
 
 # One unseen background per fill colour: fill i with background i+3 (mod 8). Never pretrained on.
 HELD_OUT_FILL_PAIRS = tuple((toyworld.COLOUR_NAMES[i], toyworld.COLOUR_NAMES[(i + 3) % 8]) for i in range(8))
+
+
+def _held_out_x11_pairs(share: float = 0.02) -> tuple[tuple[str, str], ...]:
+    """About ``share`` of the ordered X11 (fill, background) pairs, drawn once from a fixed stream, plus the kit's
+    eight: the base never sees them together, so its evaluation can ask for combinations it never saw (each
+    colour alone it sees as fill and as background)."""
+    rng = np.random.default_rng(11)
+    names = toyworld.X11_NAMES
+    pairs = [(a, b) for a in names for b in names if a != b and toyworld.X11[a] != toyworld.X11[b]]
+    picked = [p for p, u in zip(pairs, rng.random(len(pairs))) if u < share]
+    return tuple(dict.fromkeys(picked + list(HELD_OUT_FILL_PAIRS)))
+
+
+# Fill50K's colour pairs that pretraining never draws (both X11 worlds); the kit's eight are among them.
+HELD_OUT_X11_PAIRS = _held_out_x11_pairs()
 
 
 def seeds(stream: str, n: int, start: int = 0) -> list[int]:
@@ -109,10 +126,11 @@ def _fitted(ex: Example, size: int, mode: str) -> Example:
     return Example(fit(ex.image, size, size, mode, Image.BICUBIC)[0], condition, ex.prompt)
 
 
-def held_out_images(n: int = 64, seed: int = 0) -> np.ndarray:
-    """Toy images of both worlds never used in training (one fill in three), for the VAE's PSNR."""
-    return np.stack([toyworld.sample("fill" if i % 3 == 0 else "shapes", VALIDATION + i, seed=seed).image
-                     for i in range(n)])
+def held_out_images(n: int = 64, seed: int = 0, world: str | None = None) -> np.ndarray:
+    """Toy images never used in training, for the VAE's PSNR: of ``world``, or of the fill and shapes worlds (one
+    fill in three) when None."""
+    pick = (lambda i: world) if world else (lambda i: "fill" if i % 3 == 0 else "shapes")
+    return np.stack([toyworld.sample(pick(i), VALIDATION + i, seed=seed).image for i in range(n)])
 
 
 def held_out_prompts(n: int, seed: int = 0, fill_pairs=HELD_OUT_FILL_PAIRS, exclude_prompts=frozenset()):
@@ -133,6 +151,23 @@ def held_out_prompts(n: int, seed: int = 0, fill_pairs=HELD_OUT_FILL_PAIRS, excl
             shapes.append({"world": "shapes", "truth": s.truth, "seed": int(rng.integers(2**31)),
                            "prompt": s.prompt})
     return fills, shapes
+
+
+def held_out_x11_prompts(n: int, seed: int = 0, min_delta_e: float = 20.0) -> list[dict]:
+    """``n`` prompts of held-out X11 pairs (``HELD_OUT_X11_PAIRS``) whose two colours differ by at least
+    ``min_delta_e`` (CIEDE2000): a disc closer to its background than that cannot be told from it without trusting
+    the colours, and the base's measure never does. Fixed by ``seed``; each has its own generation seed."""
+    rng = np.random.default_rng([13, seed])
+    pairs = [p for p in HELD_OUT_X11_PAIRS
+             if delta_e(toyworld.X11[p[0]], toyworld.X11[p[1]]) >= min_delta_e]
+    order = rng.permutation(len(pairs))
+    out = []
+    for k in range(n):
+        fill, bg = pairs[order[k % len(pairs)]]
+        out.append({"world": "fill-x11", "fill": fill, "background": bg, "fill_rgb": list(toyworld.X11[fill]),
+                    "background_rgb": list(toyworld.X11[bg]), "seed": int(rng.integers(2**31)),
+                    "prompt": f"{fill} circle with {bg} background"})
+    return out
 
 
 def composition_scenes(n: int, data_seed: int = 0, margin: int = 3) -> list:

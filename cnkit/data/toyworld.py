@@ -2,11 +2,15 @@
 
 ControlNet papers measure condition fidelity with downloaded evaluators (segmenters, edge and
 depth estimators). The toy world replaces them with geometry we drew ourselves, so every metric
-of the kit is exact and offline. Two worlds:
+of the kit is exact and offline. Four worlds:
 
 - ``fill``: the Fill50K task of the official ControlNet tutorial. The condition is a circle's
   outline; the image is the same circle filled with one named colour on a background of another;
   the prompt reads ``"{fill} circle with {background} background"`` as in Fill50K's prompt.json.
+  The kit's eight single-word colours, discs inside the frame.
+- ``fill50k``: the same task as the real Fill50K draws it: its 140 CSS/X11 colours written as its prompts
+  write them ("pale golden rod circle with old lace background"), radius 1/8 to 1/2 of the side, circles that may
+  leave the frame, an outline 5 px wide at 512 px. ``fill-x11``: Fill50K's colours with the kit's geometry.
 - ``shapes``: one to three circles, squares and triangles in named colours on a named background,
   drawn back to front. Condition maps: ``outline`` (scribble-like), ``segmentation`` (a colour per
   class), ``depth`` (by layer order, nearer is brighter, as MiDaS draws it) and ``edges`` (Canny
@@ -28,18 +32,23 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
-from ..colours import COLOUR_NAMES, PALETTE, SEGMENTATION_COLOURS
+from ..colours import COLOUR_NAMES, PALETTE, SEGMENTATION_COLOURS, X11, X11_NAMES, X11_WORDS
 from ..geometry import SHAPE_KINDS, canny, grid, outline_half_width, shape_field
 
 __all__ = ["COLOUR_NAMES", "PALETTE", "SEGMENTATION_COLOURS", "SHAPE_KINDS", "canny"]  # the world's vocabulary
 
 MAX_SHAPES = 3
-WORLDS = ("fill", "shapes")
-CONDITIONS = {"fill": ("outline",), "shapes": ("outline", "segmentation", "depth", "edges")}
+# fill50k and fill-x11 come last: a world's random streams are keyed by its index here, so the first two draw what
+# they always drew.
+WORLDS = ("fill", "shapes", "fill50k", "fill-x11")
+CONDITIONS = {"fill": ("outline",), "shapes": ("outline", "segmentation", "depth", "edges"), "fill50k": ("outline",),
+              "fill-x11": ("outline",)}
+FILL_WORLDS = ("fill", "fill50k", "fill-x11")
 
 # Every word a toy-world prompt can use; the tiny tokenizer gives each a whole-word token.
 VOCABULARY = (
     *COLOUR_NAMES,
+    *X11_WORDS,
     *SHAPE_KINDS,
     "circle", "with", "background", "on", "and", ",",
     # The paper's "insufficient" prompt (Fig. 8) and other words experiments use.
@@ -99,6 +108,47 @@ def _fill(seed: int, index: int, size: int) -> Sample:
                   {"disc": disc})
 
 
+# Fill50K's geometry, as fractions of the image side (measured on its sources; studies/fill50k_like.py says how):
+# radius uniform on [1/8, 1/2], centre coordinates uniform on [0.18, 0.80] (circles may leave the frame), a binary
+# outline 5 px wide at 512 px.
+FILL50K_RADIUS = (1 / 8, 1 / 2)
+FILL50K_CENTRE = (0.18, 0.80)
+FILL50K_LINE_AT_512 = 5
+
+
+def x11_pair(rng: np.random.Generator) -> tuple[str, str]:
+    """Two different X11 names (fill, background) of different RGB (aqua and cyan are one colour: never paired)."""
+    while True:
+        i, j = rng.choice(len(X11_NAMES), size=2, replace=False)
+        if X11[X11_NAMES[i]] != X11[X11_NAMES[j]]:
+            return X11_NAMES[i], X11_NAMES[j]
+
+
+def _fill_x11(world: str, seed: int, index: int, size: int) -> Sample:
+    """``fill50k``: Fill50K's vocabulary and geometry; ``fill-x11``: its vocabulary, the kit's geometry."""
+    rng = _rng(world, seed, index)
+    fill, background = x11_pair(rng)
+    x, y = grid(size)
+    if world == "fill50k":
+        r = rng.uniform(*FILL50K_RADIUS)
+        cx, cy = rng.uniform(*FILL50K_CENTRE, size=2)
+        half_width = max(1, round(FILL50K_LINE_AT_512 * size / 512)) / 2 / size
+    else:
+        r = rng.uniform(0.12, 0.35)
+        cx, cy = rng.uniform(r + 0.04, 1 - r - 0.04, size=2)
+        half_width = outline_half_width(size)
+    d = shape_field("circle", cx, cy, r, x, y)
+    disc = d <= 0
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = X11[background]
+    _paint(disc, X11[fill], image)
+    outline = np.zeros_like(image)
+    _paint(np.abs(d) <= half_width, (255, 255, 255), outline)
+    truth = {"world": world, "fill": fill, "background": background, "centre": [cx, cy], "radius": r,
+             "fill_rgb": list(X11[fill]), "background_rgb": list(X11[background])}
+    return Sample(image, {"outline": outline}, f"{fill} circle with {background} background", truth, {"disc": disc})
+
+
 def _shapes_prompt(shapes: list[dict], background: str) -> str:
     parts = [f"{s['colour']} {s['kind']}" for s in shapes]
     listed = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
@@ -149,11 +199,14 @@ def _shapes(seed: int, index: int, size: int) -> Sample:
 
 
 def sample(world: str, index: int, seed: int = 0, size: int = 64) -> Sample:
-    """Draw sample ``index`` of ``world`` (``"fill"`` or ``"shapes"``) at ``size`` x ``size``."""
+    """Draw sample ``index`` of ``world`` (``"fill"``, ``"shapes"``, ``"fill50k"`` or ``"fill-x11"``) at ``size`` x
+    ``size``."""
     if world not in WORLDS:
         raise ValueError(f"unknown toy world {world!r}; known worlds: {', '.join(WORLDS)}")
     if int(size) != size or size < 16:
         raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
+    if world in ("fill50k", "fill-x11"):
+        return _fill_x11(world, int(seed), int(index), int(size))
     return (_fill if world == "fill" else _shapes)(int(seed), int(index), int(size))
 
 

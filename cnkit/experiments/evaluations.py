@@ -6,8 +6,8 @@ Each one draws held-out items and seeds from ``cnkit.data.splits`` (named, never
 pure functions of ``cnkit.metrics``; every function returns numbers, and those that feed a figure also the
 images they were measured on, so a notebook's table and grid agree.
 
-- ``evaluate_base``: the pretrained base from held-out prompts (fill: one disc, the prompted colours;
-  shapes: the prompted shapes, counts and colours).
+- ``evaluate_base``: the pretrained base from held-out prompts (fill, with the kit's eight colours and with
+  Fill50K's 140: one disc, the prompted colours; shapes: the prompted shapes, counts and colours).
 - ``evaluate_controlnet``: condition fidelity on held-out conditions; ``evaluate_composition``: two nets in
   one call (Fig. 6), each condition measured where it speaks; ``evaluate_condition_subsets``: a
   multi-condition (union) net given all its maps and each alone.
@@ -50,32 +50,55 @@ CFG_FORMS = {
 
 
 def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: float = 5.0,
-                  held_out_fill_pairs=splits.HELD_OUT_FILL_PAIRS, train_prompts=frozenset(), batch: int = 32) -> dict:
-    """Base-model quality on ``n`` fill and ``n`` shapes generations from held-out prompts."""
+                  held_out_fill_pairs=splits.HELD_OUT_FILL_PAIRS, train_prompts=frozenset(), batch: int = 32,
+                  worlds=("fill", "fill_x11", "shapes")) -> dict:
+    """Base-model quality on ``n`` generations per world from held-out prompts: ``fill`` (the kit's eight colours:
+    one disc, the prompted colours by the nearest of the eight), ``fill_x11`` (Fill50K's 140 colours on held-out
+    pairs: one disc found without trusting colours, each colour right within CIEDE2000 10, as
+    ``metrics.analyse_fill_x11`` says) and ``shapes`` (the prompted shapes, counts and colours)."""
     fills, shapes = splits.held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
-    fill_images = generate_many(pipe, [f["prompt"] for f in fills], None, [], [f["seed"] for f in fills],
-                                steps=steps, guidance=guidance, batch=batch)
-    shape_images = generate_many(pipe, [s["prompt"] for s in shapes], None, [], [s["seed"] for s in shapes],
-                                 steps=steps, guidance=guidance, batch=batch)
-    per_fill = []
-    for f, img in zip(fills, fill_images):
-        a = metrics.analyse_fill(img)
-        per_fill.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
-                         "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
-    per_shapes = []
-    for s, img in zip(shapes, shape_images):
-        a = metrics.analyse_shapes(img, s["truth"])
-        per_shapes.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
-                           "colours_ok": a["colours_ok"]})
+    x11 = splits.held_out_x11_prompts(n, seed)
+    draw = lambda rows: generate_many(pipe, [r["prompt"] for r in rows], None, [], [r["seed"] for r in rows],
+                                      steps=steps, guidance=guidance, batch=batch)
     rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
-    return {
-        "settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM"},
-        "fill": {"one_disc": rate(per_fill, "one_disc"), "fill_colour": rate(per_fill, "fill_ok"),
-                 "background_colour": rate(per_fill, "background_ok")},
-        "shapes": {"correct": rate(per_shapes, "correct"), "colours_and_counts": rate(per_shapes, "colours_ok")},
-        "per_image": {"fill": per_fill, "shapes": per_shapes},
-        "images": {"fill": fill_images, "shapes": shape_images},
-    }
+    result = {"settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM",
+                           "x11_colour_rule": "CIEDE2000 <= 10 from the prompted colour; pairs >= 20 apart"},
+              "per_image": {}, "images": {}}
+    if "fill" in worlds:
+        images, per = draw(fills), []
+        for f, img in zip(fills, images):
+            a = metrics.analyse_fill(img)
+            per.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
+                        "fill_ok": a.get("fill") == f["fill"], "background_ok": a["background"] == f["background"]})
+        result["fill"] = {"one_disc": rate(per, "one_disc"), "fill_colour": rate(per, "fill_ok"),
+                          "background_colour": rate(per, "background_ok")}
+        result["per_image"]["fill"], result["images"]["fill"] = per, images
+    if "fill_x11" in worlds:
+        images, per = draw(x11), []
+        for f, img in zip(x11, images):
+            a = metrics.analyse_fill_x11(img, f["fill_rgb"], f["background_rgb"])
+            per.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"], "fill_ok": a["fill_ok"],
+                        "background_ok": a["background_ok"], "fill_delta_e": a["fill_delta_e"],
+                        "background_delta_e": a["background_delta_e"], "fill_seen": a["fill"],
+                        "background_seen": a["background"],
+                        "fill_name_ok": a["fill"] == f["fill"],
+                        "background_name_ok": a["background"] == f["background"]})
+        result["fill_x11"] = {"one_disc": rate(per, "one_disc"), "fill_colour": rate(per, "fill_ok"),
+                              "background_colour": rate(per, "background_ok"),
+                              "fill_nearest_name": rate(per, "fill_name_ok"),
+                              "background_nearest_name": rate(per, "background_name_ok"),
+                              "fill_delta_e_median": float(np.median([r["fill_delta_e"] for r in per])),
+                              "background_delta_e_median": float(np.median([r["background_delta_e"] for r in per]))}
+        result["per_image"]["fill_x11"], result["images"]["fill_x11"] = per, images
+    if "shapes" in worlds:
+        images, per = draw(shapes), []
+        for s, img in zip(shapes, images):
+            a = metrics.analyse_shapes(img, s["truth"])
+            per.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
+                        "colours_ok": a["colours_ok"]})
+        result["shapes"] = {"correct": rate(per, "correct"), "colours_and_counts": rate(per, "colours_ok")}
+        result["per_image"]["shapes"], result["images"]["shapes"] = per, images
+    return result
 
 
 # --- one ControlNet, two composed -----------------------------------------------------------

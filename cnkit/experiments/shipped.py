@@ -56,14 +56,15 @@ SHIPPED = {
 N_EVAL = 64
 
 
-def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, profile: str) -> Path:
+def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, profile: str, curve=None) -> Path:
     """The card of a pretrained base (``notebooks/01_pretrain_tiny_sd.ipynb`` writes ``data/tiny-sd``'s):
     ``cfg`` a PretrainConfig, ``stats`` what ``cnkit.training.pretrain.pretrain`` measured, ``evaluation``
     ``cnkit.experiments.evaluations.evaluate_base``'s result (images removed), ``speed`` the stock pipeline's timing."""
     folder = Path(folder)
     recipe = json.loads((Path(cfg.out_dir) / "pretrain_config.json").read_text())
     data = {"recipe": recipe, "stats": stats,
-            "evaluation": {k: evaluation[k] for k in ("settings", "fill", "shapes")}, "speed_8_images_25_steps": speed,
+            "evaluation": {k: evaluation[k] for k in ("settings", "fill", "fill_x11", "shapes") if k in evaluation},
+            "speed_8_images_25_steps": speed,
             "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "hardware": hardware(), "profile": profile,
             "wall_time_s": sum(stats["timings_s"].values())}
     (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))

@@ -13,7 +13,7 @@ import sys
 # subcommand -> (module whose main() parses it, arguments put in front, one line of help)
 COMMANDS = {
     "train": ("cnkit.training.train", [], "train a ControlNet or a successor (every TrainConfig field is a flag)"),
-    "pretrain": ("cnkit.training.pretrain", [], "pretrain the embedded base (resumable; make pretrain)"),
+    "pretrain": ("cnkit.experiments.pretraining", [], "pretrain the embedded base (resumable; make pretrain)"),
     "init": ("cnkit.models.controlnets", ["init"], "write a zero-initialised ControlNet for a base (for diffusers' "
                                                   "own training script)"),
     "export": ("cnkit.models.export", [], "write a ControlNet in the original single-file layout (WebUI, ComfyUI)"),

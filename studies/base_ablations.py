@@ -1,0 +1,126 @@
+"""Short-budget ablations behind the second embedded base's recipe (the choices its card records, measured).
+
+    python studies/base_ablations.py vae  --out reports/base-ablations/vae-anchor1 --anchor 1.0 --lr 3e-4 --steps 800
+    python studies/base_ablations.py unet --out reports/base-ablations/unet-colour --warm-start DIR [--colour-init]
+        [--text-layers 4] [--lr 1e-3] [--batch-size 64] [--minutes 25] ...
+
+``vae``: fine-tunes the shipped base's VAE on every world (``cnkit.training.pretrain.train_vae``) and reports, in
+``vae.json``: the held-out PSNR per world, how far the old worlds' latents moved (MSE of the posterior means against
+the old encoder's), and whether the old UNet still draws the kit's fill world through the new VAE (the test that
+matters for warm-starting the UNet and for the ControlNets trained on the old base). It also writes the base with the
+new VAE (old UNet and text encoder) to ``OUT/pipeline``, the warm start of the ``unet`` ablations.
+
+``unet``: the UNet and text-encoder stage from a warm start for a fixed CPU budget (``--minutes`` of process CPU
+time divided by the threads, i.e. minutes of this machine), scored every ``--eval-every`` steps on held-out prompts
+(``curve.csv``, as the card's curve). Runs are compared at equal CPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from cnkit.data.splits import held_out_images
+from cnkit.experiments.evaluations import evaluate_base
+from cnkit.experiments.pretraining import judge_for
+from cnkit.models.bases import load_pipeline
+from cnkit.pixels import to_model_range
+from cnkit.training import pretrain as P
+
+
+def vae(args) -> None:
+    out = Path(args.out)
+    cfg = P.PretrainConfig(out_dir=str(out), warm_start="data/tiny-sd", vae_steps=args.steps,
+                           vae_learning_rate=args.lr, vae_anchor=args.anchor, n_fill=args.n_per_world,
+                           n_shapes=args.n_per_world, n_fill50k=args.n_per_world, n_fill_x11=args.n_per_world,
+                           checkpoint_every=200)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe, old_vae, _ = P.starting_pipeline(cfg)
+    old = load_pipeline("data/tiny-sd")
+    images, _ = P.training_set(cfg)
+    start, cpu = time.perf_counter(), time.process_time()
+    P.train_vae(cfg, pipe.vae, images, Accelerator(), print, anchor=old_vae)
+    report = {"config": {"steps": args.steps, "lr": args.lr, "anchor": args.anchor},
+              "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
+              "psnr_db": {w: P.vae_psnr(pipe.vae, held_out_images(64, 0, world=w)) for w in P.WORLD_COUNTS}}
+    with torch.no_grad():  # how far the old worlds' latents moved
+        x = to_model_range(np.concatenate([held_out_images(64, 0, world=w) for w in ("fill", "shapes")]))
+        new, ref = pipe.vae.encode(x).latent_dist.mean, old_vae.encode(x).latent_dist.mean
+        report["old_worlds_latent_mse"] = float((new - ref).pow(2).mean())
+        report["old_worlds_latent_var"] = float(ref.var())
+    old.vae = pipe.vae  # the old UNet through the new VAE: does it still draw the worlds it knew?
+    r = evaluate_base(old, n=args.n_eval, worlds=("fill", "shapes"))
+    report["old_unet_through_new_vae"] = {"fill": r["fill"], "shapes": r["shapes"]}
+    old.save_pretrained(out / "pipeline")
+    (out / "vae.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps(report, indent=1))
+
+
+def unet(args) -> None:
+    threads = torch.get_num_threads()
+    cfg = P.PretrainConfig(
+        out_dir=args.out, warm_start=args.warm_start, vae_steps=0, n_fill=args.n_fill, n_shapes=args.n_shapes,
+        n_fill50k=args.n_fill50k, n_fill_x11=args.n_fill_x11, colour_init=args.colour_init,
+        text_layers=args.text_layers, steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+        schedule="wsd", warmup_steps=args.warmup, decay_steps=0, checkpoint_every=args.eval_every,
+        eval_every=args.eval_every, n_eval=args.n_eval)
+    out = Path(args.out)
+    if args.latents and not (out / "latents.safetensors").exists():  # share one encoded set between ablations
+        out.mkdir(parents=True, exist_ok=True)
+        os.symlink(Path(args.latents).resolve(), out / "latents.safetensors")
+    budget = args.minutes * 60 * threads
+
+    class Budget(Exception):
+        pass
+
+    def stop_when_spent(step, _ema):
+        state = json.loads((out / "checkpoints" / "unet" / "state.json").read_text())
+        if state["cpu_s"] >= budget:
+            raise Budget
+
+    _, prompts = P.training_set(cfg)
+    try:
+        P.pretrain(cfg, on_checkpoint=stop_when_spent, judge=judge_for(cfg, set(prompts)))
+    except Budget:
+        pass
+    print((out / "curve.csv").read_text())
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="what", required=True)
+    v = sub.add_parser("vae")
+    v.add_argument("--out", required=True)
+    v.add_argument("--steps", type=int, default=800)
+    v.add_argument("--lr", type=float, default=3e-4)
+    v.add_argument("--anchor", type=float, default=1.0)
+    v.add_argument("--n-per-world", type=int, default=8000)
+    v.add_argument("--n-eval", type=int, default=64)
+    u = sub.add_parser("unet")
+    u.add_argument("--out", required=True)
+    u.add_argument("--warm-start", required=True)
+    u.add_argument("--latents", default="", help="a latents.safetensors to share (same images and VAE)")
+    u.add_argument("--colour-init", action="store_true")
+    u.add_argument("--text-layers", type=int, default=0)
+    u.add_argument("--lr", type=float, default=1e-3)
+    u.add_argument("--batch-size", type=int, default=64)
+    u.add_argument("--warmup", type=int, default=100)
+    u.add_argument("--minutes", type=float, default=25.0, help="CPU budget in minutes of the machine's threads")
+    u.add_argument("--max-steps", type=int, default=100000)
+    u.add_argument("--eval-every", type=int, default=250)
+    u.add_argument("--n-eval", type=int, default=64)
+    for name, default in (("n-fill", 10000), ("n-shapes", 60000), ("n-fill50k", 30000), ("n-fill-x11", 30000)):
+        u.add_argument(f"--{name}", type=int, default=default)
+    args = ap.parse_args(argv)
+    (vae if args.what == "vae" else unet)(args)
+
+
+if __name__ == "__main__":
+    main()
