@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .params import REPO_ROOT
+
 HASHES_BEGIN, HASHES_END = "<!-- sha256 begin -->", "<!-- sha256 end -->"
 
 
@@ -42,9 +44,24 @@ def hardware() -> str:
     return f"{cpu}, {torch.get_num_threads()} torch threads{gpu}; torch {torch.__version__}"
 
 
+def portable(value, root=REPO_ROOT):
+    """``value`` (JSON-like) with every absolute path made machine-free: relative to ``root`` (the kit's checkout)
+    when inside it, else its last part. A shipped artifact holds no path of the machine that made it."""
+    if isinstance(value, dict):
+        return {k: portable(v, root) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(portable(v, root) for v in value)
+    if isinstance(value, str) and value.startswith("/") and "\n" not in value:
+        path, root = Path(value), Path(root).resolve()
+        return str(path.relative_to(root)) if path.is_relative_to(root) else path.name
+    return value
+
+
 def write_card(folder, title: str, sections: dict[str, str], data: dict) -> Path:
-    """README.md with ``sections`` (markdown, in order), ``data`` as JSON, then the file hashes."""
+    """README.md with ``sections`` (markdown, in order), ``data`` as JSON (its paths made portable), then the file
+    hashes."""
     folder = Path(folder)
+    data = portable(data)
     lines = [f"# {title}", ""]
     for heading, body in sections.items():
         lines += [f"## {heading}", "", body.strip(), ""]

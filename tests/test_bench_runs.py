@@ -1,9 +1,11 @@
 """Notebook 10's successor runs, shipped in data/architecture-runs (cnkit.experiments.bench_runs)."""
 
 import json
+import re
 
 import pytest
 
+from cnkit.card import portable
 from cnkit.experiments import bench_runs
 from cnkit.experiments import configs as experiments
 from cnkit.experiments.runs import run_folder, train
@@ -32,9 +34,14 @@ def test_published_run_keeps_what_notebook_10_reads_and_loads(tmp_path, base_dir
         dest = bench_runs.publish(run, cfg, shipped)
         found = bench_runs.find(cfg, shipped)
         assert found is not None and found.folder == dest
-        assert found.convergence == run.convergence
-        for name in ("validation.csv", "telemetry.csv", "checkpoint/trainer_state.json"):
+        # the same tables; JSON the same but for paths, which hold nothing of the training machine
+        assert found.convergence == portable(run.convergence) and found.convergence["steps"] == cfg.steps
+        for name in ("validation.csv", "telemetry.csv", "signals.csv"):
             assert (dest / name).read_bytes() == (run.folder / name).read_bytes()
+        assert json.loads((dest / "checkpoint" / "trainer_state.json").read_text()) == portable(
+            json.loads((run.checkpoint / "trainer_state.json").read_text()))
+        shipped_text = "".join(f.read_text() for f in dest.rglob("*.json"))
+        assert str(tmp_path) not in shipped_text and not re.search(r'"/(tmp|work|home|root)/', shipped_text)
         last = run.convergence["validated_steps"][-1]
         assert sorted(p.name for p in (dest / "samples").iterdir()) == [run.sample_grid(last).name]
         assert not (dest / "checkpoint" / "optimizer.pt").exists() and (run.checkpoint / "optimizer.pt").exists()

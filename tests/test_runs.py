@@ -104,7 +104,7 @@ def test_two_cpu_processes_under_accelerate_launch_resume_to_the_same_net(base_d
 def test_ablation_variants_train_validate_and_load_back(base_dir, tmp_path, variant):
     run = runs.train(_cfg(base_dir, variant=variant, steps=1), tmp_path)
     assert len(run.validation()["fidelity"]) == 2
-    assert type(run.controlnet()).__name__ == ("ControlNetLiteModel" if variant == "lite" else "ControlNetModel")
+    assert type(run.controlnet().net).__name__ == ("ControlNetLiteModel" if variant == "lite" else "ControlNetModel")
 
 
 def test_run_folders_are_named_by_architecture_seed_and_the_datasets_last_letters():

@@ -41,6 +41,7 @@ SEED_STREAMS = {
     "cfg_forms": 4000,  # Fig. 5's guidance settings
     "references": 5000,  # Table 2's base-alone reference
     "telemetry_probe": 12345,  # the fixed noise of the telemetry's probe batch (a torch seed)
+    "condition_probe": 23456,  # the fixed noise of the condition-use probe (telemetry.ConditionProbe)
 }
 
 # One unseen background per fill colour: fill i with background i+3 (mod 8). Never pretrained on.

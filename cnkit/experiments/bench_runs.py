@@ -20,13 +20,14 @@ longer match it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-from ..card import hardware
+from ..card import hardware, portable
 from ..params import REPO_ROOT
 from ..training.train import TrainConfig
 from . import configs as experiments
@@ -35,7 +36,7 @@ from .runs import Run, run_folder
 
 ROOT = REPO_ROOT
 SHIPPED_DIR = ROOT / "data" / "architecture-runs"
-RUN_FILES = ("train_config.json", "convergence.json", "validation.csv", "telemetry.csv", "notes.json")
+RUN_FILES = ("train_config.json", "convergence.json", "validation.csv", "telemetry.csv", "signals.csv", "notes.json")
 NOT_SHIPPED = ("optimizer.pt",)  # the optimizer state only resumes training: twice the weights' size
 
 
@@ -50,6 +51,14 @@ def find(cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Run | None:
     return runs.find(cfg, shipped_dir)
 
 
+def _copy(src: Path, dest: Path) -> None:
+    """A run file as shipped: JSON with its paths made portable (no path of the training machine), else as is."""
+    if src.suffix == ".json":
+        dest.write_text(json.dumps(portable(json.loads(src.read_text())), indent=1))
+    else:
+        shutil.copy2(src, dest)
+
+
 def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
     """Copy what notebook 10 reads of a finished ``run`` into ``shipped_dir`` (replacing an earlier copy)."""
     dest = run_folder(cfg, shipped_dir)
@@ -58,12 +67,13 @@ def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
     (tmp / "samples").mkdir(parents=True)
     (tmp / "checkpoint").mkdir()
     for name in RUN_FILES:
-        shutil.copy2(run.folder / name, tmp / name)
+        if (run.folder / name).is_file():  # signals.csv exists for runs trained since the forecast's probe
+            _copy(run.folder / name, tmp / name)
     grid = run.sample_grid(run.convergence["validated_steps"][-1])
     shutil.copy2(grid, tmp / "samples" / grid.name)
     for f in sorted(run.checkpoint.iterdir()):
         if f.name == "trainer_state.json" or (keeps_weights(cfg) and f.name not in NOT_SHIPPED):
-            shutil.copy2(f, tmp / "checkpoint" / f.name)
+            _copy(f, tmp / "checkpoint" / f.name)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # a reader never sees half a run
     return dest

@@ -30,12 +30,6 @@ from ..training.train import TrainConfig, Trainer
 from .runs import Run
 
 
-def trainable_parameters(name: str, base, **options) -> int:
-    """Parameters the optimizer trains for architecture ``name`` built on ``base`` (a pipeline or a folder) with its
-    build ``options``."""
-    return sum(p.numel() for p in architectures.build(name, base, seed=0, **options).trainable_parameters())
-
-
 def file_bytes(checkpoint) -> int:
     """Bytes of a saved net's weights (its safetensors files: what one downloads or hands to a UI; not the
     optimizer state a training checkpoint keeps beside them)."""
@@ -44,7 +38,8 @@ def file_bytes(checkpoint) -> int:
 
 def step_seconds(cfg: TrainConfig, cache_dir, steps: int = 8, warmup: int = 2) -> dict:
     """The median wall seconds of the trainer's optimizer step for ``cfg`` (its architecture, batch, data and base),
-    after ``warmup`` steps; trained into a scratch folder, with the encoded set shared through ``cache_dir``."""
+    after ``warmup`` steps; trained into a scratch folder, with the encoded set shared through ``cache_dir``. Also
+    the parameters that trainer's optimizer trains (counted on the adapter it built, not on a second one)."""
     times: list[float] = []
     with tempfile.TemporaryDirectory(prefix="cnkit-step-") as scratch:
         run = TrainConfig(**{**asdict(cfg), "steps": warmup + steps, "validate_every": 0,
@@ -61,8 +56,9 @@ def step_seconds(cfg: TrainConfig, cache_dir, steps: int = 8, warmup: int = 2) -
         trainer.add_callback("on_train_start", clock)
         trainer.add_callback("on_step_end", clock)
         trainer.run()
+        trainable = sum(p.numel() for p in trainer.accelerator.unwrap_model(trainer.adapter).trainable_parameters())
     return {"seconds_per_step": float(np.median(times)), "step_times": times, "batch_size": cfg.batch_size,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "trainable_params": trainable}
 
 
 def image_seconds(base, checkpoint, conditions: list, prompts: list[str], repeats: int = 3, steps: int = 20,
@@ -102,8 +98,7 @@ def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images:
         size = cfg.resolution or image_size(pipe)
         items = held_out_items(cfg.dataset, n_images, size, cfg.data_seed, cfg.validation_size, cfg.resize_mode)
         plans[name] = (cfg, pipe, items)
-        found[name] = {"trainable_params": trainable_parameters(cfg.adapter_name, pipe, **cfg.adapter_options),
-                       "file_bytes": file_bytes(run.checkpoint), "step_times": [],
+        found[name] = {"file_bytes": file_bytes(run.checkpoint), "step_times": [],
                        "seconds_per_step_rounds": [], "seconds_per_image_rounds": []}
     for _ in range(rounds):
         for name, (cfg, pipe, items) in plans.items():
@@ -114,7 +109,7 @@ def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images:
             f["step_times"] += step["step_times"]
             f["seconds_per_step_rounds"].append(step["seconds_per_step"])
             f["seconds_per_image_rounds"].append(image["seconds_per_image"])
-            f.update({k: step[k] for k in ("batch_size", "threads")},
+            f.update({k: step[k] for k in ("batch_size", "threads", "trainable_params")},
                      **{k: image[k] for k in ("images", "denoising_steps")})
     for f in found.values():
         f["seconds_per_step"] = float(np.median(f["seconds_per_step_rounds"]))

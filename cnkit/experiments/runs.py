@@ -25,9 +25,7 @@ import torch
 from ..metrics import convergence
 from ..models import architectures
 from ..models.bases import load_pipeline
-from ..models.controlnets import load_controlnet
-from ..training.telemetry import InjectionTelemetry, Validation
-from ..training.train import LATER_SETTINGS, TrainConfig, Trainer
+from ..training.train import LATER_SETTINGS, TrainConfig, Trainer, attach_watchers
 
 # Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8
 # is the fill issue's bar; edge F1 and mIoU thresholds are where samples visibly follow the map.
@@ -39,9 +37,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:].strip("-") or "dataset"
 
 
+# Settings that change where a run is written or what watches it, never its numbers.
+NOT_IDENTITY = ("out_dir", "report_to", "num_workers", "signals_every")
+
+
 def run_key(cfg: TrainConfig) -> str:
     """A run's identity: every setting that changes its numbers (settings added later count only when set)."""
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out_dir", "report_to", "num_workers")
+    settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY
                 and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
@@ -109,16 +111,15 @@ class Run:
         return self.config.get("architecture", "controlnet")
 
     def controlnet(self):
-        """The trained net: a diffusers ``ControlNetModel`` for the paper's architecture, else the successor's
-        ``cnkit.models.architectures`` adapter (what ``cnkit.generation.generate`` takes either way)."""
+        """The trained net, as its architecture's adapter (``cnkit.models.architectures.load``, what ``cnkit.generate``
+        takes): ``.net`` is the model the checkpoint holds, which the matching diffusers class loads
+        (``ControlNetModel`` for the paper's net)."""
         if not any(self.checkpoint.glob("*.safetensors")):
             raise FileNotFoundError(
                 f"run {self.folder.name} has no weights in {self.checkpoint} (the shipped successor runs keep seed 0's "
                 "and the union net's only, cnkit.experiments.bench_runs): train it with cnkit.train, or run "
                 "`make architectures`")
-        if self.architecture == "controlnet":
-            return load_controlnet(self.checkpoint)
-        # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it
+        # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it (the others ignore it)
         return architectures.load(self.checkpoint, load_pipeline(self.config["base"]).unet)
 
     def curve(self, label: str, **style) -> dict:
@@ -162,8 +163,7 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     log(f"training into {folder}")
     start = time.perf_counter()
     trainer = Trainer(cfg, cache_dir=Path(runs_dir) / "cache")
-    InjectionTelemetry(every=cfg.telemetry_every).attach(trainer)
-    validation = Validation(prompt=validation_prompt).attach(trainer)
+    validation = attach_watchers(trainer, validation_prompt)
     result = trainer.run()
     wall = time.perf_counter() - start
     table = read_table(folder / "validation.csv")

@@ -52,7 +52,7 @@ from ..models.bases import image_size, load_base, vae_scale_factor
 from ..models.controlnets import VARIANTS
 from ..pixels import RESIZE_MODES, condition_range
 from .checkpoints import Checkpoint, claim
-from .telemetry import InjectionTelemetry, Validation
+from .telemetry import ConditionProbe, InjectionTelemetry, Validation
 
 # What cnkit.training.train trains (for controlnet, the variant picks one of architectures.PAPER_NETS).
 TRAINABLE_ARCHITECTURES = ("controlnet", "control-lora", "controlnet-xs", "t2i-adapter", "controlnext", "union")
@@ -97,6 +97,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: optimizer state in 8 bits (GPUs)
     telemetry_every: int = 1  # optimizer steps between telemetry rows (the probe costs a forward pass)
+    signals_every: int = 10  # optimizer steps between condition-use probes (signals.csv: 3 forward passes); 0: off
 
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
@@ -134,8 +135,8 @@ class TrainConfig:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.encode not in ("cache", "on_the_fly"):
             raise ValueError(f"encode must be cache or on_the_fly, got {self.encode!r}")
-        if self.num_workers < 0 or self.resolution < 0:
-            raise ValueError("num_workers and resolution must be 0 or more")
+        if self.num_workers < 0 or self.resolution < 0 or self.signals_every < 0:
+            raise ValueError("num_workers, resolution and signals_every must be 0 or more")
 
     @property
     def adapter_name(self) -> str:
@@ -171,13 +172,14 @@ RECIPES = {
 
 
 # Settings a resumed run may change: how long it runs, how often it logs and how it reads; the rest fixes the run.
-RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to", "num_workers", "telemetry_every")
+RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to", "num_workers", "telemetry_every",
+             "signals_every")
 # Settings added after the first runs were kept: they count in a run's identity (cnkit.experiments.runs) only when
 # they differ
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
-                  "condition_dropout": 0.5}
+                  "condition_dropout": 0.5, "signals_every": 10}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
@@ -422,6 +424,15 @@ class Trainer:
         return state["step"] if state else None
 
 
+def attach_watchers(trainer: Trainer, validation_prompt: str | None = None):
+    """The kit's standard watchers: injection telemetry, the condition-use probe (unless ``signals_every`` is 0)
+    and validation. Returns the validation (its metric names the run's fidelity)."""
+    InjectionTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
+    if trainer.cfg.signals_every:
+        ConditionProbe(every=trainer.cfg.signals_every).attach(trainer)
+    return Validation(prompt=validation_prompt).attach(trainer)
+
+
 def make_optimizer(params, cfg: TrainConfig):
     """AdamW at the recipe's rate; bitsandbytes' 8-bit AdamW when ``use_8bit_adam`` (a clear error without it)."""
     if not cfg.use_8bit_adam:
@@ -447,8 +458,7 @@ def main(argv=None) -> dict:
     args = vars(ap.parse_args(argv))
     recipe = args.pop("recipe")
     trainer = Trainer(TrainConfig.recipe(recipe, **{k: v for k, v in args.items() if v is not None}))
-    InjectionTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
-    Validation().attach(trainer)
+    attach_watchers(trainer)
     result = trainer.run()
     if trainer.accelerator.is_main_process:
         print(json.dumps(result))
