@@ -54,27 +54,11 @@ def palette_share(image: np.ndarray) -> float:
 
 
 def per_item(pipe, folder: Path, items, truths) -> dict:
-    """Per item: IoU against the true disc with its own prompt and with none; palette share of the images."""
-    import torch
-    from diffusers import ControlNetModel
-
-    from cnkit.generation.generate import generate_many
-    from cnkit.metrics import iou
-
-    net = ControlNetModel.from_pretrained(str(folder)).eval()
-    if pipe.device.type == "cpu":
-        net.to(memory_format=torch.channels_last)
-    conditions = [[np.asarray(it.condition)] for it in items]
-    seeds = [study.EVAL["seed0"] + k for k in range(len(items))]
-    out = {}
-    for name, prompts, weighting in (("prompt", [it.prompt for it in items], None),
-                                     ("empty", [""] * len(items), "flat")):
-        images = generate_many(pipe, prompts, conditions, [net], seeds, steps=study.EVAL["steps"],
-                               guidance=study.EVAL["guidance"], cfg_weighting=weighting, batch=study.EVAL["batch"])
-        out[f"iou_{name}"] = [float(iou(study.main_region(im), fill50k_like.truth_disc(t)))
-                              for im, t in zip(images, truths)]
-        out[f"palette_share_{name}"] = [palette_share(im) for im in images]
-    return out
+    """Per item: IoU against the true disc with its own prompt and with none (the study's own ``measure``), and the
+    palette share of the images."""
+    m = study.measure(pipe, folder, items, truths, per_item=True)
+    return {key: m[key] for name in ("prompt", "empty") for key in (f"iou_{name}",)} | {
+        f"palette_share_{name}": [palette_share(im) for im in m[f"images_{name}"]] for name in ("prompt", "empty")}
 
 
 def split(values: list[float], mask: list[bool]) -> dict:

@@ -303,8 +303,11 @@ def evaluation_pipeline(base: str):
     return pipe
 
 
-def measure(pipe, net_folder: Path, items: list, truths: list[dict], prompted_only: bool = False) -> dict:
-    """Every measure of the net in ``net_folder`` on the held-out ``items`` (see the module docstring)."""
+def measure(pipe, net_folder: Path, items: list, truths: list[dict], prompted_only: bool = False,
+            per_item: bool = False) -> dict:
+    """Every measure of the net in ``net_folder`` on the held-out ``items`` (see the module docstring); with
+    ``per_item``, also each item's IoU against the true disc (``iou_<setting>``) and the images
+    (``images_<setting>``), what ``fill_study_limits.py`` splits by cause."""
     import torch
     from diffusers import ControlNetModel
 
@@ -332,6 +335,8 @@ def measure(pipe, net_folder: Path, items: list, truths: list[dict], prompted_on
             truth.append(iou(region, fill50k_like.truth_disc(t)))
         out[f"disc_iou_{name}"] = float(np.mean(kit))
         out[f"disc_iou_truth_{name}"] = float(np.mean(truth))
+        if per_item:
+            out[f"iou_{name}"], out[f"images_{name}"] = [float(v) for v in truth], images
     return out
 
 
