@@ -73,7 +73,7 @@ def _two_processes(base_dir, out, steps):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-           "-m", "cnkit.training.train", f"--base={base_dir}", f"--steps={steps}", "--batch_size=2", "--n_train=40",
+           "-m", "cnkit", "train", f"--base={base_dir}", f"--steps={steps}", "--batch_size=2", "--n_train=40",
            "--validate_every=0", "--checkpoint_every=2", f"--out_dir={out}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

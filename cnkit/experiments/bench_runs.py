@@ -7,8 +7,7 @@ ControlNets, and notebook 10 reads them where its own ``runs_dir`` has none; its
 (parameters, file size, seconds per step and per image), the union net's map-by-map evaluation and every verdict
 are computed when the notebook runs.
 
-    python -m cnkit.experiments.bench_runs [--runs-dir reports/architectures/runs] [--workers 2]     (make
-    architectures)
+    cnkit architectures [--runs-dir reports/architectures/runs] [--workers 2]     (make architectures)
 
 trains the runs (cached by configuration and resumable, as every run) and publishes them here. A shipped run
 keeps what notebook 10 reads: its configuration, telemetry, validation table and last sample grid, the loss

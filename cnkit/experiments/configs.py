@@ -2,8 +2,7 @@
 
 Notebooks build their runs here, from their parameters (``run_config`` for 02-04), so that ``make figures``
 trains each run once and notebooks share them through ``cnkit.experiments.runs`` (cached by configuration): the
-ablation's ``zero``
-runs *are* notebook 04's sudden-convergence runs. ``python -m cnkit.experiments.configs`` trains ``make figures``' runs
+ablation's ``zero`` runs *are* notebook 04's sudden-convergence runs. ``cnkit runs`` trains ``make figures``' runs
 ahead of the notebooks (``--bench``: notebook 10's successor runs too; resumable: what is finished is only read
 back), ``--workers 2`` two at a time, one thread each: on 2 CPU cores that trains 1.23x to 1.34x faster than one run
 on two threads

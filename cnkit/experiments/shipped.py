@@ -2,7 +2,7 @@
 notebook 01, ``write_base_card``) and the ControlNets in ``data/controlnets/`` (trained by the kit's recipe on
 the embedded base, measured, and written as stock diffusers ControlNet folders: ``build``).
 
-    python -m cnkit.experiments.shipped [--only fill-outline ...] [--runs-dir runs/shipped]     (make controlnets)
+    cnkit controlnets [--only fill-outline ...] [--runs-dir runs/shipped]     (make controlnets)
 
 Training goes through ``cnkit.experiments.runs`` (cached by configuration, resumable). Every figure on a card is
 measured on held-out items through ``cnkit.experiments.evaluations`` (diffusers' pipeline, fixed seeds); every card has
@@ -124,7 +124,7 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
             "also_measured": also,
             "bar": {"metric": ev["metric"], "at_least": ev["bar"], "met": measured[ev["metric"]] >= ev["bar"]},
             "hardware": hardware(), "build_seconds": time.perf_counter() - start,
-            "rebuild": f"make controlnets  (python -m cnkit.experiments.shipped --only {name})"}
+            "rebuild": f"make controlnets  (cnkit controlnets --only {name})"}
     prompt = "the empty prompt" if ev["prompt"] == "" else "each scene's own prompt"
     sections = {
         "What it does": spec["about"],

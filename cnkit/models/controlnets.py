@@ -115,7 +115,7 @@ def _check_condition_size(net, args, kwargs) -> None:
             f"embedding_out_channels={tuple(net.config.conditioning_embedding_out_channels)}), so it needs "
             f"{sample.shape[-1] * factor}x{sample.shape[-2] * factor} px. Either the condition has the wrong size, or "
             "the net was built for a base with another VAE factor: build it with make_controlnet(base) "
-            "(the factor is then the base's) or `python -m cnkit.models.controlnets init --base BASE`")
+            "(the factor is then the base's) or `cnkit init --base BASE`")
 
 
 def watch_condition_size(net):
@@ -157,7 +157,7 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
         if not export.is_original_layout(path):
             raise ValueError(f"{path} is a file, but not a safetensors file in the original ControlNet layout "
                              "(control_model.* keys): pass a diffusers ControlNet folder (config.json and weights) or "
-                             "such a file (python -m cnkit.models.export writes one)")
+                             "such a file (cnkit export writes one)")
         stored = export.stored_config(path) is not None
         return watch_condition_size(export.load_original(path, config=None if stored else base_unet))
     config = path / "config.json"
@@ -298,11 +298,10 @@ def connection_table(net, unet: UNet2DConditionModel, vae_scale_factor: int = 8)
 
 
 def main(argv=None) -> int:
-    """``python -m cnkit.models.controlnets init --base BASE --variant zero --out DIR``: a fresh ControlNet for any
-    base,
-    its condition encoder matched to the base's VAE factor, saved as a stock diffusers folder (so diffusers'
+    """``cnkit init --base BASE --variant zero --out DIR``: a fresh ControlNet for any base, its condition encoder
+    matched to the base's VAE factor, saved as a stock diffusers folder (so diffusers'
     ``examples/controlnet/train_controlnet.py`` can start from it with ``--controlnet_model_name_or_path DIR``)."""
-    ap = argparse.ArgumentParser(prog="python -m cnkit.models.controlnets", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="cnkit", description=main.__doc__)
     sub = ap.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="a fresh ControlNet for a base, saved as a diffusers folder")
     init.add_argument("--base", default="data/tiny-sd", help="a diffusers pipeline folder or hub id")

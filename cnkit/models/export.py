@@ -17,7 +17,7 @@ but only fits a base with the same VAE factor and UNet shape; it is not a drop-i
 reader cannot read it (it assumes the encoder's last convolution at ``input_hint_block.14``). Read it with
 ``load_original``.
 
-    python -m cnkit.models.export --controlnet path/to/controlnet_folder --out my_controlnet.safetensors
+    cnkit export --controlnet path/to/controlnet_folder --out my_controlnet.safetensors
 """
 
 from __future__ import annotations
@@ -310,7 +310,7 @@ def compatibility_note(config: Mapping) -> str | None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cnkit.models.export",
+    parser = argparse.ArgumentParser(prog="cnkit export",
                                      description="Write a diffusers ControlNet folder as one safetensors file in the "
                                                  "original ControlNet layout (control_model.*), as the WebUI "
                                                  "ControlNet extension and ComfyUI load.")

@@ -13,7 +13,7 @@ What differs from SD 1.5 besides the weights: the tokenizer is the kit's offline
 text encoder keeps ViT-L/14's 49,408-row embedding table (so its parameter count is SD's) and the tokenizer's ids
 all fall in its first few hundred rows.
 
-``python -m cnkit.models.sd15 --out DIR [--seed N] [--fp16]`` writes the folder (about 4.3 GB in fp32) and prints the
+``cnkit sd15 --out DIR [--seed N] [--fp16]`` writes the folder (about 4.3 GB in fp32) and prints the
 parameter counts, the time taken and the size on disk; the stock ``StableDiffusionPipeline.from_pretrained(DIR)``
 loads it offline.
 """
@@ -127,7 +127,7 @@ def _save(pipe, folder, seed: int, fp16: bool) -> Path:
 
 
 def main(argv=None) -> dict:
-    """``python -m cnkit.models.sd15 --out DIR [--seed N] [--fp16]``: write the folder, print what it holds."""
+    """``cnkit sd15 --out DIR [--seed N] [--fp16]``: write the folder, print what it holds."""
     import argparse
 
     ap = argparse.ArgumentParser(description="Write an SD-1.5-shaped pipeline with random weights (cnkit.models.sd15)")

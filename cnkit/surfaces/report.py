@@ -1,6 +1,6 @@
 """``make figures``: run the notebooks through papermill and write a report.
 
-    python -m cnkit.surfaces.report [--profile full] [--run NAME] [--only 00 04 ...] [--force]
+    cnkit figures [--profile full] [--run NAME] [--only 00 04 ...] [--force]
 
 Each notebook runs with ``profile`` and ``out_dir=reports/<run>/<notebook>/``; the executed copy
 lands beside its outputs. ``reports/<run>/index.md`` gets one section per notebook: its title, the

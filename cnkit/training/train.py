@@ -446,10 +446,11 @@ def make_optimizer(params, cfg: TrainConfig):
 
 
 def main(argv=None) -> dict:
-    """``python -m cnkit.training.train --recipe=kit --steps=200 --dataset=toy:fill ...``; the same under
-    ``accelerate launch --num_processes 2 -m cnkit.training.train ...``. Every TrainConfig field is a flag, over the
-    recipe."""
-    ap = argparse.ArgumentParser(description="Train a ControlNet (cnkit.training.train.TrainConfig)")
+    """``cnkit train --recipe=kit --steps=200 --dataset=toy:fill ...`` (also ``python -m cnkit train`` and
+    ``python -m cnkit.training.train``); the same under ``accelerate launch --num_processes 2 -m cnkit train ...``.
+    Every TrainConfig field is a flag, over the recipe."""
+    ap = argparse.ArgumentParser(prog="cnkit train", description="Train a ControlNet or a successor "
+                                 "(cnkit.TrainConfig; every field is a flag)")
     ap.add_argument("--recipe", default="kit", choices=list(RECIPES),
                     help="the training method the other flags start from: " + "; ".join(
                         f"{k}: {v or 'TrainConfig defaults'}" for k, v in RECIPES.items()))

@@ -2,13 +2,11 @@
 
 Nothing new is built here: ``cnkit.models.controlnets.make_controlnet`` makes the net (``zero``: diffusers'
 ``ControlNetModel.from_unet``; ``gaussian``; ``lite``: the kit's ``ControlNetLiteModel``), and ``predict_noise`` is
-the computation of ``cnkit.training.train.Trainer.loss`` today, bit for bit: the net's 12 skip residuals and middle
-residual
-go to the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (``control``).
+the computation of ``cnkit.training.train.Trainer.loss`` today, bit for bit: the net's 12 skip residuals and
+middle residual go to the UNet's ``down_block_additional_residuals`` / ``mid_block_additional_residual`` (``control``).
 
-Injection points: the 13 zero convolutions (``cnkit.models.controlnets.zero_convolutions``). Step 0: the zero and lite
-nets
-leave the base's output unchanged (their injections are exactly zero); the Gaussian net does not (by design).
+Injection points: the 13 zero convolutions (``cnkit.models.controlnets.zero_convolutions``). Step 0: the zero and
+lite nets leave the base's output unchanged (their injections are exactly zero); the Gaussian net does not (by design).
 Checkpoints: the stock ``ControlNetModel.from_pretrained(folder)`` loads zero and Gaussian nets (what the trainer
 saves today); ``ControlNetLiteModel.from_pretrained`` the lite one.
 """
