@@ -336,6 +336,11 @@ def fidelity_metrics_for(dataset: str, with_truth: bool = True) -> dict:
     return {"disc_iou": lambda img, item: disc_iou(img, item.condition)}
 
 
+# Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8 is the fill
+# issue's bar; edge F1 and mIoU thresholds are where samples visibly follow the map.
+CONVERGENCE_THRESHOLDS = {"disc_iou": 0.8, "edge_f1": 0.5, "miou": 0.6}
+
+
 def convergence(steps, fidelity, threshold: float) -> dict:
     """When fidelity rose and how abruptly, from the raw series (never smoothed).
 

@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 
-from ..metrics import convergence
+from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..models import architectures
 from ..models.bases import load_pipeline
 from ..training.train import LATER_SETTINGS, TrainConfig, Trainer, attach_watchers
 
-# Fidelity a run must keep from some validation on to count as converged, per metric. Disc IoU 0.8
-# is the fill issue's bar; edge F1 and mIoU thresholds are where samples visibly follow the map.
-THRESHOLDS = {"disc_iou": 0.8, "edge_f1": 0.5, "miou": 0.6}
+THRESHOLDS = CONVERGENCE_THRESHOLDS  # the name notebooks use
 
 
 def _slug(text: str) -> str:
@@ -172,13 +170,15 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     report = {
         "metric": metric, **convergence(table["step"], table["fidelity"], threshold),
         "validated_steps": [int(s) for s in table["step"]], "fidelity": table["fidelity"],
-        "steps": cfg.steps, "samples_seen": result["samples_seen"], "micro_batches": result["micro_batches"],
+        "steps": cfg.steps, "steps_trained": result["steps"], "stopped": result.get("stopped"),
+        "samples_seen": result["samples_seen"], "micro_batches": result["micro_batches"],
         "samples_per_step": cfg.samples_per_step(trainer.accelerator.num_processes),
         "num_processes": trainer.accelerator.num_processes, "threads": torch.get_num_threads(),
         # Wall time of this process: loading, encoding (unless cached), training and validation.
         "wall_time_s": wall, "train_loop_s": result["wall_time_s"], "resumed": result["resumed"],
         "validation_size": len(validation.items), "validation_prompt": validation_prompt,
         "notes": trainer.notes, "config": asdict(cfg),
+        "forecast": trainer.forecast.summary() if getattr(trainer, "forecast", None) else None,
     }
     at = report["converged_at_step"]
     report["converged_at_elapsed_s"] = (table["elapsed_s"][table["step"].index(at)]

@@ -217,11 +217,12 @@ class ConditionProbe:
         start = time.perf_counter()
         loss = self.losses(trainer)
         gap = loss["shuffled"] - loss["true"]
-        self.table.append([{"step": trainer.step, "samples_seen": trainer.samples_seen,
-                            "probe_loss_true": loss["true"], "probe_loss_shuffled": loss["shuffled"],
-                            "probe_loss_blank": loss["blank"], "condition_gap": gap,
-                            "condition_gap_rel": gap / loss["shuffled"] if loss["shuffled"] > 0 else 0.0,
-                            "blank_gap": loss["blank"] - loss["true"], "seconds": time.perf_counter() - start}])
+        self.last = {"step": trainer.step, "samples_seen": trainer.samples_seen,
+                     "probe_loss_true": loss["true"], "probe_loss_shuffled": loss["shuffled"],
+                     "probe_loss_blank": loss["blank"], "condition_gap": gap,
+                     "condition_gap_rel": gap / loss["shuffled"] if loss["shuffled"] > 0 else 0.0,
+                     "blank_gap": loss["blank"] - loss["true"], "seconds": time.perf_counter() - start}
+        self.table.append([self.last])
 
 
 # fidelity is the primary metric (named in "metric"); edge_f1 and miou are filled for the shapes world.
@@ -260,8 +261,15 @@ class Validation:
                 self.validate(trainer)
 
     def on_step_end(self, trainer) -> None:
-        if self.every and trainer.step % self.every == 0 and trainer.step < trainer.cfg.steps:
+        if self.every and trainer.step % self.every == 0 and trainer.step < trainer.cfg.steps and self.open(trainer):
             self.validate(trainer)
+
+    @staticmethod
+    def open(trainer) -> bool:
+        """The gate: always open, but with ``validate_on="forecast"`` only once the run's forecast has fired."""
+        forecast = getattr(trainer, "forecast", None)
+        return getattr(trainer.cfg, "validate_on", "schedule") != "forecast" or (
+            forecast is not None and forecast.wants_validation(trainer))
 
     def on_train_end(self, trainer) -> None:
         if self.every:
@@ -291,12 +299,14 @@ class Validation:
         fig.savefig(trainer.out / "samples" / f"step-{trainer.step:06d}.png", dpi=100, bbox_inches="tight")
         plt.close(fig)
         loss = getattr(trainer, "last_loss", float("nan"))
-        self.table.append([{"step": trainer.step, "samples_seen": trainer.samples_seen, "metric": self.metric_name,
-                            "fidelity": float(np.mean(primary)), "fidelity_min": float(np.min(primary)),
-                            "fidelity_max": float(np.max(primary)),
-                            **{k: float(np.mean(scores[k])) if k in scores else "" for k in ("edge_f1", "miou")},
-                            "loss": loss, "seconds": time.perf_counter() - start,
-                            "elapsed_s": time.perf_counter() - trainer.started}])
+        row = {"step": trainer.step, "samples_seen": trainer.samples_seen, "metric": self.metric_name,
+               "fidelity": float(np.mean(primary)), "fidelity_min": float(np.min(primary)),
+               "fidelity_max": float(np.max(primary)),
+               **{k: float(np.mean(scores[k])) if k in scores else "" for k in ("edge_f1", "miou")},
+               "loss": loss, "seconds": time.perf_counter() - start, "elapsed_s": time.perf_counter() - trainer.started}
+        self.table.append([row])
+        trainer.last_validation = row
+        trainer.trigger("on_validation")
 
 
 # --- reading the growth (notebook 03) ---------------------------------------------------------

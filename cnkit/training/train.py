@@ -52,6 +52,7 @@ from ..models.bases import image_size, load_base, vae_scale_factor
 from ..models.controlnets import VARIANTS
 from ..pixels import RESIZE_MODES, condition_range
 from .checkpoints import Checkpoint, claim
+from .forecast import Forecast
 from .telemetry import ConditionProbe, InjectionTelemetry, Validation
 
 # What cnkit.training.train trains (for controlnet, the variant picks one of architectures.PAPER_NETS).
@@ -98,6 +99,9 @@ class TrainConfig:
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: optimizer state in 8 bits (GPUs)
     telemetry_every: int = 1  # optimizer steps between telemetry rows (the probe costs a forward pass)
     signals_every: int = 10  # optimizer steps between condition-use probes (signals.csv: 3 forward passes); 0: off
+    forecast: bool = False  # forecast convergence live from the probe (forecast.csv, the progress bar)
+    validate_on: str = "schedule"  # schedule (every validate_every) or forecast (from the forecast's firing on)
+    stop_after_convergence: int = 0  # with forecast: stop this many steps after validation confirms it; 0: never
 
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
@@ -135,8 +139,17 @@ class TrainConfig:
             raise ValueError(f"resize_mode must be one of {', '.join(RESIZE_MODES)}, got {self.resize_mode!r}")
         if self.encode not in ("cache", "on_the_fly"):
             raise ValueError(f"encode must be cache or on_the_fly, got {self.encode!r}")
-        if self.num_workers < 0 or self.resolution < 0 or self.signals_every < 0:
-            raise ValueError("num_workers, resolution and signals_every must be 0 or more")
+        if self.num_workers < 0 or self.resolution < 0 or self.signals_every < 0 or self.stop_after_convergence < 0:
+            raise ValueError("num_workers, resolution, signals_every and stop_after_convergence must be 0 or more")
+        if self.validate_on not in ("schedule", "forecast"):
+            raise ValueError(f"validate_on must be schedule or forecast, got {self.validate_on!r}")
+        needs_forecast = self.validate_on == "forecast" or self.stop_after_convergence
+        if needs_forecast and not (self.forecast and self.signals_every):
+            raise ValueError("validate_on='forecast' and stop_after_convergence act on the live forecast: set "
+                             "forecast=True with signals_every > 0 (the condition probe it reads)")
+        if self.stop_after_convergence and not self.validate_every:
+            raise ValueError("stop_after_convergence waits for validation to confirm convergence: set "
+                             "validate_every > 0")
 
     @property
     def adapter_name(self) -> str:
@@ -173,13 +186,14 @@ RECIPES = {
 
 # Settings a resumed run may change: how long it runs, how often it logs and how it reads; the rest fixes the run.
 RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_to", "num_workers", "telemetry_every",
-             "signals_every")
+             "signals_every", "forecast")
 # Settings added after the first runs were kept: they count in a run's identity (cnkit.experiments.runs) only when
 # they differ
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
-                  "condition_dropout": 0.5, "signals_every": 10}
+                  "condition_dropout": 0.5, "signals_every": 10, "forecast": False, "validate_on": "schedule",
+                  "stop_after_convergence": 0}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
@@ -209,6 +223,8 @@ class Trainer:
             cpu=on_cpu, mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.gradient_accumulation,
             log_with=cfg.report_to or None, project_config=ProjectConfiguration(project_dir=str(self.out)))
         self.callbacks = defaultdict(list)
+        self.postfix: dict[str, str] = {}  # what watchers show beside the loss in the progress bar
+        self.stop_reason: str | None = None  # set by request_stop: the run ends after this step
         self.step = 0
         self.loss_history: list[tuple[int, float]] = []
         self.notes: list[str] = []  # what was changed on the way in (notes.json in the run folder)
@@ -265,6 +281,11 @@ class Trainer:
         for fn in self.callbacks[event]:
             fn(self)
 
+    def request_stop(self, reason: str) -> None:
+        """End the run after the current step (checkpointed, validated as at the end, and kept so: a rerun does
+        not train on). Watchers call it (``cnkit.training.forecast``: after convergence)."""
+        self.stop_reason = self.stop_reason or reason
+
     @property
     def samples_seen(self) -> int:
         return self.step * self.cfg.samples_per_step(self.accelerator.num_processes)
@@ -296,7 +317,7 @@ class Trainer:
         self.checkpoint.save(write, {
             "step": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
             "num_processes": self.accelerator.num_processes, "config": asdict(self.cfg),
-            "loss_history": self.loss_history})
+            "loss_history": self.loss_history, "stopped": self.stop_reason})
         self.trigger("on_checkpoint")
 
     def load_checkpoint(self) -> bool:
@@ -307,6 +328,7 @@ class Trainer:
         self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
         self.step = state["step"]
         self.loss_history = [tuple(x) for x in state["loss_history"]]
+        self.stop_reason = state.get("stopped")
         return True
 
     def claim_out_dir(self) -> None:
@@ -380,7 +402,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc=label,
                    disable=not acc.is_main_process)
         start = time.perf_counter()
-        while self.step < cfg.steps:
+        while self.step < cfg.steps and not self.stop_reason:
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
             for micro in range(cfg.gradient_accumulation):
@@ -400,9 +422,9 @@ class Trainer:
             if cfg.report_to:
                 acc.log({"loss": total, "samples_seen": self.samples_seen}, step=self.step)
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.4f}", samples=self.samples_seen)
+            bar.set_postfix(loss=f"{total:.4f}", samples=self.samples_seen, **self.postfix)
             self.trigger("on_step_end")
-            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
+            if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps or self.stop_reason:
                 self.save_checkpoint()
         bar.close()
         self._record_notes()
@@ -411,7 +433,7 @@ class Trainer:
         if cfg.report_to:
             acc.end_training()
         return {"steps": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
-                "wall_time_s": self.wall_time_s, "resumed": resumed}
+                "wall_time_s": self.wall_time_s, "resumed": resumed, "stopped": self.stop_reason}
 
     def _record_notes(self) -> None:
         """The training set's notes (what was changed on the way in) into ``notes.json``."""
@@ -425,11 +447,14 @@ class Trainer:
 
 
 def attach_watchers(trainer: Trainer, validation_prompt: str | None = None):
-    """The kit's standard watchers: injection telemetry, the condition-use probe (unless ``signals_every`` is 0)
-    and validation. Returns the validation (its metric names the run's fidelity)."""
-    InjectionTelemetry(every=trainer.cfg.telemetry_every).attach(trainer)
-    if trainer.cfg.signals_every:
-        ConditionProbe(every=trainer.cfg.signals_every).attach(trainer)
+    """The kit's standard watchers: injection telemetry, the condition-use probe (unless ``signals_every`` is 0),
+    the live forecast (``forecast``) and validation. Returns the validation (its metric names the run's fidelity)."""
+    cfg = trainer.cfg
+    InjectionTelemetry(every=cfg.telemetry_every).attach(trainer)
+    if cfg.signals_every:
+        probe = ConditionProbe(every=cfg.signals_every).attach(trainer)
+        if cfg.forecast:
+            Forecast(probe, stop_after_convergence=cfg.stop_after_convergence).attach(trainer)
     return Validation(prompt=validation_prompt).attach(trainer)
 
 
