@@ -19,6 +19,8 @@ COMMANDS = {
     "export": ("cnkit.models.export", [], "write a ControlNet in the original single-file layout (WebUI, ComfyUI)"),
     "sd15": ("cnkit.models.sd15", [], "write a random base of SD 1.5's exact shape (the GPU path, tested on a CPU)"),
     "runs": ("cnkit.experiments.configs", [], "train make figures' runs ahead of the notebooks, several at a time"),
+    "forecast": ("cnkit.experiments.forecast", [], "the convergence forecast's rule on finished runs, beside their "
+                                                  "validation"),
     "figures": ("cnkit.surfaces.report", [], "run every notebook at the full profile into a report (make figures)"),
     "controlnets": ("cnkit.experiments.shipped", [], "train and measure the shipped ControlNets (make controlnets)"),
     "architectures": ("cnkit.experiments.bench_runs", [], "train and ship notebook 10's successor runs "

@@ -1,0 +1,155 @@
+"""The forecast study: does any cheap signal announce sudden convergence before validation sees it?
+
+Ground truth is dense validation (``validation.csv``: fidelity every few steps; convergence as ``cnkit.metrics``
+detects it: the first validated step from which fidelity stays at or above the metric's threshold). Candidate
+signals are what a run logs without generating an image:
+
+- ``signals.csv`` (``telemetry.ConditionProbe``): the probe's denoising loss with true, shuffled and blank conditions,
+  their gaps (``condition_gap``, ``condition_gap_rel``, ``blank_gap``);
+- ``telemetry.csv``: the injected signal (RMS over injection points of what each adds to the base on a fixed probe,
+  ``injected_rms``), its growth per 100 steps (``injected_rms_growth``), the injection points' summed gradient norm;
+- the training loss (``loss``, smoothed over 25 steps).
+
+A rule (``cnkit.training.forecast.ForecastRule``) is *designed* on some runs (a grid of signals, thresholds,
+patience and slope windows, scored by hits with lead, against false alarms) and *frozen*; then it is *tested* on
+runs held out from the design. Per run: the step it fires, validation's convergence step, the lead in steps and in
+seconds (from the run's own clock), and the outcome: ``early`` (fired before convergence: the target), ``late``
+(fired at or after it), ``missed`` (never fired on a converging run), ``false alarm`` (fired on a run that never
+converged) or ``quiet`` (never fired, never converged: right).
+
+    cnkit forecast RUN_DIR [RUN_DIR ...]          the frozen rule on finished runs: fired at, converged at, lead
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from ..metrics import CONVERGENCE_THRESHOLDS, convergence
+from ..training.forecast import DEFAULT_RULE, ForecastRule
+from .runs import Run, read_table
+
+SIGNALS = ("condition_gap_rel", "condition_gap", "blank_gap", "injected_rms", "injected_rms_growth",
+           "grad_norm", "loss")
+
+
+def run_signals(folder) -> dict[str, tuple[list[int], list[float]]]:
+    """Every candidate signal a finished run logged: name -> (steps, values)."""
+    run, out = Run(folder), {}
+    signals = Path(folder) / "signals.csv"
+    if signals.is_file():
+        table = read_table(signals)
+        for name in ("condition_gap_rel", "condition_gap", "blank_gap"):
+            if name in table:
+                out[name] = ([int(s) for s in table["step"]], list(table[name]))
+    tel = run.telemetry()
+    steps = np.asarray(tel["step"], int)
+    into_base = np.array(["controlnet_cond_embedding" not in n for n in tel["name"]])
+    rms = np.asarray(tel["residual_rms"], float)
+    grad = np.asarray([g if g == g else 0.0 for g in tel["grad_norm"]], float)  # parameter-free points: empty
+    uniq = sorted(set(steps.tolist()))
+    injected = [float(np.sqrt(np.mean(rms[(steps == s) & into_base] ** 2))) for s in uniq]
+    out["injected_rms"] = (uniq, injected)
+    out["injected_rms_growth"] = (uniq, list(ForecastRule(slope_window=5).series(uniq, injected)))
+    out["grad_norm"] = (uniq, [float(np.sqrt(np.sum(grad[steps == s] ** 2))) for s in uniq])
+    loss_steps, loss = run.loss()
+    if loss:
+        smooth = np.convolve(loss, np.ones(25) / 25, mode="valid")
+        out["loss"] = (list(loss_steps[24:]), [-float(v) for v in smooth])  # rising = improving, like the others
+    return out
+
+
+def truth(folder) -> dict:
+    """Validation's account of a run: its metric, the validated steps and fidelity, the convergence step (None if
+    it never converged within its budget) and the wall seconds of each validated step since the run started."""
+    table = read_table(Path(folder) / "validation.csv")
+    metric = table["metric"][0]
+    steps = [int(s) for s in table["step"]]
+    c = convergence(steps, table["fidelity"], CONVERGENCE_THRESHOLDS.get(metric, 0.5))
+    return {"metric": metric, "steps": steps, "fidelity": list(table["fidelity"]),
+            "elapsed_s": list(table["elapsed_s"]), "converged_at_step": c["converged_at_step"]}
+
+
+def _seconds_at(t: dict, step: int) -> float:
+    """The run's wall clock at ``step`` (interpolated between validations, whose times it logs)."""
+    return float(np.interp(step, t["steps"], t["elapsed_s"]))
+
+
+def judge(rule: ForecastRule, folder) -> dict:
+    """The rule on one finished run, against validation: fired at, converged at, lead, outcome."""
+    signals, t = run_signals(folder), truth(folder)
+    if rule.signal not in signals:
+        return {"run": Path(folder).name, "signal_missing": rule.signal, "outcome": "no signal"}
+    fired = rule.fire_step(*signals[rule.signal])
+    conv = t["converged_at_step"]
+    if conv is None:
+        outcome = "false alarm" if fired is not None else "quiet"
+    else:
+        outcome = "missed" if fired is None else "early" if fired < conv else "late"
+    row = {"run": Path(folder).name, "fired_at_step": fired, "converged_at_step": conv, "outcome": outcome,
+           "lead_steps": conv - fired if fired is not None and conv is not None else None,
+           "lead_s": (_seconds_at(t, conv) - _seconds_at(t, fired)) if fired is not None and conv is not None
+           else None, "final_fidelity": t["fidelity"][-1], "metric": t["metric"]}
+    return row
+
+
+def score(rows: list[dict]) -> dict:
+    """How a rule did over runs: hits (fired early), their median lead, late, missed, false alarms, quiet."""
+    outcomes = [r["outcome"] for r in rows]
+    converging = [r for r in rows if r.get("converged_at_step") is not None]
+    leads = [r["lead_steps"] for r in rows if r["outcome"] == "early"]
+    return {"runs": len(rows), "converging": len(converging), "early": outcomes.count("early"),
+            "late": outcomes.count("late"), "missed": outcomes.count("missed"),
+            "false_alarms": outcomes.count("false alarm"), "quiet": outcomes.count("quiet"),
+            "early_share": outcomes.count("early") / len(converging) if converging else None,
+            "median_lead_steps": float(np.median(leads)) if leads else None}
+
+
+def candidate_rules() -> list[ForecastRule]:
+    """The grid the design searches: each signal's level or slope against a range of thresholds, 1-3 readings."""
+    grid = []
+    levels = {"condition_gap_rel": [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1],
+              "condition_gap": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+              "blank_gap": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+              "injected_rms": [0.05, 0.1, 0.2, 0.5, 1.0],
+              "injected_rms_growth": [0.05, 0.1, 0.2, 0.5],
+              "grad_norm": [0.01, 0.03, 0.1, 0.3]}
+    for (signal, thresholds), patience in itertools.product(levels.items(), (1, 2, 3)):
+        grid += [ForecastRule(signal, th, patience) for th in thresholds]
+    for signal, patience in itertools.product(("condition_gap_rel", "condition_gap"), (1, 2)):
+        grid += [ForecastRule(signal, th, patience, slope_window=4) for th in (0.001, 0.003, 0.01, 0.03)]
+    return grid
+
+
+def design(folders, rules=None, max_false_alarms: int = 0) -> tuple[ForecastRule, list[dict]]:
+    """The rule of the grid that fires early on the most converging design runs, with at most
+    ``max_false_alarms``; ties go to the longer median lead, then to the higher threshold (the more conservative
+    rule). Returns the rule and every candidate's score, for the record."""
+    table = []
+    for rule in rules or candidate_rules():
+        rows = [judge(rule, f) for f in folders]
+        if any(r["outcome"] == "no signal" for r in rows):
+            continue
+        table.append({"rule": asdict(rule), **score(rows)})
+    ok = [s for s in table if s["false_alarms"] <= max_false_alarms] or table
+    best = max(ok, key=lambda s: (s["early"], s["median_lead_steps"] or 0, -s["late"], s["rule"]["threshold"]))
+    return ForecastRule(**best["rule"]), table
+
+
+def main(argv=None) -> int:
+    """``cnkit forecast RUN_DIR [...]``: the frozen forecast rule on finished runs, beside their validation."""
+    ap = argparse.ArgumentParser(prog="cnkit forecast", description=main.__doc__)
+    ap.add_argument("runs", nargs="+", help="finished run folders (with validation.csv and signals.csv)")
+    ap.add_argument("--rule", default="", help="a JSON ForecastRule (default: the kit's frozen rule)")
+    args = ap.parse_args(argv)
+    rule = ForecastRule(**json.loads(args.rule)) if args.rule else DEFAULT_RULE
+    rows = [judge(rule, f) for f in args.runs]
+    for r in rows:
+        print(json.dumps(r))
+    print(json.dumps({"rule": asdict(rule), **score([r for r in rows if r["outcome"] != "no signal"])}))
+    return 0
