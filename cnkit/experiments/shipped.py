@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from ..card import card_data, hardware, write_card
-from ..data.splits import HELD_OUT_FILL_PAIRS
 from ..models.bases import load_pipeline
 from ..params import REPO_ROOT
 from ..training.train import TrainConfig
@@ -54,41 +53,6 @@ SHIPPED = {
     },
 }
 N_EVAL = 64
-
-
-def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, profile: str, curve=None) -> Path:
-    """The card of a pretrained base (``notebooks/01_pretrain_tiny_sd.ipynb`` writes ``data/tiny-sd``'s):
-    ``cfg`` a PretrainConfig, ``stats`` what ``cnkit.training.pretrain.pretrain`` measured, ``evaluation``
-    ``cnkit.experiments.evaluations.evaluate_base``'s result (images removed), ``speed`` the stock pipeline's timing."""
-    folder = Path(folder)
-    recipe = json.loads((Path(cfg.out_dir) / "pretrain_config.json").read_text())
-    data = {"recipe": recipe, "stats": stats,
-            "evaluation": {k: evaluation[k] for k in ("settings", "fill", "fill_x11", "shapes") if k in evaluation},
-            "speed_8_images_25_steps": speed,
-            "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "hardware": hardware(), "profile": profile,
-            "wall_time_s": sum(stats["timings_s"].values())}
-    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
-    f, s, settings = evaluation["fill"], evaluation["shapes"], evaluation["settings"]
-    return write_card(folder, "tiny-sd: the kit's embedded Stable Diffusion", {
-        "What it is": "A Stable Diffusion 1.5-shaped text-to-image model (64x64 images, latents 4x16x16, SD 1.5's "
-                      "UNet block layout, a 2-layer CLIP text encoder, an offline CLIP tokenizer), pretrained by cnkit "
-                      "on its toy world. Load it with the stock "
-                      "`StableDiffusionPipeline.from_pretrained('data/tiny-sd')`.",
-        "Recipe": f"`cnkit.training.pretrain` through `notebooks/01_pretrain_tiny_sd.ipynb`, profile `{profile}`, seed "
-                  f"{cfg.seed}: VAE {cfg.vae_steps} steps (batch {cfg.vae_batch_size}, {cfg.vae_crop}px crops, lr "
-                  f"{cfg.vae_learning_rate}); UNet + text encoder {cfg.steps} steps (batch {cfg.batch_size}, lr "
-                  f"{cfg.learning_rate}, {cfg.empty_prompt:.0%} empty prompts, Min-SNR-{cfg.snr_gamma:g}, EMA "
-                  f"{cfg.ema_decay}); {stats['n_train_images']} training images. Wall time "
-                  f"{data['wall_time_s'] / 60:.1f} min on {data['hardware']}.",
-        "Measured quality": f"{settings['n']} generations per world from held-out prompts (DDIM {settings['steps']} "
-                            f"steps, guidance {settings['guidance']}): fill: one disc {f['one_disc']:.1%}, fill colour "
-                            f"{f['fill_colour']:.1%}, background colour {f['background_colour']:.1%}; shapes: prompted "
-                            f"shapes, counts and colours {s['correct']:.1%} (colours and counts "
-                            f"{s['colours_and_counts']:.1%}). VAE reconstruction PSNR {stats['vae_psnr_db']:.1f} dB on "
-                            f"64 held-out images. 8 images at 25 steps: {speed['median_s']:.2f} s (median, "
-                            f"{speed['threads']} threads). Per-image outcomes: `evaluation.json`.",
-        "Rebuild": "`make pretrain` (runs this notebook at the full profile and copies the result here).",
-    }, data)
 
 
 def train_config(name: str) -> TrainConfig:

@@ -84,11 +84,12 @@ def _text_encoder(c: TinySDConfig, tokenizer) -> CLIPTextModel:
     return CLIPTextModel(config)
 
 
-def build_tiny_sd(seed: int = 0, config: TinySDConfig | None = None) -> StableDiffusionPipeline:
-    """The embedded model's architecture with fresh weights drawn after ``torch.manual_seed(seed)``."""
+def build_tiny_sd(seed: int = 0, config: TinySDConfig | None = None, words=VOCABULARY) -> StableDiffusionPipeline:
+    """The embedded model's architecture with fresh weights drawn after ``torch.manual_seed(seed)``; its tokenizer
+    has a whole-word token for each of ``words`` (the toy worlds' vocabulary)."""
     c = config or TinySDConfig()
     with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = build_tokenizer(VOCABULARY, tmp)
+        tokenizer = build_tokenizer(words, tmp)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     try:

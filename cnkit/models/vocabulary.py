@@ -64,7 +64,9 @@ def widen(text_encoder: CLIPTextModel, old_tokenizer, words, folder=None, colour
                                "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
                                "pad_token_id": tokenizer.pad_token_id})
     g = torch.Generator().manual_seed(seed)
-    new = CLIPTextModel(config)
+    with torch.random.fork_rng(devices=[]):  # the appended layers' fresh weights: from ``seed``, the caller's RNG kept
+        torch.manual_seed(seed)
+        new = CLIPTextModel(config)
     old_state, state = text_encoder.state_dict(), new.state_dict()
     emb_key = next(k for k in state if k.endswith("token_embedding.weight"))
     old_emb = old_state[emb_key].float()
