@@ -82,6 +82,7 @@ class TrainConfig:
     learning_rate: float = 1e-3  # AdamW; the kit's recipe for the tiny base (the paper's 1e-5 is for SD 1.5)
     prompt_dropout: float = 0.5  # share of prompts replaced by "" (the paper: 50%)
     timestep_sampling: str = "cubic"  # cubic (T2I-Adapter: more high-noise steps; the kit's) or uniform (the paper)
+    max_grad_norm: float = 0.0  # clip the gradient's norm at this (diffusers' script: 1.0); 0 does not clip
     mixed_precision: str = "no"  # no, fp16, bf16 (Accelerate)
     seed: int = 0  # the ControlNet's initialisation, batch order, noise, timesteps and dropped prompts
     data_seed: int = 0  # which toy-world items are drawn (training and held out); fixed across training seeds
@@ -114,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"parameter condition_dropout must be within [0, 1), got {self.condition_dropout}")
         if not 0 <= self.prompt_dropout <= 1:
             raise ValueError(f"parameter prompt_dropout must be within 0..1, got {self.prompt_dropout}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"parameter max_grad_norm must be 0 (no clipping) or more, got {self.max_grad_norm}")
         if not 0 < self.learning_rate < 1:
             raise ValueError(f"parameter learning_rate must be within (0, 1), got {self.learning_rate}")
         if self.variant not in VARIANTS:
@@ -193,7 +196,7 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
                   "condition_dropout": 0.5, "signals_every": 10, "forecast": False, "validate_on": "schedule",
-                  "stop_after_convergence": 0}
+                  "stop_after_convergence": 0, "max_grad_norm": 0.0}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
@@ -415,6 +418,8 @@ class Trainer:
                     f"loss became {total} at step {self.step}; stopped. The last good checkpoint (step "
                     f"{self._last_checkpoint_step()}) is in {self.checkpoint_dir}: lower learning_rate or use "
                     "mixed_precision='no', then rerun to resume from it")
+            if cfg.max_grad_norm:  # diffusers' train_controlnet.py clips at 1.0; the kit's recipe does not (0)
+                acc.clip_grad_norm_(acc.unwrap_model(self.adapter).trainable_parameters(), cfg.max_grad_norm)
             self.optimizer.step()
             self.step += 1
             self.last_loss = total
