@@ -382,6 +382,12 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
                                       "shadow_params": [tensors[f"ema_{key}"][n] for n in names[key]]})
         start = resumed_at = state["step"]
         cpu_unet, wall_before = state.get("cpu_s", 0.0), state.get("wall_s", 0.0)
+        # The optimizer kept the rate its own schedule last set; a run extended since (more steps: its decay moved)
+        # steps with this schedule's rate from here, as the run that had asked for the longer budget did.
+        rates = [base * factor(sched.last_epoch) for base, factor in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, rate in zip(opt.param_groups, rates):
+            group["lr"] = rate
+        sched._last_lr = rates
         log(f"unet: resumed at step {start}")
     if start >= cfg.steps:
         return _ema_models(ema, models)
