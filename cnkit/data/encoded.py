@@ -347,9 +347,10 @@ def build_store(folder: Path, pipe, dataset, resolution: int, spec: dict, fit, e
                     "complete": False}
     entries = (meta["shards"] + [None] * n_shards)[:n_shards]
     for s, entry in enumerate(entries):
-        if entry is None:
-            continue
-        problem = _entry_problem(folder, entry, s, min(size, len(dataset) - s * size))
+        if entry is None and not meta.get("complete"):
+            continue  # not encoded yet
+        problem = (f"store.json does not list shard-{s:05d}.safetensors though it says the store is complete"
+                   if entry is None else _entry_problem(folder, entry, s, min(size, len(dataset) - s * size)))
         if problem:
             warnings.warn(f"the encoded training set in {folder}: {problem}; encoding that shard again",
                           stacklevel=2)
