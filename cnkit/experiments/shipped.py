@@ -21,6 +21,7 @@ from pathlib import Path
 
 from ..card import card_data, hardware, write_card
 from ..data.splits import HELD_OUT_FILL_PAIRS
+from ..files import write_json
 from ..models.bases import load_pipeline
 from ..params import REPO_ROOT
 from ..training.train import TrainConfig
@@ -67,7 +68,7 @@ def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, pro
             "speed_8_images_25_steps": speed,
             "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "hardware": hardware(), "profile": profile,
             "wall_time_s": sum(stats["timings_s"].values())}
-    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    write_json(folder / "evaluation.json", evaluation)
     f, s, settings = evaluation["fill"], evaluation["shapes"], evaluation["settings"]
     return write_card(folder, "tiny-sd: the kit's embedded Stable Diffusion", {
         "What it is": "A Stable Diffusion 1.5-shaped text-to-image model (64x64 images, latents 4x16x16, SD 1.5's "
