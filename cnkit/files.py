@@ -69,11 +69,15 @@ def run_checkpoint(path) -> Path | None:
     return None
 
 
-def check_output(out, overwrite: bool, sources=(), flag: str = "--overwrite") -> None:
+def check_output(out, overwrite: bool, sources=(), flag: str = "--overwrite", folder: bool | None = None) -> None:
     """Refuse, before anything is written, an output that would destroy something: a path inside (or holding) a
     folder it reads from, a run's checkpoint (never: a run would resume from weights its optimizer state does not
-    belong to), or one that holds weights, unless ``overwrite``. Raises FileExistsError naming the fix."""
+    belong to), or one that holds weights, unless ``overwrite``; and (``folder`` True or False) a file where a
+    folder is written, or a folder where a file is. Raises FileExistsError naming the fix."""
     out = Path(out).resolve()
+    if folder is not None and out.exists() and out.is_dir() != folder:
+        raise FileExistsError(f"{out} is a {'file' if folder else 'folder'}; this command writes a "
+                              f"{'folder' if folder else 'file'} there: pass another path")
     for src in sources:
         src = Path(src).resolve()
         if out == src or src in out.parents or out in src.parents:

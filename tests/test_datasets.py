@@ -145,7 +145,8 @@ def test_parquet_shards_are_read_a_row_group_at_a_time(tmp_path):
 # --- paths stay in the dataset; what changes pixels is said (issue 31) -------------------------------------------
 
 
-@pytest.mark.parametrize("name, said", [("../outside.png", "climbs out with .."), ("/etc/hostname", "absolute path")])
+@pytest.mark.parametrize("name, said", [("../outside.png", "climbs out with .."), ("/etc/hostname", "absolute path"),
+                                        ("~/x.png", "a home-folder path")])
 def test_rows_that_leave_the_dataset_folder_are_refused(tmp_path, name, said):
     (tmp_path / "data").mkdir()
     root = _fill50k(tmp_path / "data")
@@ -197,3 +198,14 @@ def test_a_dark_16_bit_image_stays_dark_and_the_scaling_is_said(tmp_path):
     bright = Image.fromarray(np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8))
     rgb, note = to_rgb(bright)
     assert np.asarray(rgb).min() == 0 and np.asarray(rgb).max() == 255 and "dark" not in note
+
+
+def test_a_bom_and_windows_line_ends_are_read_and_a_folder_named_like_an_image_is_said(tmp_path):
+    root = _fill50k(tmp_path, rows=3)
+    text = (root / "prompt.json").read_text()
+    (root / "prompt.json").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert datasets.load(root)[0].prompt.endswith("background 0")
+    (root / "target" / "2.png").unlink()
+    (root / "target" / "2.png").mkdir()
+    with pytest.raises(DatasetError, match="line 3: target file .*2.png is a folder, not an image file; fix the path"):
+        datasets.load(root)

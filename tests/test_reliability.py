@@ -319,6 +319,21 @@ def test_a_finished_run_entered_again_keeps_one_row_per_validated_step(base_dir,
         run(steps=2)
 
 
+def test_a_table_deleted_mid_run_is_said_when_the_run_resumes(base_dir, tmp_path):
+    from cnkit.training.telemetry import Validation
+
+    def run(steps):
+        tr = Trainer(_cfg(base_dir, tmp_path, steps=steps, validate_every=1, validation_size=2))
+        Validation(steps=2).attach(tr)
+        tr.run()
+
+    run(2)
+    (tmp_path / "validation.csv").unlink()
+    with pytest.warns(UserWarning, match="validation.csv is missing at step 2: its rows of the steps before are gone"):
+        run(3)
+    assert _validated(tmp_path) == [3]
+
+
 def test_convergence_json_is_exact_whatever_happened_to_the_run(base_dir, tmp_path):
     from cnkit.experiments import runs
 
@@ -404,6 +419,14 @@ def test_commands_that_write_weights_never_overwrite_a_trained_net(base_dir, tmp
     assert "already holds weights" in err and "Pass --overwrite to replace them" in err
     assert (net / "diffusion_pytorch_model.safetensors").read_bytes() == weights
     assert controlnets.main(["init", "--base", str(base_dir), "--out", str(net), "--seed", "1", "--overwrite"]) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(tmp_path / "notes.txt")])
+    assert "is a file; this command writes a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(base_dir), "--overwrite"])
+    assert "which this command reads" in capsys.readouterr().err
     Trainer(_cfg(base_dir, tmp_path / "run", steps=2)).run()
     with pytest.raises(SystemExit):
         controlnets.main(["init", "--base", str(base_dir), "--out", str(tmp_path / "run" / "checkpoint"),

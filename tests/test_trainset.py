@@ -281,3 +281,10 @@ def test_store_files_cut_short_missing_or_unlisted_are_encoded_again_with_a_warn
     with pytest.warns(UserWarning, match=said):
         store = build()
     assert len(store) == 40 and torch.equal(store.gather([0, 20, 39])["latent_mean"], good["latent_mean"])
+
+
+def test_a_file_where_the_store_goes_is_named_and_kept(tiny_pipe, tmp_path):
+    (tmp_path / "store").write_text("mine")
+    with pytest.raises(encoded.StoreError, match="is a file where the kit keeps an encoded training set: move it"):
+        _built(tiny_pipe, tmp_path / "store")()
+    assert (tmp_path / "store").read_text() == "mine"

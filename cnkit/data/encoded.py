@@ -331,6 +331,9 @@ def build_store(folder: Path, pipe, dataset, resolution: int, spec: dict, fit, e
     encoders' fingerprint and the dataset's); ``extra_notes()`` -> {kind: note} more notes, asked once the store is
     complete (the split's overlap)."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise StoreError(f"{folder} is a file where the kit keeps an encoded training set: move it away (nothing was "
+                         "written), or give the trainer another cache_dir")
     spec = {**spec, "encoders": encoders_fingerprint(pipe), "contents": fingerprint(dataset),
             "resolution": resolution, "items": len(dataset)}
     meta, why = read_meta(folder)

@@ -117,7 +117,7 @@ def open_image(path: Path, where: str, background=BLACK) -> Image.Image:
 def _read_jsonl(path: Path, required: list[str]) -> list[dict]:
     rows = []
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()  # a BOM (Windows editors) is not text
     except UnicodeDecodeError as e:
         lineno = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DatasetError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
@@ -162,8 +162,9 @@ class PairFolder:
                     except OSError:
                         st = None
                     if st is None or not Path(path).is_file():
-                        raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} does not "
-                                           "exist; fix the path or remove the row")
+                        what = "is a folder, not an image file" if Path(path).is_dir() else "does not exist"
+                        raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} {what}; fix the "
+                                           "path or remove the row")
                     self._stats.append((name, st.st_size, st.st_mtime_ns))
                     parent = os.path.dirname(path)
                     if parent not in real_dirs:
@@ -193,8 +194,10 @@ class PairFolder:
                                f"got {name!r}; fix the row or remove it")
         parts = Path(name).parts
         if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+            how = ("an absolute path" if Path(name).is_absolute() else "a home-folder path" if name.startswith("~")
+                   else "it climbs out with ..")
             raise DatasetError(f"{self._where(row)}: {key} path {name!r} leaves the dataset folder {self.root} "
-                               f"({'an absolute path' if Path(name).is_absolute() else 'it climbs out with ..'}); "
+                               f"({how}); "
                                "rows name files inside the folder by their relative path: copy (or link) the file "
                                "into the folder and name it from there")
         return os.path.join(self.root, name)
@@ -223,7 +226,8 @@ class PairFolder:
         condition = maps if isinstance(row[condition_key], list) else maps[0]
         prompt = row[prompt_key]
         if not isinstance(prompt, str):
-            raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}")
+            raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}; write it as one string (\"\" "
+                               "for none) or remove the row")
         return Example(image, condition, prompt)
 
     def validate(self) -> int:

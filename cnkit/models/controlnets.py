@@ -314,7 +314,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     try:
-        check_output(out, args.overwrite, sources=[repo_path(args.base)] if repo_path(args.base).exists() else [])
+        base = repo_path(args.base)
+        check_output(out, args.overwrite, folder=True, sources=[base] if base.exists() else [])
     except FileExistsError as e:
         ap.error(str(e))
     pipe = bases.load_base(args.base)

@@ -151,7 +151,8 @@ def _load_controlnet(controlnet) -> ControlNetModel:
     folder = Path(controlnet)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers ControlNet folder (no config.json)")
+        raise ValueError(f"{folder} is not a diffusers ControlNet folder (no config.json): pass the folder that "
+                         "holds config.json and the weights (a training run's is its checkpoint/)")
     try:
         class_name = json.loads(config_file.read_text()).get("_class_name")
         if class_name == "ControlNetModel":
@@ -336,7 +337,7 @@ def main(argv=None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace the file --out if it exists")
     args = parser.parse_args(argv)
     try:
-        check_output(args.out, args.overwrite, sources=[args.controlnet])
+        check_output(args.out, args.overwrite, sources=[args.controlnet], folder=False)
         net = _load_controlnet(args.controlnet)
         out = export_original(net, args.out)
     except (TypeError, ValueError, FileExistsError) as error:

@@ -138,7 +138,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--overwrite", action="store_true", help="replace the weights already in --out")
     args = ap.parse_args(argv)
     try:
-        check_output(args.out, args.overwrite)
+        check_output(args.out, args.overwrite, folder=True)
     except FileExistsError as e:
         ap.error(str(e))
     start = time.perf_counter()

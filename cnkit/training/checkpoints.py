@@ -121,7 +121,9 @@ class Checkpoint:
         try:
             return json.loads(f.read_text())
         except (OSError, ValueError) as e:
-            raise checkpoint_error(e, self.path) from e
+            raise CheckpointError(f"the checkpoint in {self.path} is damaged: its {f.name} does not read as JSON "
+                                  f"({e}). It cannot be resumed: delete {self.path} to train again from step 0 (the "
+                                  "run's tables restart with it), or restore the file from a copy") from e
 
     def save(self, write: Callable[[Path], None], state: dict) -> None:
         """``write(folder)`` writes the files; then ``state`` (it must hold ``step``) goes in last."""

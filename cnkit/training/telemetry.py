@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import io
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -81,6 +82,10 @@ class _Table:
 
     def start(self, step: int) -> None:
         if step == 0 or not self.path.is_file():
+            if step > 0:
+                warnings.warn(f"{self.path} is missing at step {step}: its rows of the steps before are gone (they "
+                              "are measured as the run goes) and it starts again here; to have them all, delete "
+                              f"{self.path.parent} and train again from step 0", stacklevel=2)
             buf = io.StringIO()
             csv.DictWriter(buf, self.fields).writeheader()
             write_atomic(self.path, buf.getvalue())
