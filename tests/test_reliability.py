@@ -393,6 +393,13 @@ def test_conversions_reach_notes_json_in_every_sitting(base_dir, tmp_path):
     with pytest.warns(UserWarning):
         Trainer(_cfg(base_dir, tmp_path / "run", steps=2, **cfg)).run()  # the second sitting
     assert json.loads((tmp_path / "run" / "notes.json").read_text()) == first
+    fly = dict(cfg, encode="on_the_fly", checkpoint_every=1)  # counted as items are read, kept in the checkpoint
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "fly", steps=1, **fly)).run()
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "fly", steps=2, **fly)).run()
+    notes = json.loads((tmp_path / "fly" / "notes.json").read_text())
+    assert any("4 of 4 training conditions had transparent pixels" in n for n in notes), notes  # 2 steps of 2
 
 
 def test_held_out_items_that_repeat_training_items_are_said(base_dir, tmp_path):

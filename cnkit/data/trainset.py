@@ -199,6 +199,16 @@ class OnTheFly:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def state(self) -> dict:
+        """What it counted so far (items read, the telemetry's probe included, and what fitting changed): the trainer
+        keeps it in its checkpoint, so that a resumed run's notes count every sitting."""
+        return {"counts": self.fitter.state(), "seen": self.seen}
+
+    def load_state(self, state: dict) -> None:
+        if state:
+            self.fitter.load(state.get("counts", {}))
+            self.seen = state.get("seen", 0)
+
     def plan(self, step: int, process: int) -> None:
         """Start the workers reading ahead from optimizer step ``step`` (the trainer calls this before its loop)."""
         if self.cfg.num_workers:

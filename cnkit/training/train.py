@@ -295,7 +295,7 @@ class Trainer:
         self.checkpoint.save(write, {
             "step": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
             "num_processes": self.accelerator.num_processes, "config": asdict(self.cfg),
-            "loss_history": self.loss_history})
+            "loss_history": self.loss_history, "data": self.data.state() if hasattr(self.data, "state") else None})
         self.trigger("on_checkpoint")
 
     def load_checkpoint(self) -> bool:
@@ -307,6 +307,8 @@ class Trainer:
             self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
             self.step = state["step"]
             self.loss_history = [tuple(x) for x in state["loss_history"]]
+            if hasattr(self.data, "load_state"):  # on the fly: what the earlier sittings counted, for notes.json
+                self.data.load_state(state.get("data") or {})
         except Exception as e:  # noqa: BLE001 - missing, damaged or pickled files: said by checkpoint_error
             raise checkpoint_error(e, self.checkpoint_dir) from e
         return True
