@@ -40,6 +40,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -151,27 +152,29 @@ class PairFolder:
         self.keys = (image_key, condition_key, prompt_key)
         self.rows = _read_jsonl(self.index_file, list(self.keys))
         self._stats, linked = [], []
-        real_root, real_dirs = os.path.realpath(self.root), {}
+        real_dirs, inside = {}, os.path.realpath(self.root).rstrip(os.sep) + os.sep
         for row in self.rows:
             for key in self.keys[:2]:
                 names = row[key] if isinstance(row[key], list) and key == condition_key else [row[key]]
                 for name in names:
                     path = self._inside(row, key, name)
                     try:
-                        st = os.stat(path)  # follows a link: its target's size and time
+                        st = os.lstat(path)
+                        link = stat.S_ISLNK(st.st_mode)
+                        if link:
+                            st = os.stat(path)  # a link's target: its size and time
                     except OSError:
                         st = None
-                    if st is None or not Path(path).is_file():
+                    if st is None or not stat.S_ISREG(st.st_mode):
                         what = "is a folder, not an image file" if Path(path).is_dir() else "does not exist"
                         raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} {what}; fix the "
                                            "path or remove the row")
                     self._stats.append((name, st.st_size, st.st_mtime_ns))
-                    parent = os.path.dirname(path)
-                    if parent not in real_dirs:
+                    parent, base = os.path.split(path)
+                    if parent not in real_dirs:  # a folder inside may be a link too
                         real_dirs[parent] = os.path.realpath(parent)
-                    real = os.path.realpath(path) if os.path.islink(path) else os.path.join(real_dirs[parent],
-                                                                                           os.path.basename(path))
-                    if os.path.commonpath([real_root, real]) != real_root:
+                    real = os.path.realpath(path) if link else os.path.join(real_dirs[parent], base)
+                    if not real.startswith(inside):
                         linked.append((path, real))
         if linked:
             warnings.warn(f"{self.index_file}: {len(linked)} file(s) are symbolic links that lead outside "
