@@ -7,7 +7,8 @@ imports only its own folder and the folders below it, so the package has no impo
 
 - top: foundations and pure measures: ``params`` (notebook parameters), ``pixels`` (pixel conventions),
   ``colours`` and ``geometry`` (what the toy worlds paint with), ``card`` (model cards), ``summary``
-  (summary.json), ``viz`` (plots from numbers), ``metrics`` (pure numpy measures of images and curves)
+  (summary.json), ``viz`` (plots from numbers), ``metrics`` (pure numpy measures of images and curves), ``files``
+  (files written whole: atomic writes, outputs that never overwrite weights unless told)
 - ``data/``: ``toyworld``, ``readers``, ``splits``, ``encoded``, ``trainset``
 - ``models/``: ``tokenizer``, ``tiny``, ``sd15``, ``bases``, ``controlnets``, ``export``, ``architectures/``
 - ``generation/``: ``weighting``, ``annotators``, ``adapter_pipeline``, ``generate``

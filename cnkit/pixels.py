@@ -66,8 +66,9 @@ def from_pipeline(images: np.ndarray) -> np.ndarray:
 
 
 def to_rgb(img, background=BLACK) -> tuple[Image.Image, str | None]:
-    """RGB with alpha composited over ``background``, 16-bit or float maps rescaled to 0..255, grey levels
-    replicated; and a note when pixels changed beyond that replication (None otherwise)."""
+    """RGB with alpha composited over ``background``, 16-bit or float maps scaled to 0..255 by their format's
+    range (``_to_8bit``), grey levels replicated; and a note when pixels changed beyond that replication (None
+    otherwise)."""
     if isinstance(img, np.ndarray):
         array = img
         if array.dtype != np.uint8:
@@ -88,12 +89,29 @@ def to_rgb(img, background=BLACK) -> tuple[Image.Image, str | None]:
         colour = "black" if tuple(background) == BLACK else "white" if tuple(background) == WHITE else str(background)
         return (Image.alpha_composite(base, rgba).convert("RGB"),
                 f"transparent pixels composited over {colour}")
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-        a = np.asarray(img, dtype=np.float64)
-        span = a.max() - a.min()
-        a = (a - a.min()) / span * 255 if span > 0 else np.zeros_like(a)
-        return Image.fromarray(a.round().astype(np.uint8)).convert("RGB"), f"{img.mode} values rescaled to 0..255"
+    if img.mode.startswith("I") or img.mode == "F":
+        a, note = _to_8bit(np.asarray(img, dtype=np.float64), img.mode)
+        return Image.fromarray(a).convert("RGB"), note
     return img.convert("RGB"), None
+
+
+def _to_8bit(a: np.ndarray, mode: str) -> tuple[np.ndarray, str]:
+    """Grey levels of a 16-bit, 32-bit or float image at 0..255, by the range its format means (so a dark image
+    stays dark); only values outside that range are stretched from the image's own minimum and maximum."""
+    lo, hi = (a.min(), a.max()) if a.size else (0.0, 0.0)
+    if mode == "F" and 0 <= lo and hi <= 1:
+        return (a * 255).round().astype(np.uint8), "float values in 0..1 scaled to 0..255"
+    if mode != "F" and 0 <= lo and hi <= 65535:  # a 16-bit PNG or TIFF, whether PIL says I;16 or I
+        note = "16-bit values scaled to 0..255 by their full range (v / 257)"
+        if hi < 4096:
+            note += ("; they use under 1/16 of that range, so these images are dark: if they are not meant on "
+                     "0..65535, convert them to 8 bits yourself")
+        return (a / 257).round().astype(np.uint8), note
+    span = hi - lo
+    a = (a - lo) / span * 255 if span > 0 else np.zeros_like(a)
+    return (a.round().astype(np.uint8),
+            f"{'float' if mode == 'F' else 'integer'} values outside {'0..1' if mode == 'F' else '0..65535'} "
+            "stretched from each image's own minimum and maximum to 0..255")
 
 
 def fit(image, width: int, height: int, mode: str = "crop_and_resize",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .files import write_json
+
 
 def _plain(value):
     """numpy scalars and arrays as JSON numbers and lists."""
@@ -32,7 +34,7 @@ def write_summary(out_dir, profile: str, claim: str | None = None, result: str |
         summary |= {"paper_claim": claim, "kit_result": result, "held": all(checks.values()) if checks else None,
                     "checks": checks}
     summary |= data
-    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=1, default=_plain))
+    write_json(Path(out_dir) / "summary.json", summary, default=_plain)
     return summary
 
 

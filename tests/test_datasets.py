@@ -140,3 +140,72 @@ def test_parquet_shards_are_read_a_row_group_at_a_time(tmp_path):
     assert len(got._cached[1]) == 2  # one row group held, not the dataset
     with pytest.raises(datasets.DatasetError, match="has no column.*caption"):
         datasets.load(tmp_path, columns={"prompt": "caption"})
+
+
+# --- paths stay in the dataset; what changes pixels is said (issue 31) -------------------------------------------
+
+
+@pytest.mark.parametrize("name, said", [("../outside.png", "climbs out with .."), ("/etc/hostname", "absolute path"),
+                                        ("~/x.png", "a home-folder path")])
+def test_rows_that_leave_the_dataset_folder_are_refused(tmp_path, name, said):
+    (tmp_path / "data").mkdir()
+    root = _fill50k(tmp_path / "data")
+    Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")
+    rows = [json.loads(r) for r in (root / "prompt.json").read_text().splitlines()]
+    rows[1]["target"] = name
+    (root / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DatasetError, match=rf"prompt.json, line 2: target path .* leaves the dataset folder .*{said}"):
+        datasets.load(root)
+
+
+def test_a_link_out_of_the_folder_is_followed_and_said_and_its_target_fingerprinted(tmp_path):
+    (tmp_path / "data").mkdir()
+    root = _fill50k(tmp_path / "data")
+    outside = tmp_path / "pool.png"
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(outside)
+    (root / "target" / "1.png").unlink()
+    (root / "target" / "1.png").symlink_to(outside)
+    with pytest.warns(UserWarning, match=r"1 file\(s\) are symbolic links that lead outside .*1.png -> .*pool.png"):
+        ds = datasets.load(root)
+    assert ds[1].image.getpixel((0, 0)) == (1, 2, 3)
+    before = datasets.fingerprint(ds)
+    Image.new("RGB", (32, 32), (9, 9, 9)).save(outside)
+    import os
+
+    os.utime(outside, ns=(1, 1))
+    with pytest.warns(UserWarning, match="symbolic links"):
+        assert datasets.fingerprint(datasets.load(root))["files"] != before["files"]
+
+
+def test_an_image_over_pils_decompression_limit_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    root = _fill50k(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 32x32 = 1024 > 2 x 100: PIL refuses
+    with pytest.raises(DatasetError, match=r"prompt.json, line 1: .*target/0.png is too large for PIL .* save a "
+                                           r"smaller copy .*MAX_IMAGE_PIXELS"):
+        datasets.load(root)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600)  # between 1x and 2x: read, and said with the file
+    with pytest.warns(UserWarning, match=r"line 1: .*0.png is a very large image"):
+        datasets.load(root)[0]
+
+
+def test_a_dark_16_bit_image_stays_dark_and_the_scaling_is_said(tmp_path):
+    from cnkit.pixels import to_rgb
+
+    dark = Image.fromarray(np.full((8, 8), 2570, np.uint16))  # 4% of 16-bit full scale
+    rgb, note = to_rgb(dark)
+    assert np.asarray(rgb).max() == 10 and "16-bit values scaled to 0..255 by their full range" in note
+    assert "dark" in note
+    bright = Image.fromarray(np.linspace(0, 65535, 64, dtype=np.uint16).reshape(8, 8))
+    rgb, note = to_rgb(bright)
+    assert np.asarray(rgb).min() == 0 and np.asarray(rgb).max() == 255 and "dark" not in note
+
+
+def test_a_bom_and_windows_line_ends_are_read_and_a_folder_named_like_an_image_is_said(tmp_path):
+    root = _fill50k(tmp_path, rows=3)
+    text = (root / "prompt.json").read_text()
+    (root / "prompt.json").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    assert datasets.load(root)[0].prompt.endswith("background 0")
+    (root / "target" / "2.png").unlink()
+    (root / "target" / "2.png").mkdir()
+    with pytest.raises(DatasetError, match="line 3: target file .*2.png is a folder, not an image file; fix the path"):
+        datasets.load(root)

@@ -4,6 +4,7 @@ fit, files that are not what they say. Nothing is lost, nothing is silently wron
 
 import errno
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -286,3 +287,190 @@ def test_a_long_prompt_in_generation_is_noted_and_a_file_that_is_no_controlnet_i
     text.write_text("not a net")
     with pytest.raises(ValueError, match="is a file, but not a safetensors file in the original ControlNet layout"):
         load_controlnet(text)
+
+
+# --- second round (issue 31): tables stay exact, nothing overwrites a trained net, errors say the fix ------------
+
+
+def _validated(folder: Path) -> list[int]:
+    from cnkit.experiments.runs import read_table
+
+    return [int(s) for s in read_table(folder / "validation.csv")["step"]]
+
+
+def test_a_finished_run_entered_again_keeps_one_row_per_validated_step(base_dir, tmp_path):
+    from cnkit.training.telemetry import InjectionTelemetry, Validation
+
+    def run(**kw):
+        tr = Trainer(_cfg(base_dir, tmp_path, **({"steps": 4, "validate_every": 2, "validation_size": 2} | kw)))
+        InjectionTelemetry().attach(tr)
+        Validation(steps=2).attach(tr)
+        return tr.run()
+
+    run()
+    assert _validated(tmp_path) == [0, 2, 4]
+    telemetry = (tmp_path / "telemetry.csv").read_text()
+    assert run()["steps"] == 4 and _validated(tmp_path) == [0, 2, 4]  # the same command twice
+    with open(tmp_path / "validation.csv", "a") as f:  # what kills during the final validation could leave
+        f.write((tmp_path / "validation.csv").read_text().splitlines()[-1] + "\n4,8,disc_iou,0.1")
+    run()
+    assert _validated(tmp_path) == [0, 2, 4] and (tmp_path / "telemetry.csv").read_text() == telemetry
+    with pytest.raises(ValueError, match=r"holds a run trained to step 4; steps=2 is fewer.*pass steps>=4"):
+        run(steps=2)
+
+
+def test_a_table_deleted_mid_run_is_said_when_the_run_resumes(base_dir, tmp_path):
+    from cnkit.training.telemetry import Validation
+
+    def run(steps):
+        tr = Trainer(_cfg(base_dir, tmp_path, steps=steps, validate_every=1, validation_size=2))
+        Validation(steps=2).attach(tr)
+        tr.run()
+
+    run(2)
+    (tmp_path / "validation.csv").unlink()
+    with pytest.warns(UserWarning, match="validation.csv is missing at step 2: its rows of the steps before are gone"):
+        run(3)
+    assert _validated(tmp_path) == [3]
+
+
+def test_convergence_json_is_exact_whatever_happened_to_the_run(base_dir, tmp_path):
+    from cnkit.experiments import runs
+
+    cfg = _cfg(base_dir, tmp_path, steps=2, validate_every=1, validation_size=2)
+    run = runs.train(cfg, tmp_path)
+    assert run.convergence["validated_steps"] == [0, 1, 2]
+    text = (run.folder / "convergence.json").read_text()
+    (run.folder / "convergence.json").write_text(text[:len(text) // 2])  # cut off, as by hand
+    again = runs.train(cfg, tmp_path)
+    assert again.convergence["validated_steps"] == [0, 1, 2] and again.convergence["resumed"]
+    shutil.rmtree(run.folder / "checkpoint")  # a finished run whose checkpoint went
+    with pytest.raises(FileNotFoundError, match=r"runs.train\(cfg, runs_dir\) trains it again"):
+        again.controlnet()
+    logs = []
+    trained = runs.train(cfg, tmp_path, log=logs.append)
+    assert "without its checkpoint" in logs[0] and trained.controlnet() is not None
+    assert trained.convergence["validated_steps"] == [0, 1, 2] and not trained.convergence["resumed"]
+    off = runs.train(_cfg(base_dir, tmp_path, steps=1, validate_every=0), tmp_path)  # no validation at all
+    assert off.convergence["validated_steps"] == [] and off.convergence["converged_at_step"] is None
+    assert runs.train(_cfg(base_dir, tmp_path, steps=1, validate_every=0), tmp_path).folder == off.folder
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("no_loss_history", "its state file has no 'loss_history'"),
+    ("no_optimizer", "is incomplete: optimizer.pt is missing"),
+    ("pickled_optimizer", "refuses to unpickle safely"),
+    ("cut_weights", "is damaged"),
+])
+def test_a_checkpoint_that_cannot_be_resumed_says_which_file_and_the_fix(base_dir, tmp_path, damage, said):
+    Trainer(_cfg(base_dir, tmp_path, steps=2)).run()
+    ckpt = tmp_path / "checkpoint"
+    if damage == "no_loss_history":
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "loss_history"}))
+    elif damage == "no_optimizer":
+        (ckpt / "optimizer.pt").unlink()
+    elif damage == "pickled_optimizer":
+        torch.save({"state": Image.new("RGB", (1, 1))}, ckpt / "optimizer.pt")
+    else:
+        weights = ckpt / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(checkpoints.CheckpointError, match=rf"{said}.*delete .*checkpoint to train again from step 0"):
+        Trainer(_cfg(base_dir, tmp_path, steps=4)).run()
+    assert ckpt.is_dir()  # nothing deleted: the choice is the user's
+
+
+def test_conversions_reach_notes_json_in_every_sitting(base_dir, tmp_path):
+    data = _folder(tmp_path / "data", size=(64, 64), alpha=True, n=6)
+    arr = np.asarray(Image.open(data / "target" / "0.png").convert("L")).astype(np.uint16) * 10  # 16-bit, dark
+    Image.fromarray(arr).save(data / "target" / "0.png")
+    cfg = dict(dataset=str(data), validation_size=2)
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "run", steps=1, **cfg)).run()
+    first = json.loads((tmp_path / "run" / "notes.json").read_text())
+    assert any("4 of 4 training conditions had transparent pixels composited over black" in n for n in first)
+    assert any("1 of 4 training images had 16-bit values scaled to 0..255" in n for n in first)
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "run", steps=2, **cfg)).run()  # the second sitting
+    assert json.loads((tmp_path / "run" / "notes.json").read_text()) == first
+    fly = dict(cfg, encode="on_the_fly", checkpoint_every=1)  # counted as items are read, kept in the checkpoint
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "fly", steps=1, **fly)).run()
+    with pytest.warns(UserWarning):
+        Trainer(_cfg(base_dir, tmp_path / "fly", steps=2, **fly)).run()
+    notes = json.loads((tmp_path / "fly" / "notes.json").read_text())
+    assert any("4 of 4 training conditions had transparent pixels" in n for n in notes), notes  # 2 steps of 2
+
+
+def test_held_out_items_that_repeat_training_items_are_said(base_dir, tmp_path):
+    data = _folder(tmp_path / "data", size=(64, 64), n=6)
+    rows = [json.loads(r) for r in (data / "prompt.json").read_text().splitlines()]
+    rows[5] = rows[1] | {"prompt": "another prompt"}  # the same files on both sides of the split
+    (data / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning, match=r"1 of the 2 held-out validation items .* repeat training items .*line 6 = "
+                                         r"line 2"):
+        Trainer(_cfg(base_dir, tmp_path / "run", steps=1, dataset=str(data), validation_size=2)).run()
+    assert any("repeat training items" in n for n in json.loads((tmp_path / "run" / "notes.json").read_text()))
+
+
+def test_commands_that_write_weights_never_overwrite_a_trained_net(base_dir, tmp_path, capsys):
+    from cnkit.models import controlnets, export
+
+    net = tmp_path / "net"
+    assert controlnets.main(["init", "--base", str(base_dir), "--out", str(net)]) == 0
+    weights = (net / "diffusion_pytorch_model.safetensors").read_bytes()
+    (net / "diffusion_pytorch_model.safetensors").write_bytes(weights)  # as if trained since
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(net), "--seed", "1"])
+    err = capsys.readouterr().err
+    assert "already holds weights" in err and "Pass --overwrite to replace them" in err
+    assert (net / "diffusion_pytorch_model.safetensors").read_bytes() == weights
+    assert controlnets.main(["init", "--base", str(base_dir), "--out", str(net), "--seed", "1", "--overwrite"]) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(tmp_path / "notes.txt")])
+    assert "is a file; this command writes a folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(base_dir), "--overwrite"])
+    assert "which this command reads" in capsys.readouterr().err
+    Trainer(_cfg(base_dir, tmp_path / "run", steps=2)).run()
+    with pytest.raises(SystemExit):
+        controlnets.main(["init", "--base", str(base_dir), "--out", str(tmp_path / "run" / "checkpoint"),
+                          "--overwrite"])
+    assert "training run's checkpoint" in capsys.readouterr().err
+    assert Trainer(_cfg(base_dir, tmp_path / "run", steps=2)).run()["steps"] == 2
+    inside = str(net / "diffusion_pytorch_model.safetensors")
+    for argv in (["--controlnet", str(net), "--out", inside, "--overwrite"],
+                 ["--controlnet", str(net), "--out", str(net / "x.safetensors")]):
+        with pytest.raises(SystemExit):
+            export.main(argv)
+        assert "which this command reads" in capsys.readouterr().err
+    assert load_controlnet(net) is not None
+    out = tmp_path / "net.safetensors"
+    assert export.main(["--controlnet", str(net), "--out", str(out)]) == 0
+    with pytest.raises(SystemExit):
+        export.main(["--controlnet", str(net), "--out", str(out)])
+    assert "already holds weights" in capsys.readouterr().err
+    assert export.main(["--controlnet", str(net), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_damaged_weights_and_configs_say_the_file_and_the_fix(base_dir, tmp_path, tiny_pipe):
+    from cnkit.models.bases import load_base
+
+    net = make_controlnet(tiny_pipe, "zero")
+    net.save_pretrained(tmp_path / "cut")
+    weights = tmp_path / "cut" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match="a weights file of the ControlNet .* is damaged.*Restore it"):
+        load_controlnet(tmp_path / "cut")
+    net.save_pretrained(tmp_path / "config")
+    config = tmp_path / "config" / "config.json"
+    config.write_text(config.read_text()[:100])
+    with pytest.raises(ValueError, match="a config.json of the ControlNet .* is not valid JSON"):
+        load_controlnet(tmp_path / "config")
+    shutil.copytree(base_dir, tmp_path / "base")
+    (tmp_path / "base" / "text_encoder" / "model.safetensors").unlink()
+    torch.save({"payload": Image.new("RGB", (1, 1))}, tmp_path / "base" / "text_encoder" / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="the base .* holds pickle weights .* refuses to unpickle safely"):
+        load_base(str(tmp_path / "base"))

@@ -60,7 +60,8 @@ def test_an_interrupted_encode_continues_after_its_last_shard(tiny_pipe, tmp_pat
     with pytest.raises(KeyboardInterrupt):
         encoded.build_store(tmp_path, tiny_pipe, ds, 64, {}, fit, encode_prompts, shard_size=16, batch=8)
     meta = json.loads((tmp_path / "store.json").read_text())
-    assert meta["shards"] == ["shard-00000.safetensors"] and not meta["complete"]  # the second never got listed
+    listed = [e and e["name"] for e in meta["shards"]]
+    assert listed == ["shard-00000.safetensors", None, None] and not meta["complete"]  # the second never got listed
     monkeypatch.setattr(encoded, "save_file", real)
     first = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns
     store = encoded.build_store(tmp_path, tiny_pipe, ds, 64, {}, fit, encode_prompts, shard_size=16, batch=8)
@@ -75,7 +76,7 @@ def test_a_store_for_another_base_or_version_is_not_reused(tiny_pipe, tmp_path):
     fit = Fitter(64, "crop_and_resize", tiny_pipe.tokenizer)
     encoded.build_store(tmp_path, tiny_pipe, ds, 64, {}, fit, encode_prompts)
     other = build_tiny_sd(seed=1)
-    with pytest.warns(UserWarning, match="is not reused: it encodes another encoders"):
+    with pytest.warns(UserWarning, match="is not reused: the base.s encoders differ"):
         encoded.build_store(tmp_path, other, ds, 64, {}, fit, encode_prompts)
     meta = json.loads((tmp_path / "store.json").read_text())
     (tmp_path / "store.json").write_text(json.dumps(meta | {"format": 0}))
@@ -175,3 +176,115 @@ def test_bf16_keeps_fp32_master_weights_and_an_fp32_vae(base_dir, tmp_path):
     want = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     assert tr.pipe.unet.dtype == want and tr.pipe.text_encoder.dtype == want
     assert tr.pipe.vae.dtype == torch.float32 and next(tr.controlnet.parameters()).dtype == torch.float32
+
+
+# --- a store is reused only when it provably matches; its bytes are checked (issue 31) ----------------------------
+
+
+def _folder_cfg(base_dir, data, **kw):
+    return TrainConfig(**(dict(base=str(base_dir), dataset=str(data), out_dir="unused", validation_size=2) | kw))
+
+
+def _rows(data):
+    return [json.loads(r) for r in (data / "prompt.json").read_text().splitlines()]
+
+
+def _write_rows(data, rows):
+    (data / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_a_store_is_encoded_again_when_the_dataset_or_the_base_changed(tiny_pipe, base_dir, tmp_path):
+    import warnings
+
+    from PIL import Image
+
+    from cnkit.models.tiny import build_tiny_sd
+
+    data = toyworld.export_fill50k(tmp_path / "data", n=12, size=64)
+    cfg, cache = _folder_cfg(base_dir, data), tmp_path / "cache"
+    first = cached_store(cfg, tiny_pipe, 64, cache)
+    assert len(first) == 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reopened as it is: not a word
+        assert torch.equal(cached_store(cfg, tiny_pipe, 64, cache).gather([0])["latent_mean"],
+                           first.gather([0])["latent_mean"])
+    Image.open(data / "target" / "0.png").transpose(Image.FLIP_LEFT_RIGHT).save(data / "target" / "0.png")
+    with pytest.warns(UserWarning, match="the dataset changed since it was encoded: an image or condition file"):
+        replaced = cached_store(cfg, tiny_pipe, 64, cache)
+    assert not torch.equal(replaced.gather([0])["latent_mean"], first.gather([0])["latent_mean"])
+    rows = _rows(data)
+    _write_rows(data, rows + rows[:2])  # 2 rows appended: trained on (the held-out tail moves with them)
+    with pytest.warns(UserWarning, match="its index file changed"):
+        assert len(cached_store(cfg, tiny_pipe, 64, cache)) == 12
+    _write_rows(data, rows[:7])  # 5 rows removed: items once held out are not trained on
+    with pytest.warns(UserWarning, match="its index file changed"):
+        assert len(cached_store(cfg, tiny_pipe, 64, cache)) == 5
+    with pytest.warns(UserWarning, match="the base's encoders differ .* retrained in place"):
+        cached_store(cfg, build_tiny_sd(seed=1), 64, cache)  # same base folder, other weights
+    store_json = next(cache.glob("encoded-*/store.json"))
+    store_json.write_text(json.dumps(json.loads(store_json.read_text()) | {"format": 0}))
+    with pytest.warns(UserWarning, match="written by format 0"):
+        cached_store(cfg, tiny_pipe, 64, cache)
+
+
+def _built(pipe, folder, n=40):
+    ds = toyworld.ToyWorld("fill", n=n)
+    return lambda: encoded.build_store(folder, pipe, ds, 64, {}, Fitter(64, "crop_and_resize", pipe.tokenizer),
+                                       encode_prompts, shard_size=16, batch=8)
+
+
+def test_a_shard_changed_on_disk_is_named_set_aside_and_encoded_again(tiny_pipe, tmp_path):
+    build = _built(tiny_pipe, tmp_path)
+    good = build().gather([20, 3])
+    shard = tmp_path / "shard-00001.safetensors"
+    start, tensors = encoded.read_header(shard)
+    where = start + tensors["latent_mean"][2] + 64
+    data = bytearray(shard.read_bytes())
+    data[where:where + 16] = bytes(b ^ 0xFF for b in data[where:where + 16])  # same length, other latents
+    shard.write_bytes(bytes(data))
+    store = encoded.EncodedStore(tmp_path)
+    assert torch.equal(store.gather([3])["latent_mean"], good["latent_mean"][1:])  # another shard: read as ever
+    with pytest.raises(encoded.StoreError, match=r"shard-00001.safetensors of the encoded training set .* is corrupt"
+                                                 r".*Nothing was trained on it.*Rerun"):
+        store.gather([20])
+    assert (tmp_path / "shard-00001.safetensors.corrupt").is_file() and not shard.exists()
+    with pytest.warns(UserWarning, match="shard-00001.safetensors is missing; encoding that shard again"):
+        again = build()
+    assert torch.equal(again.gather([20, 3])["latent_mean"], good["latent_mean"])
+
+
+@pytest.mark.parametrize("damage, said", [
+    ("header", "shard-00000.safetensors is not a readable shard"),
+    ("store.json", "its store.json is unreadable"),
+    ("empty", "empty.safetensors is missing or changed"),
+    ("unlisted", "store.json does not list shard-00002.safetensors though it says the store is complete"),
+    ("truncated", "shard-00001.safetensors has .* bytes, .* were written"),
+])
+def test_store_files_cut_short_missing_or_unlisted_are_encoded_again_with_a_warning(tiny_pipe, tmp_path, damage,
+                                                                                   said):
+    build = _built(tiny_pipe, tmp_path)
+    good = build().gather([0, 20, 39])
+    meta = json.loads((tmp_path / "store.json").read_text())
+    if damage == "header":
+        f = tmp_path / "shard-00000.safetensors"
+        f.write_bytes(f.read_bytes()[:8] + b"\xff" * 32 + f.read_bytes()[40:])
+    elif damage == "store.json":
+        text = (tmp_path / "store.json").read_text()
+        (tmp_path / "store.json").write_text(text[:len(text) // 2])
+    elif damage == "empty":
+        (tmp_path / "empty.safetensors").unlink()
+    elif damage == "unlisted":
+        (tmp_path / "store.json").write_text(json.dumps(meta | {"shards": meta["shards"][:2]}))
+    else:
+        f = tmp_path / "shard-00001.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    with pytest.warns(UserWarning, match=said):
+        store = build()
+    assert len(store) == 40 and torch.equal(store.gather([0, 20, 39])["latent_mean"], good["latent_mean"])
+
+
+def test_a_file_where_the_store_goes_is_named_and_kept(tiny_pipe, tmp_path):
+    (tmp_path / "store").write_text("mine")
+    with pytest.raises(encoded.StoreError, match="is a file where the kit keeps an encoded training set: move it"):
+        _built(tiny_pipe, tmp_path / "store")()
+    assert (tmp_path / "store").read_text() == "mine"

@@ -17,7 +17,14 @@
 
 Bad input fails with a message that names the file or row and the fix. Paths and JSON are checked
 when the dataset is opened; image bytes are decoded when an item is read, or all at once by
-``validate()``.
+``validate()``. A folder's rows name files inside it: an absolute path or one through ``..`` is refused. A
+symbolic link inside the folder that leads out of it is followed, and said once (a warning naming the first link
+and its target): links are how datasets share files without copying them, and the dataset's ``fingerprint()``
+follows them to their targets, so a changed target is noticed like a changed file.
+
+``fingerprint()``: what the encoded training set was made from (``cnkit.data.encoded`` compares it on every
+open): a folder's index file by content, every file it names by size and modification time; parquet shards by
+size and time; a ``datasets`` dataset by its own fingerprint; a toy world by its options and two drawn items.
 
 Condition conversion (documented because it changes pixels; ``cnkit.pixels.to_rgb``, which generation uses
 too): conditions are returned as RGB. Grayscale (``L``, ``I``, ``1``...) and palette images are converted with
@@ -29,8 +36,11 @@ images with alpha are composited over white, as an image viewer shows them. Comp
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -39,8 +49,10 @@ from PIL import Image, UnidentifiedImageError
 from ..pixels import BLACK, WHITE, to_rgb
 from .toyworld import Example, ToyWorld, to_pil
 
-__all__ = ["DatasetError", "Example", "HFDataset", "PairFolder", "condition_count", "is_toy", "load", "open_image",
-           "to_pil"]
+__all__ = ["DatasetError", "Example", "HFDataset", "NOTE", "PairFolder", "condition_count", "fingerprint", "is_toy",
+           "load", "open_image", "to_pil"]
+
+NOTE = "cnkit.note"  # key of a decoded image's ``info``: what ``pixels.to_rgb`` changed in it (counted by the trainer)
 
 
 class DatasetError(ValueError):
@@ -57,7 +69,37 @@ def _converted(img: Image.Image, background) -> Image.Image:
         what = "conditions" if tuple(background) == BLACK else "images"
         warnings.warn(f"training data: some {what} had {note.replace('composited', 'which were composited')}",
                       stacklevel=3)
+        rgb.info[NOTE] = note  # the trainer counts it into the run's notes.json
     return rgb
+
+
+def _bomb(where: str, path, e: Exception) -> DatasetError:
+    return DatasetError(f"{where}: {path} is too large for PIL to decode safely ({e}); training fits every image to "
+                        "its resolution anyway, so save a smaller copy of it; or, if you trust the file, raise PIL's "
+                        "limit before training (PIL.Image.MAX_IMAGE_PIXELS = None)")
+
+
+def _decode(source, where: str, background, path) -> Image.Image:
+    """Decode fully, a very large image said with its file and row (PIL's own warning names neither)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(source) as img:
+                img.load()
+                return _converted(img, background)
+        except Image.DecompressionBombWarning as w:
+            big = w
+        except Image.DecompressionBombError as e:
+            raise _bomb(where, path, e) from None
+    warnings.warn(f"{where}: {path} is a very large image ({big}); it is read, and fitted to the training "
+                  "resolution", stacklevel=3)
+    if hasattr(source, "seek"):
+        source.seek(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(source) as img:
+            img.load()
+            return _converted(img, background)
 
 
 def open_image(path: Path, where: str, background=BLACK) -> Image.Image:
@@ -65,10 +107,10 @@ def open_image(path: Path, where: str, background=BLACK) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"{where}: image file {path} does not exist; fix the path or remove the row")
     try:
-        with Image.open(path) as img:
-            img.load()
-            return _converted(img, background)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        return _decode(path, where, background, path)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DatasetError):
+            raise
         raise DatasetError(f"{where}: {path} is not a readable image ({e}); "
                            "replace the file or remove the row") from e
 
@@ -76,7 +118,7 @@ def open_image(path: Path, where: str, background=BLACK) -> Image.Image:
 def _read_jsonl(path: Path, required: list[str]) -> list[dict]:
     rows = []
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        lines = path.read_bytes().decode("utf-8-sig").splitlines()  # a BOM (Windows editors) is not text
     except UnicodeDecodeError as e:
         lineno = path.read_bytes()[:e.start].count(b"\n") + 1
         raise DatasetError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start}); save the file "
@@ -109,13 +151,37 @@ class PairFolder:
         self.index_file = self.root / index_file
         self.keys = (image_key, condition_key, prompt_key)
         self.rows = _read_jsonl(self.index_file, list(self.keys))
+        self._stats, linked = [], []
+        real_dirs, inside = {}, os.path.realpath(self.root).rstrip(os.sep) + os.sep
         for row in self.rows:
             for key in self.keys[:2]:
                 names = row[key] if isinstance(row[key], list) and key == condition_key else [row[key]]
                 for name in names:
-                    if not isinstance(name, str) or not (self.root / name).is_file():
-                        raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} does not "
-                                           "exist; fix the path or remove the row")
+                    path = self._inside(row, key, name)
+                    try:
+                        st = os.lstat(path)
+                        link = stat.S_ISLNK(st.st_mode)
+                        if link:
+                            st = os.stat(path)  # a link's target: its size and time
+                    except OSError:
+                        st = None
+                    if st is None or not stat.S_ISREG(st.st_mode):
+                        what = "is a folder, not an image file" if Path(path).is_dir() else "does not exist"
+                        raise DatasetError(f"{self._where(row)}: {key} file {self.root / str(name)} {what}; fix the "
+                                           "path or remove the row")
+                    self._stats.append((name, st.st_size, st.st_mtime_ns))
+                    parent, base = os.path.split(path)
+                    if parent not in real_dirs:  # a folder inside may be a link too
+                        real_dirs[parent] = os.path.realpath(parent)
+                    real = os.path.realpath(path) if link else os.path.join(real_dirs[parent], base)
+                    if not real.startswith(inside):
+                        linked.append((path, real))
+        if linked:
+            warnings.warn(f"{self.index_file}: {len(linked)} file(s) are symbolic links that lead outside "
+                          f"{self.root} (first: {linked[0][0]} -> {linked[0][1]}); they are read, because links are "
+                          "how datasets share files, and the encoded training set's fingerprint follows them to "
+                          "their targets, so a change there is noticed. Copy the files into the folder to make it "
+                          "self-contained", stacklevel=3)
         counts = {len(r[condition_key]) if isinstance(r[condition_key], list) else 1 for r in self.rows}
         if len(counts) > 1:
             raise DatasetError(f"{self.index_file}: rows list {sorted(counts)} conditioning images; every row of a "
@@ -124,6 +190,27 @@ class PairFolder:
     def _where(self, row: dict) -> str:
         return f"{self.index_file}, line {row['_line']}"
 
+    def _inside(self, row: dict, key: str, name) -> str:
+        """The path of a file the row names, refused when the name leaves the folder (absolute, or ``..``)."""
+        if not isinstance(name, str) or not name:
+            raise DatasetError(f"{self._where(row)}: {key} must be a file name (a path relative to {self.root}), "
+                               f"got {name!r}; fix the row or remove it")
+        parts = Path(name).parts
+        if Path(name).is_absolute() or ".." in parts or name.startswith("~"):
+            how = ("an absolute path" if Path(name).is_absolute() else "a home-folder path" if name.startswith("~")
+                   else "it climbs out with ..")
+            raise DatasetError(f"{self._where(row)}: {key} path {name!r} leaves the dataset folder {self.root} "
+                               f"({how}); "
+                               "rows name files inside the folder by their relative path: copy (or link) the file "
+                               "into the folder and name it from there")
+        return os.path.join(self.root, name)
+
+    def fingerprint(self) -> dict:
+        """The index file's content and every listed file's size and modification time (see the module doc)."""
+        files = hashlib.sha256(json.dumps(self._stats).encode()).hexdigest()[:16]
+        return {"index": hashlib.sha256(self.index_file.read_bytes()).hexdigest()[:16], "files": files,
+                "items": len(self)}
+
     def __len__(self) -> int:
         return len(self.rows)
 
@@ -131,7 +218,7 @@ class PairFolder:
         row = self.rows[i]
         where = self._where(row)
         image_key, condition_key, prompt_key = self.keys
-        image = open_image(self.root / row[image_key], where, background=WHITE)
+        image = open_image(Path(self.root, row[image_key]), where, background=WHITE)
         names = row[condition_key] if isinstance(row[condition_key], list) else [row[condition_key]]
         maps = tuple(open_image(self.root / name, where) for name in names)
         for name, condition in zip(names, maps):
@@ -142,7 +229,8 @@ class PairFolder:
         condition = maps if isinstance(row[condition_key], list) else maps[0]
         prompt = row[prompt_key]
         if not isinstance(prompt, str):
-            raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}")
+            raise DatasetError(f"{where}: {prompt_key} must be a string, got {prompt!r}; write it as one string (\"\" "
+                               "for none) or remove the row")
         return Example(image, condition, prompt)
 
     def validate(self) -> int:
@@ -165,6 +253,10 @@ class HFDataset:
 
     def __len__(self) -> int:
         return len(self.ds)
+
+    def fingerprint(self) -> dict:
+        """``datasets``' own fingerprint of the table (a dataset saved again gets another)."""
+        return {"datasets": str(getattr(self.ds, "_fingerprint", None)), "items": len(self)}
 
     def _image(self, value, where, background):
         if isinstance(value, Image.Image):
@@ -223,9 +315,15 @@ class ParquetShards:
                 self.groups.append((f, g, first))
                 first += meta.metadata.row_group(g).num_rows
         self.n, self._cached = first, (None, [])
+        self._files = train or files
 
     def __len__(self) -> int:
         return self.n
+
+    def fingerprint(self) -> dict:
+        """Each shard's name, size and modification time."""
+        stats = [(str(f.relative_to(self.root)), f.stat().st_size, f.stat().st_mtime_ns) for f in self._files]
+        return {"files": hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16], "items": self.n}
 
     def _rows(self, k: int) -> list[dict]:
         import pyarrow.parquet as pq
@@ -239,14 +337,17 @@ class ParquetShards:
     def _image(self, value, where: str, background) -> Image.Image:
         if isinstance(value, dict) and value.get("bytes"):
             try:
-                with Image.open(io.BytesIO(value["bytes"])) as img:
-                    img.load()
-                    return _converted(img, background)
-            except (UnidentifiedImageError, OSError) as e:
+                return _decode(io.BytesIO(value["bytes"]), where, background, "the image in this row")
+            except (UnidentifiedImageError, OSError, ValueError) as e:
+                if isinstance(e, DatasetError):
+                    raise
                 raise DatasetError(f"{where}: not a readable image ({e}); fix or drop the row") from e
         path = value.get("path") if isinstance(value, dict) else value
         if isinstance(path, str):
-            return open_image(self.root / path if not Path(path).is_absolute() else Path(path), where, background)
+            if Path(path).is_absolute() or ".." in Path(path).parts:
+                raise DatasetError(f"{where}: the image path {path!r} leaves the dataset folder {self.root}; store "
+                                   "the image's bytes in the row, or a path relative to the folder")
+            return open_image(self.root / path, where, background)
         raise DatasetError(f"{where}: expected an image (bytes or a path), got {type(value).__name__}")
 
     def __getitem__(self, i: int) -> Example:
@@ -263,6 +364,22 @@ class ParquetShards:
         return Example(image, condition, str(row[c["prompt"]]))
 
     validate = PairFolder.validate
+
+
+def fingerprint(ds) -> dict:
+    """What ``ds``'s items are made from (see the module doc): the encoded store compares it on every open."""
+    if isinstance(ds, ToyWorld):
+        h = hashlib.sha256(json.dumps([ds.world, ds.condition, ds.n, ds.seed, ds.size, ds.offset]).encode())
+        for i in sorted({0, len(ds) - 1}):  # the world as this version of the kit draws it
+            ex = ds[i]
+            maps = ex.condition if isinstance(ex.condition, tuple) else (ex.condition,)
+            for img in (ex.image, *maps):
+                h.update(img.tobytes())
+            h.update(ex.prompt.encode())
+        return {"toy": h.hexdigest()[:16], "items": len(ds)}
+    if hasattr(ds, "fingerprint"):
+        return ds.fingerprint()
+    return {"items": len(ds)}
 
 
 def _toy(spec: str, n: int = 1000, seed: int = 0, size: int = 64, offset: int = 0):

@@ -19,6 +19,9 @@ gets the same seed, whatever the batching, and two measurements never share nois
 
 from __future__ import annotations
 
+import hashlib
+import os
+
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -26,7 +29,7 @@ from scipy import ndimage
 from ..colours import delta_e
 from ..pixels import fit, is_condition_set
 from . import toyworld
-from .readers import Example, is_toy, load
+from .readers import Example, PairFolder, fingerprint, is_toy, load
 
 # Index offsets of the held-out ranges of every toy world (training uses 0 .. n_train - 1).
 VALIDATION = 10**7
@@ -84,6 +87,9 @@ class _Head:
             raise IndexError(i)
         return self.ds[i]
 
+    def fingerprint(self) -> dict:
+        return {**fingerprint(self.ds), "head": self.n}
+
 
 def training_items(dataset: str, size: int, n_train: int, data_seed: int = 0, validation_size: int = 32):
     """The training items: ``n_train`` toy samples at ``size``, or a folder's items but its last
@@ -95,6 +101,52 @@ def training_items(dataset: str, size: int, n_train: int, data_seed: int = 0, va
         raise ValueError(f"dataset {dataset!r} has {len(ds)} items; training keeps the last validation_size="
                          f"{validation_size} apart for validation: add items or lower validation_size")
     return _Head(ds, len(ds) - validation_size)
+
+
+def _digest(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def split_overlap(dataset: str, validation_size: int) -> str | None:
+    """A note when items of a folder's held-out tail repeat training items (the same image and condition bytes,
+    whatever their names), else None: validation would measure items the net was trained on. Files are hashed
+    only where a held-out file has the same size, so a large folder costs a stat per file."""
+    if is_toy(dataset):
+        return None  # drawn from disjoint index ranges
+    ds = load(dataset)
+    if not isinstance(ds, PairFolder) or len(ds) <= validation_size:
+        return None
+    image_key, condition_key, _ = ds.keys
+
+    def files(row) -> list[str]:
+        maps = row[condition_key] if isinstance(row[condition_key], list) else [row[condition_key]]
+        return [os.path.join(ds.root, name) for name in [row[image_key], *maps]]
+
+    cut = len(ds) - validation_size
+    held = [files(r) for r in ds.rows[cut:]]
+    sizes = {os.stat(f).st_size for fs in held for f in fs}
+    digests: dict[str, str] = {}
+
+    def key(fs) -> tuple | None:
+        if any(os.stat(f).st_size not in sizes for f in fs):
+            return None
+        return tuple(digests.setdefault(f, _digest(f)) for f in fs)
+
+    held_keys = {key(fs): ds.rows[cut + k]["_line"] for k, fs in enumerate(held)}
+    repeats = []
+    for row in ds.rows[:cut]:
+        k = key(files(row))
+        if k is not None and k in held_keys:
+            repeats.append((held_keys[k], row["_line"]))
+    if not repeats:
+        return None
+    lines = sorted({h for h, _ in repeats})
+    pairs = ", ".join(f"line {h} = line {t}" for h, t in sorted(repeats)[:3])
+    return (f"{len(lines)} of the {validation_size} held-out validation items of {ds.index_file} repeat training "
+            f"items (the same image and condition; {pairs}{', ...' if len(repeats) > 3 else ''}): validation "
+            "measures them as seen, not held out. Remove the duplicates from one side (the last validation_size "
+            "rows are held out)")
 
 
 class HeldOutItem:

@@ -5,7 +5,10 @@ on the fly, batch by batch; either way read with ``gather(indices)``.
 What changes pixels or text is reported where the user sees it, the same words as generation uses: a warning
 when it happens, and the run's ``notes.json`` (``Trainer.notes``). Pairs of another size are fitted by one of
 the WebUI's resize modes (``TrainConfig.resize_mode``; images bicubic, conditions as generation fits them);
-prompts longer than the text encoder reads are cut by its tokenizer, and counted.
+prompts longer than the text encoder reads are cut by its tokenizer; images the reader converted (transparency
+composited, 16-bit or float values scaled: ``cnkit.pixels.to_rgb``) are counted by kind; held-out validation
+items that repeat training items are named (``cnkit.data.splits.split_overlap``). The counts are kept per shard
+of the store, so every sitting of a resumed run writes the same notes.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from PIL import Image
 from .. import params as _params
 from ..pixels import fit, is_condition_set, stack_maps, to_model_range
 from .encoded import EncodedStore, build_store
-from .readers import is_toy
-from .splits import training_items
+from .readers import NOTE, is_toy
+from .splits import split_overlap, training_items
 
 
 def encode_prompts(pipe, prompts: list[str], batch: int = 256) -> torch.Tensor:
@@ -56,7 +59,7 @@ class Fitter:
 
     def __init__(self, resolution: int, mode: str, tokenizer):
         self.resolution, self.mode, self.tokenizer = resolution, mode, tokenizer
-        self.resized, self.long = Counter(), 0
+        self.resized, self.long, self.converted = Counter(), 0, Counter()
 
     def __call__(self, ex) -> tuple[np.ndarray, np.ndarray]:
         r = self.resolution
@@ -65,16 +68,29 @@ class Fitter:
         if note:
             self.resized[f"{ex.image.size[0]}x{ex.image.size[1]}"] += 1
         self.long += len(self.tokenizer(ex.prompt, truncation=False).input_ids) > self.tokenizer.model_max_length
+        maps = ex.condition if is_condition_set(ex.condition) else (ex.condition,)
+        for what, img in [("images", ex.image)] + [("conditions", m) for m in maps]:
+            said = getattr(img, "info", {}).get(NOTE)  # what the reader changed (cnkit.data.readers)
+            if said:
+                self.converted[f"{what}: {said}"] += 1
         return np.asarray(image), condition
 
     def state(self) -> dict:
-        return {"resized": dict(self.resized), "long": self.long}
+        return {"resized": dict(self.resized), "long": self.long, "converted": dict(self.converted)}
 
     def load(self, state: dict) -> None:
         self.resized, self.long = Counter(state.get("resized", {})), state.get("long", 0)
+        self.converted = Counter(state.get("converted", {}))
+
+    def add(self, state: dict) -> None:
+        """Count in another ``state()`` (a shard's, a worker's batch's)."""
+        self.resized.update(state.get("resized", {}))
+        self.long += state.get("long", 0)
+        self.converted.update(state.get("converted", {}))
 
     def notes(self, n_items: int) -> dict[str, str]:
-        """What was changed, by kind (``resized``, ``long_prompts``), counted over ``n_items`` items."""
+        """What was changed, by kind (``resized``, ``long_prompts``, ``converted ...``), counted over ``n_items``
+        items."""
         r, out = self.resolution, {}
         if self.resized:
             common = self.resized.most_common(3)
@@ -85,6 +101,9 @@ class Fitter:
             out["long_prompts"] = (f"{self.long} of {n_items} training prompts are longer than the "
                                    f"{self.tokenizer.model_max_length} tokens the text encoder reads: cut to that "
                                    "length")
+        for kind, count in sorted(self.converted.items()):
+            what, _, note = kind.partition(": ")
+            out[f"converted {kind}"] = f"{count} of {n_items} training {what} had {note} (cnkit.pixels.to_rgb)"
         return out
 
 
@@ -101,24 +120,27 @@ def _warn(notes: list[str]) -> None:
 
 
 def cached_store(cfg, pipe, resolution: int, cache_dir: Path) -> EncodedStore:
-    """The training set of ``cfg`` encoded into the store under ``cache_dir`` (encoding, or resuming an interrupted
-    encode, first); its ``notes`` say what was changed on the way in, and are warned here."""
+    """The training set of ``cfg`` encoded into the store under ``cache_dir``: reused when it provably matches the
+    dataset and the base as they are now (checked on every open, ``cnkit.data.encoded.build_store``), else encoded
+    (or what is missing of it) first; its ``notes`` say what was changed on the way in, and are warned here."""
     folder = Path(cache_dir) / f"encoded-{store_key(cfg, resolution)}"
     folder.parent.mkdir(parents=True, exist_ok=True)
     # Runs trained side by side (cnkit.experiments.configs --workers) may need the same set: one encodes it, the others
     # wait for it instead of encoding it again.
     with FileLock(str(folder) + ".lock"):
-        meta = folder / "store.json"
-        if meta.is_file() and json.loads(meta.read_text()).get("complete"):
-            store = EncodedStore(folder)
-        else:
-            dataset = training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
-            batch = max(1, int(64 * (64 / resolution) ** 2))  # 64 at 64 px, 1 at SD's 512 (VAE memory)
-            store = build_store(folder, pipe, dataset, resolution,
-                                {"dataset": cfg.dataset, "n_train": cfg.n_train, "data_seed": cfg.data_seed},
-                                Fitter(resolution, cfg.resize_mode, pipe.tokenizer), encode_prompts, batch=batch)
+        dataset = training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
+        batch = max(1, int(64 * (64 / resolution) ** 2))  # 64 at 64 px, 1 at SD's 512 (VAE memory)
+        store = build_store(folder, pipe, dataset, resolution,
+                            {"dataset": cfg.dataset, "n_train": cfg.n_train, "data_seed": cfg.data_seed},
+                            Fitter(resolution, cfg.resize_mode, pipe.tokenizer), encode_prompts, batch=batch,
+                            extra_notes=lambda: _split_notes(cfg))
     _warn(store.notes)
     return store
+
+
+def _split_notes(cfg) -> dict[str, str]:
+    note = None if is_toy(cfg.dataset) else split_overlap(cfg.dataset, cfg.validation_size)
+    return {"overlap": note} if note else {}
 
 
 def micro_batch_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
@@ -169,11 +191,23 @@ class OnTheFly:
         self.dataset = training_items(cfg.dataset, resolution, cfg.n_train, cfg.data_seed, cfg.validation_size)
         self.fitter = Fitter(resolution, cfg.resize_mode, pipe.tokenizer)
         self.empty_embed = encode_prompts(pipe, [""])
-        self.notes: list[str] = []
+        self.split = _split_notes(cfg)
+        _warn(list(self.split.values()))
+        self.notes: list[str] = list(self.split.values())
         self.seen, self._said, self._ahead, self._next = 0, set(), None, None
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    def state(self) -> dict:
+        """What it counted so far (items read, the telemetry's probe included, and what fitting changed): the trainer
+        keeps it in its checkpoint, so that a resumed run's notes count every sitting."""
+        return {"counts": self.fitter.state(), "seen": self.seen}
+
+    def load_state(self, state: dict) -> None:
+        if state:
+            self.fitter.load(state.get("counts", {}))
+            self.seen = state.get("seen", 0)
 
     def plan(self, step: int, process: int) -> None:
         """Start the workers reading ahead from optimizer step ``step`` (the trainer calls this before its loop)."""
@@ -189,8 +223,7 @@ class OnTheFly:
             if torch.equal(self._next[0], torch.as_tensor(idx)):
                 _, examples, fitted, counts = self._next
                 self._next = None
-                self.fitter.resized.update(counts["resized"])  # what the worker changed in this batch
-                self.fitter.long += counts["long"]
+                self.fitter.add(counts)  # what the worker changed in this batch
                 return examples, fitted
         examples = [self.dataset[int(i)] for i in idx]
         return examples, [self.fitter(ex) for ex in examples]
@@ -201,7 +234,7 @@ class OnTheFly:
         notes = self.fitter.notes(self.seen)
         _warn([note for kind, note in notes.items() if kind not in self._said])  # each kind once, when first seen
         self._said |= set(notes)
-        self.notes = list(notes.values())
+        self.notes = list(notes.values()) + list(self.split.values())
         vae = self.pipe.vae
         with torch.no_grad():
             x = to_model_range(np.stack([im for im, _ in fitted])).to(vae.device, vae.dtype)

@@ -24,6 +24,7 @@ from diffusers import StableDiffusionPipeline
 
 from ..card import hardware, write_card
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS
+from ..files import write_json
 from ..training.pretrain import WORLD_COUNTS, PretrainConfig, pretrain, training_set
 from .evaluations import evaluate_base
 
@@ -145,7 +146,7 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     pipeline's timing, ``curve`` its ``curve.csv`` (quality against CPU minutes), ``ablations`` the recipe's measured
     choices (``studies/base_ablations.py``: a list of {"choice", "compared", "measured", "decision"})."""
     folder = Path(folder)
-    (folder / "evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    write_json(folder / "evaluation.json", evaluation)
     bars = targets(evaluation, stats, speed)
     cpu = stats.get("cpu_s", {})
     machine_h = {k: (v or 0.0) / MACHINE_CORES / 3600 for k, v in cpu.items()}

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_json
 from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..models import architectures
 from ..models.bases import load_pipeline
@@ -113,10 +114,13 @@ class Run:
         takes): ``.net`` is the model the checkpoint holds, which the matching diffusers class loads
         (``ControlNetModel`` for the paper's net)."""
         if not any(self.checkpoint.glob("*.safetensors")):
+            how = ("cnkit.experiments.runs.train(cfg, runs_dir) trains it again from step 0 (it notices the missing "
+                   "checkpoint)" if not (self.checkpoint / "trainer_state.json").is_file() else
+                   f"delete {self.folder} and call cnkit.experiments.runs.train(cfg, runs_dir) to train it again "
+                   "(from step 0), or run `make architectures`")
             raise FileNotFoundError(
-                f"run {self.folder.name} has no weights in {self.checkpoint} (the shipped successor runs keep seed 0's "
-                "and the union net's only, cnkit.experiments.bench_runs): train it with cnkit.train, or run "
-                "`make architectures`")
+                f"run {self.folder.name} has no weights in {self.checkpoint} (deleted, or a shipped successor run: "
+                f"those keep seed 0's and the union net's only, cnkit.experiments.bench_runs): {how}")
         # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it (the others ignore it)
         return architectures.load(self.checkpoint, load_pipeline(self.config["base"]).unet)
 
@@ -132,6 +136,8 @@ class Run:
         and end when fidelity never settled above the threshold)."""
         c = self.convergence
         validated, at, rise = c["validated_steps"], c["converged_at_step"], c["step_10pct"]
+        if not validated:
+            return []  # trained with validate_every=0
         if at is None or rise is None:
             return [("start", validated[0]), ("middle", validated[len(validated) // 2]), ("end", validated[-1])]
         before = max([s for s in validated if s < rise], default=validated[0])
@@ -139,8 +145,13 @@ class Run:
 
 
 def is_finished(folder: Path, cfg: TrainConfig) -> bool:
+    """Does ``folder`` hold the finished run of ``cfg`` (its convergence.json, whole, for ``cfg.steps``)? One cut
+    short by hand is not finished: ``train`` writes it again from the run's tables."""
     f = folder / "convergence.json"
-    return f.is_file() and json.loads(f.read_text()).get("steps") == cfg.steps
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("steps") == cfg.steps
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def find(cfg: TrainConfig, runs_dir) -> Run | None:
@@ -153,6 +164,10 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
           log=print) -> Run:
     """Train (or resume, or just read back) the run of ``cfg`` under ``runs_dir``; see the module doc."""
     found = find(cfg, runs_dir)
+    if found is not None and not (found.checkpoint / "trainer_state.json").is_file():
+        log(f"run found without its checkpoint (deleted?): training it again from step 0 in {found.folder}")
+        (found.folder / "convergence.json").unlink()
+        found = None
     if found is not None:
         log(f"run found, not retrained: {found.folder}")
         return found
@@ -167,9 +182,13 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     table = read_table(folder / "validation.csv")
     metric = table["metric"][0] if table.get("metric") else validation.metric_name
     threshold = THRESHOLDS.get(metric, 0.5) if threshold is None else threshold
+    steps, fidelity = table.get("step", []), table.get("fidelity", [])  # none with validate_every=0
+    measured = (convergence(steps, fidelity, threshold) if steps else
+                {"fidelity_initial": None, "fidelity_final": None, "fidelity_max": None, "threshold": threshold,
+                 "converged_at_step": None, "abruptness": None, "step_10pct": None, "step_90pct": None})
     report = {
-        "metric": metric, **convergence(table["step"], table["fidelity"], threshold),
-        "validated_steps": [int(s) for s in table["step"]], "fidelity": table["fidelity"],
+        "metric": metric, **measured,
+        "validated_steps": [int(s) for s in steps], "fidelity": fidelity,
         "steps": cfg.steps, "steps_trained": result["steps"], "stopped": result.get("stopped"),
         "samples_seen": result["samples_seen"], "micro_batches": result["micro_batches"],
         "samples_per_step": cfg.samples_per_step(trainer.accelerator.num_processes),
@@ -183,5 +202,5 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
     at = report["converged_at_step"]
     report["converged_at_elapsed_s"] = (table["elapsed_s"][table["step"].index(at)]
                                         if at is not None and not result["resumed"] else None)
-    (folder / "convergence.json").write_text(json.dumps(report, indent=1))
+    write_json(folder / "convergence.json", report)  # whole or not at all: a kill leaves the run unfinished
     return Run(folder)

@@ -27,12 +27,47 @@ def image_size(pipe) -> int:
     return size * vae_scale_factor(pipe.vae)
 
 
+def error_chain(e: BaseException) -> str:
+    """An exception and its causes, one text (what the libraries said, outermost first)."""
+    chain, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__ or e.__context__
+    return " | ".join(chain)
+
+
+def weights_problem(e: BaseException, what: str, path) -> Exception | None:
+    """``e`` in words when a model folder's files are the problem (pickled weights refused, a weights file cut
+    short or damaged, a JSON config cut off), with the fix; None when it is something else."""
+    text = error_chain(e)
+    if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in text:
+        return ValueError(f"{what} {path} holds pickle weights (.bin) that torch refuses to unpickle safely "
+                          "(weights_only=True), so they were not loaded: use one saved in safetensors, or convert it "
+                          "on a machine you trust (from_pretrained(folder).save_pretrained(folder, "
+                          "safe_serialization=True))")
+    if any(k in text for k in ("Unable to load weights", "SafetensorError", "HeaderTooLarge", "MetadataIncomplete",
+                               "incomplete metadata", "InvalidHeader", "file not fully covered")):
+        return ValueError(f"a weights file of {what} {path} is damaged: it does not read as safetensors (cut short or "
+                          f"overwritten; {text[:200]}). Restore it from where it came (copy it again, export or "
+                          "train it again)")
+    if "JSONDecodeError" in text or "Expecting" in text and "delimiter" in text:
+        return ValueError(f"a config.json of {what} {path} is not valid JSON (cut off or edited: {text[:200]}). "
+                          "Restore it: save_pretrained writes it with the weights")
+    return None
+
+
 def load_base(base: str, device=None) -> StableDiffusionPipeline:
     """The locked base pipeline (local folder or hub id), frozen, in eval mode."""
     path = repo_path(base)
     try:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - diffusers and transformers raise OSError, ValueError or pickle's errors
+        said = weights_problem(e, "the base", path)
+        if said is not None:
+            raise said from e
+        if not isinstance(e, OSError | ValueError):
+            raise
         raise FileNotFoundError(
             f"could not load the base model {base!r} ({type(e).__name__}: {str(e)[:300]}). Pass a local "
             "diffusers pipeline folder, or a hub id on a machine that can download it (with HF_HUB_OFFLINE "

@@ -33,6 +33,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 from torch.nn import functional as F
 
+from ..files import check_output, write_folder
 from ..params import repo_path
 from . import bases, export
 
@@ -161,10 +162,9 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
         stored = export.stored_config(path) is not None
         return watch_condition_size(export.load_original(path, config=None if stored else base_unet))
     config = path / "config.json"
-    if config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetLiteModel":
-        return watch_condition_size(ControlNetLiteModel.from_pretrained(path))
     try:
-        net = ControlNetModel.from_pretrained(str(path))
+        lite = config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetLiteModel"
+        net = (ControlNetLiteModel if lite else ControlNetModel).from_pretrained(str(path))
     except Exception as e:  # noqa: BLE001 - diffusers raises OSError, ValueError, RuntimeError or pickle's errors
         raise _load_error(spec, path, e) from e
     return watch_condition_size(net)
@@ -172,16 +172,16 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
 
 def _load_error(spec, path: Path, e: Exception) -> Exception:
     """Why a ControlNet folder did not load, in words that fit the case."""
-    chain, cause = [], e
-    while cause is not None:
-        chain.append(f"{type(cause).__name__}: {cause}")
-        cause = cause.__cause__ or cause.__context__
-    text = " | ".join(chain)
+    text = bases.error_chain(e)
+    chain = text.split(" | ")
     if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in text:
         return ValueError(f"{path} holds only pickle weights that torch refuses to unpickle safely "
                           "(weights_only=True), so they were not loaded: use a checkpoint in safetensors, or "
                           "convert this one on a machine you trust (ControlNetModel.from_pretrained(folder)"
                           ".save_pretrained(folder, safe_serialization=True))")
+    said = bases.weights_problem(e, "the ControlNet", path)
+    if said is not None:
+        return said
     if "size mismatch" in text or ("shape" in text and "config" in text) or "Cannot load" in text:
         return ValueError(f"the weights in {path} do not fit its config.json (they were saved from another "
                           f"architecture): {chain[0][:300]}. Use the config.json saved with these weights")
@@ -308,11 +308,18 @@ def main(argv=None) -> int:
     init.add_argument("--variant", default="zero", choices=VARIANTS)
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--out", required=True, help="the folder to write")
+    init.add_argument("--overwrite", action="store_true",
+                      help="replace the weights already in --out (never a training run's checkpoint)")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    try:
+        base = repo_path(args.base)
+        check_output(out, args.overwrite, folder=True, sources=[base] if base.exists() else [])
+    except FileExistsError as e:
+        ap.error(str(e))
     pipe = bases.load_base(args.base)
     net = make_controlnet(pipe, args.variant, seed=args.seed)
-    out = Path(args.out)
-    net.save_pretrained(out, safe_serialization=True)
+    write_folder(out, lambda folder: net.save_pretrained(folder, safe_serialization=True))
     print(f"wrote a {args.variant} ControlNet ({sum(p.numel() for p in net.parameters()):,} parameters) for "
           f"{args.base} to {out}: its condition encoder downsamples by {condition_factor(net)}, as the base's VAE "
           f"does; condition images are {bases.image_size(pipe)} px")

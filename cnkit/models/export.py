@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +34,9 @@ from diffusers import ControlNetModel, UNet2DConditionModel
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from ..files import check_output, temporary_sibling
+from . import bases
 
 PREFIX = "control_model."
 META_CONFIG = "cnkit.controlnet_config"  # the source net's diffusers config, JSON
@@ -147,12 +151,19 @@ def _load_controlnet(controlnet) -> ControlNetModel:
     folder = Path(controlnet)
     config_file = folder / "config.json"
     if not config_file.is_file():
-        raise ValueError(f"{folder} is not a diffusers ControlNet folder (no config.json)")
-    class_name = json.loads(config_file.read_text()).get("_class_name")
-    if class_name != "ControlNetModel":
-        raise ValueError(f"only a diffusers ControlNetModel has the original ControlNet layout; {folder} holds a "
-                         f"{class_name}{_lite_hint(class_name)}")
-    return ControlNetModel.from_pretrained(folder, use_safetensors=True)  # never unpickles a .bin either
+        raise ValueError(f"{folder} is not a diffusers ControlNet folder (no config.json): pass the folder that "
+                         "holds config.json and the weights (a training run's is its checkpoint/)")
+    try:
+        class_name = json.loads(config_file.read_text()).get("_class_name")
+        if class_name == "ControlNetModel":
+            return ControlNetModel.from_pretrained(folder, use_safetensors=True)  # never unpickles a .bin either
+    except Exception as e:  # noqa: BLE001 - said in words when the folder's files are the problem
+        said = bases.weights_problem(e, "the ControlNet", folder)
+        if said is None:
+            raise
+        raise said from e
+    raise ValueError(f"only a diffusers ControlNetModel has the original ControlNet layout; {folder} holds a "
+                     f"{class_name}{_lite_hint(class_name)}")
 
 
 def export_original(controlnet, out_file) -> Path:
@@ -165,10 +176,17 @@ def export_original(controlnet, out_file) -> Path:
     out = Path(out_file)
     if out.suffix != ".safetensors":
         raise ValueError(f"the original layout is written as safetensors: {out} should end in .safetensors")
+    if not isinstance(controlnet, nn.Module):
+        check_output(out, overwrite=True, sources=[controlnet])  # never into the folder it reads
     metadata = {"format": "pt", META_CONFIG: net.to_json_string(),
                 META_FACTOR: str(condition_encoder_factor(net.config))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(to_original_state_dict(net), str(out), metadata=metadata)
+    tmp = temporary_sibling(out)
+    try:
+        save_file(to_original_state_dict(net), str(tmp), metadata=metadata)
+        os.replace(tmp, out)  # whole or not at all
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -316,11 +334,13 @@ def main(argv=None) -> int:
                                                  "ControlNet extension and ComfyUI load.")
     parser.add_argument("--controlnet", required=True, help="a diffusers ControlNetModel folder (a cnkit checkpoint)")
     parser.add_argument("--out", required=True, help="the file to write (.safetensors)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the file --out if it exists")
     args = parser.parse_args(argv)
     try:
+        check_output(args.out, args.overwrite, sources=[args.controlnet], folder=False)
         net = _load_controlnet(args.controlnet)
         out = export_original(net, args.out)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, FileExistsError) as error:
         parser.error(str(error))
     with safe_open(str(out), framework="pt") as f:
         n_tensors = len(list(f.keys()))

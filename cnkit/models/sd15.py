@@ -30,6 +30,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNe
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ..data.toyworld import VOCABULARY
+from ..files import check_output, write_folder
 from .tiny import SD15_SCHEDULER
 from .tokenizer import BOS, EOS, MAX_LENGTH, build_tokenizer
 
@@ -134,11 +135,16 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="the pipeline folder to write")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
     ap.add_argument("--fp16", action="store_true", help="save half-precision weights as the 'fp16' variant")
+    ap.add_argument("--overwrite", action="store_true", help="replace the weights already in --out")
     args = ap.parse_args(argv)
+    try:
+        check_output(args.out, args.overwrite, folder=True)
+    except FileExistsError as e:
+        ap.error(str(e))
     start = time.perf_counter()
     pipe = build_sd15_shaped(args.seed)
     counts = parameter_counts(pipe)
-    folder = _save(pipe, args.out, args.seed, args.fp16)
+    folder = write_folder(Path(args.out), lambda f: _save(pipe, f, args.seed, args.fp16))
     seconds = time.perf_counter() - start
     result = {"folder": str(folder), "parameters": counts, "sd15_parameters": SD15_PARAMETERS,
               "build_and_save_s": round(seconds, 1), "bytes_on_disk": folder_size(folder)}

@@ -31,6 +31,7 @@ from ..card import hardware
 from ..experiments import configs as experiments
 from ..experiments.runs import run_folder
 from ..experiments.shipped import SHIPPED, train_config
+from ..files import write_atomic
 from ..params import REPO_ROOT
 from ..summary import read_summary
 
@@ -71,7 +72,7 @@ def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False) -
     start = time.perf_counter()
     pm.execute_notebook(str(path), str(out_dir / path.name), parameters=parameters, cwd=str(path.parent),
                         progress_bar=False, kernel_name="python3")
-    stamp_file.write_text(stamp)
+    write_atomic(stamp_file, stamp)
     return "ran", time.perf_counter() - start
 
 

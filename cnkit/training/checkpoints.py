@@ -25,9 +25,36 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..files import write_json
+
 
 class FolderBusy(RuntimeError):
     """Another live process owns the run folder."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed from (a file missing, damaged or not the kit's); says which and what to
+    do."""
+
+
+def checkpoint_error(e: Exception, folder: Path) -> CheckpointError:
+    """Why the checkpoint in ``folder`` did not load, in words: the file, what is wrong with it, the fix. Nothing is
+    deleted: the fix is the user's to choose."""
+    start_over = (f"delete {folder} to train again from step 0 (the run's tables restart with it), or restore the "
+                  "file from a copy")
+    text = f"{type(e).__name__}: {e}"
+    if isinstance(e, FileNotFoundError):
+        return CheckpointError(f"the checkpoint in {folder} is incomplete: {Path(e.filename or '?').name} is missing "
+                               f"(deleted, or never copied). It cannot be resumed: {start_over}")
+    if "weights_only" in text or "Unpickl" in text or "Unsupported global" in text:
+        return CheckpointError(f"the checkpoint in {folder} holds an optimizer state that torch refuses to unpickle "
+                               "safely (weights_only=True: it holds objects the kit never writes), so it was not "
+                               f"loaded. {start_over}")
+    if isinstance(e, KeyError):
+        return CheckpointError(f"the checkpoint in {folder} is not the kit's: its state file has no {e}. It cannot "
+                               f"be resumed: {start_over}")
+    return CheckpointError(f"the checkpoint in {folder} is damaged ({text[:300]}). It cannot be resumed: "
+                           f"{start_over}")
 
 
 def _step(folder: Path, state_file: str) -> int | None:
@@ -89,7 +116,14 @@ class Checkpoint:
     def state(self) -> dict | None:
         self.recover()
         f = self.path / self.state_file
-        return json.loads(f.read_text()) if f.is_file() else None
+        if not f.is_file():
+            return None
+        try:
+            return json.loads(f.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"the checkpoint in {self.path} is damaged: its {f.name} does not read as JSON "
+                                  f"({e}). It cannot be resumed: delete {self.path} to train again from step 0 (the "
+                                  "run's tables restart with it), or restore the file from a copy") from e
 
     def save(self, write: Callable[[Path], None], state: dict) -> None:
         """``write(folder)`` writes the files; then ``state`` (it must hold ``step``) goes in last."""
@@ -138,10 +172,13 @@ def claim(folder, config: dict, config_file: str, what: str, ignore=(), saved: d
         raise disk_error(e, folder) from e
     path = folder / config_file
     try:
-        before = json.loads(path.read_text()) if path.is_file() else saved
+        try:
+            before = json.loads(path.read_text()) if path.is_file() else saved
+        except ValueError:  # cut short by hand (the kit writes it whole): the checkpoint's copy decides
+            before = saved
         if before is not None:
             refuse_other_config(folder, what, {**(defaults or {}), **before}, config, ignore)
-        path.write_text(json.dumps(config, indent=1))
+        write_json(path, config)
     except BaseException:
         lock.release()
         raise

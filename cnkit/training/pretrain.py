@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -60,6 +59,7 @@ from tqdm.auto import tqdm
 
 from ..data import toyworld
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS, held_out_images
+from ..files import write_atomic, write_json
 from ..models.bases import load_pipeline
 from ..models.tiny import TinySDConfig, build_tiny_sd
 from ..models.vocabulary import widen
@@ -307,7 +307,7 @@ def _append_row(path: Path, row: str, step: int, resumed_at: int | None = None) 
         lines = path.read_text().splitlines()
         head = [r for r in lines[:1] if not r[:1].isdigit()]
         rows = [r for r in lines[len(head):] if r and int(float(r.split(",")[0])) <= resumed_at]
-        path.write_text("".join(r + "\n" for r in head + rows))
+        write_atomic(path, "".join(r + "\n" for r in head + rows))
     with open(path, "a") as f:
         f.write(row + "\n")
 
@@ -394,7 +394,7 @@ def train_unet(cfg: PretrainConfig, pipe, latents: dict, prompts: list[str], acc
     clock, wall_start = _CPUClock(cpu_unet), time.perf_counter()
     curve, scoring = out / "curve.csv", judge is not None and cfg.eval_every
     if scoring and start == 0:  # the curve starts from what the run starts with
-        curve.write_text(",".join(CURVE_FIELDS) + "\n")
+        write_atomic(curve, ",".join(CURVE_FIELDS) + "\n")
         _append_row(curve, _curve_row(0, cfg, cpu_before, 0.0, pipe, models, judge)[0], 0)
         clock = _CPUClock(cpu_unet)  # the step-0 score is not training
     unet.train()
@@ -533,5 +533,5 @@ def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint, judge):
              "latent_scaling_factor": pipe.vae.config.scaling_factor, "n_train_images": len(images),
              "timings_s": timings, "start": start_report,
              "cpu_s": {"vae": vae_stats.get("cpu_s", 0.0), "latents": latents_cpu, "unet": unet_state.get("cpu_s")}}
-    (out / "pretrain_stats.json").write_text(json.dumps(stats, indent=1))
+    write_json(out / "pretrain_stats.json", stats)
     return pipe, stats

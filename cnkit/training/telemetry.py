@@ -21,13 +21,16 @@ folder, so notebooks plot from files:
   condition fidelity.
 
 On resume both tables are cut back to the checkpoint's step, so a resumed run's tables equal an
-uninterrupted run's.
+uninterrupted run's: one row per step (per point), whatever kills and reruns happened, a row cut short by a
+kill dropped, the table rewritten atomically (``cnkit.files.write_atomic``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import time
+import warnings
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -35,6 +38,7 @@ import numpy as np
 import torch
 
 from ..data.splits import SEED_STREAMS, held_out_items, seeds
+from ..files import write_atomic
 from ..generation.generate import generate_many
 from ..metrics import fidelity_metrics_for
 from ..models.controlnets import make_controlnet, zero_convolutions
@@ -45,34 +49,57 @@ TELEMETRY_FIELDS = ["step", "samples_seen", "connection", "name", "latent_size",
                     "bias_norm", "grad_norm", "residual_rms"]
 
 
-def _truncate_csv(path: Path, step: int) -> None:
-    """Keep the header and the rows of steps <= ``step`` (what a resumed run would have written)."""
+def _truncate_csv(path: Path, step: int, key=("step",)) -> set[int]:
+    """Keep the header and the rows of steps <= ``step`` (what a resumed run would have written), one per ``key``
+    (the first: a rerun that validated a step again adds nothing), none cut short by a kill; rewritten atomically.
+    Returns the steps kept."""
     if not path.is_file():
-        return
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
+        return set()
+    text = path.read_text()
+    rows = list(csv.reader(text.splitlines()))
     if not rows:
-        return
-    col = rows[0].index("step")
-    kept = [rows[0]] + [r for r in rows[1:] if int(r[col]) <= step]
-    with open(path, "w", newline="") as f:
-        csv.writer(f).writerows(kept)
+        return set()
+    if rows and not text.endswith("\n"):
+        rows = rows[:-1]  # a row cut short
+    head, kept, seen = rows[0], [rows[0]], set()
+    cols = [head.index(k) for k in key]
+    for r in rows[1:]:
+        try:
+            s = int(r[cols[0]])
+        except (ValueError, IndexError):
+            continue
+        ident = tuple(r[c] for c in cols)
+        if len(r) == len(head) and s <= step and ident not in seen:
+            seen.add(ident)
+            kept.append(r)
+    buf = io.StringIO()
+    csv.writer(buf).writerows(kept)
+    write_atomic(path, buf.getvalue())
+    return {int(r[cols[0]]) for r in kept[1:]}
 
 
 class _Table:
-    def __init__(self, path: Path, fields: list[str]):
-        self.path, self.fields = path, fields
+    def __init__(self, path: Path, fields: list[str], key=("step",)):
+        self.path, self.fields, self.key = path, fields, key
+        self.steps: set[int] = set()  # steps the table holds
 
     def start(self, step: int) -> None:
         if step == 0 or not self.path.is_file():
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, self.fields).writeheader()
+            if step > 0:
+                warnings.warn(f"{self.path} is missing at step {step}: its rows of the steps before are gone (they "
+                              "are measured as the run goes) and it starts again here; to have them all, delete "
+                              f"{self.path.parent} and train again from step 0", stacklevel=2)
+            buf = io.StringIO()
+            csv.DictWriter(buf, self.fields).writeheader()
+            write_atomic(self.path, buf.getvalue())
+            self.steps = set()
         else:
-            _truncate_csv(self.path, step)
+            self.steps = _truncate_csv(self.path, step, self.key)
 
     def append(self, rows: list[dict]) -> None:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.fields).writerows(rows)
+        self.steps |= {int(r["step"]) for r in rows}
 
 
 class InjectionTelemetry:
@@ -91,7 +118,7 @@ class InjectionTelemetry:
         return self
 
     def on_train_start(self, trainer) -> None:
-        self.table = _Table(trainer.out / "telemetry.csv", TELEMETRY_FIELDS)
+        self.table = _Table(trainer.out / "telemetry.csv", TELEMETRY_FIELDS, key=("step", "connection"))
         if trainer.accelerator.is_main_process:
             self.table.start(trainer.step)
         # The probe batch: the first items of the training set at fixed timesteps and noise.
@@ -272,7 +299,7 @@ class Validation:
             forecast is not None and forecast.wants_validation(trainer))
 
     def on_train_end(self, trainer) -> None:
-        if self.every:
+        if self.every and trainer.step not in self.table.steps:  # a finished run entered again validates nothing
             self.validate(trainer)
 
     def images(self, trainer) -> np.ndarray:

@@ -47,11 +47,12 @@ from .. import params as _params
 from ..data.readers import condition_count, is_toy
 from ..data.splits import training_items
 from ..data.trainset import OnTheFly, cached_store, draw_items, micro_batch_generator
+from ..files import write_json
 from ..models import architectures
 from ..models.bases import image_size, load_base, vae_scale_factor
 from ..models.controlnets import VARIANTS
 from ..pixels import RESIZE_MODES, condition_range
-from .checkpoints import Checkpoint, claim
+from .checkpoints import Checkpoint, checkpoint_error, claim
 from .forecast import Forecast
 from .telemetry import ConditionProbe, InjectionTelemetry, Validation
 
@@ -320,18 +321,24 @@ class Trainer:
         self.checkpoint.save(write, {
             "step": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
             "num_processes": self.accelerator.num_processes, "config": asdict(self.cfg),
-            "loss_history": self.loss_history, "stopped": self.stop_reason})
+            "loss_history": self.loss_history, "stopped": self.stop_reason,
+            "data": self.data.state() if hasattr(self.data, "state") else None})
         self.trigger("on_checkpoint")
 
     def load_checkpoint(self) -> bool:
         state = self.checkpoint.state()
         if state is None:
             return False
-        self.accelerator.unwrap_model(self.adapter).load_weights(self.checkpoint_dir)
-        self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
-        self.step = state["step"]
-        self.loss_history = [tuple(x) for x in state["loss_history"]]
-        self.stop_reason = state.get("stopped")
+        try:
+            self.accelerator.unwrap_model(self.adapter).load_weights(self.checkpoint_dir)
+            self.optimizer.load_state_dict(torch.load(self.checkpoint_dir / "optimizer.pt", weights_only=True))
+            self.step = state["step"]
+            self.loss_history = [tuple(x) for x in state["loss_history"]]
+            self.stop_reason = state.get("stopped")
+            if hasattr(self.data, "load_state"):  # on the fly: what the earlier sittings counted, for notes.json
+                self.data.load_state(state.get("data") or {})
+        except Exception as e:  # noqa: BLE001 - missing, damaged or pickled files: said by checkpoint_error
+            raise checkpoint_error(e, self.checkpoint_dir) from e
         return True
 
     def claim_out_dir(self) -> None:
@@ -340,6 +347,10 @@ class Trainer:
         if not self.accelerator.is_main_process:
             return
         state = self.checkpoint.state() if self.out.is_dir() else None
+        if state and state.get("step", 0) > self.cfg.steps:
+            raise ValueError(f"{self.out} holds a run trained to step {state['step']}; steps={self.cfg.steps} is "
+                             f"fewer, and a net cannot be untrained: pass steps>={state['step']} to continue it (or "
+                             f"read it back), or another out_dir to train {self.cfg.steps} steps")
         self._lock = claim(self.out, asdict(self.cfg), "train_config.json", "a run", ignore=RESUMABLE,
                            defaults=LATER_SETTINGS,
                            saved=state["config"] if state else None)
@@ -444,7 +455,7 @@ class Trainer:
         """The training set's notes (what was changed on the way in) into ``notes.json``."""
         self.notes = list(self.data.notes)
         if self.accelerator.is_main_process:
-            (self.out / "notes.json").write_text(json.dumps(self.notes, indent=1))
+            write_json(self.out / "notes.json", self.notes)
 
     def _last_checkpoint_step(self) -> int | None:
         state = self.checkpoint.state()
