@@ -55,10 +55,10 @@ def run_signals(folder) -> dict[str, tuple[list[int], list[float]]]:
     uniq = sorted(set(steps.tolist()))
     injected = [float(np.sqrt(np.mean(rms[(steps == s) & into_base] ** 2))) for s in uniq]
     out["injected_rms"] = (uniq, injected)
-    out["injected_rms_growth"] = (uniq, list(ForecastRule(slope_window=5).series(uniq, injected)))
+    out["injected_rms_growth"] = (uniq, list(ForecastRule(transform="slope", window=5).series(uniq, injected)))
     out["grad_norm"] = (uniq, [float(np.sqrt(np.sum(grad[steps == s] ** 2))) for s in uniq])
-    loss_steps, loss = run.loss()
-    if loss:
+    loss_steps, loss = run.loss() if (run.checkpoint / "trainer_state.json").is_file() else ([], [])
+    if len(loss) >= 25:
         smooth = np.convolve(loss, np.ones(25) / 25, mode="valid")
         out["loss"] = (list(loss_steps[24:]), [-float(v) for v in smooth])  # rising = improving, like the others
     return out
@@ -111,18 +111,19 @@ def score(rows: list[dict]) -> dict:
 
 
 def candidate_rules() -> list[ForecastRule]:
-    """The grid the design searches: each signal's level or slope against a range of thresholds, 1-3 readings."""
+    """The grid the design searches: each signal's level (or decade) against a range of thresholds, and the gap's
+    growth in decades per 100 steps, over 1-3 readings."""
     grid = []
-    levels = {"condition_gap_rel": [0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1],
-              "condition_gap": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
-              "blank_gap": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2],
+    levels = {"condition_gap_rel": [1e-4, 3e-4, 1e-3, 3e-3, 0.01, 0.03, 0.1],
+              "condition_gap": [1e-6, 1e-5, 1e-4, 1e-3],
+              "blank_gap": [1e-6, 1e-5, 1e-4, 1e-3],
               "injected_rms": [0.05, 0.1, 0.2, 0.5, 1.0],
               "injected_rms_growth": [0.05, 0.1, 0.2, 0.5],
               "grad_norm": [0.01, 0.03, 0.1, 0.3]}
     for (signal, thresholds), patience in itertools.product(levels.items(), (1, 2, 3)):
         grid += [ForecastRule(signal, th, patience) for th in thresholds]
-    for signal, patience in itertools.product(("condition_gap_rel", "condition_gap"), (1, 2)):
-        grid += [ForecastRule(signal, th, patience, slope_window=4) for th in (0.001, 0.003, 0.01, 0.03)]
+    for signal, patience, window in itertools.product(("condition_gap_rel", "blank_gap"), (1, 2), (3, 5)):
+        grid += [ForecastRule(signal, th, patience, "log_slope", window) for th in (0.5, 1.0, 2.0, 4.0)]
     return grid
 
 

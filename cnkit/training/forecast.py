@@ -35,22 +35,25 @@ STATES = ("no sign of convergence yet", "condition in use, convergence expected"
 
 @dataclass(frozen=True)
 class ForecastRule:
-    """Fires when ``signal`` (a column of ``signals.csv``) has been at or above ``threshold`` for ``patience``
-    readings in a row; ``slope_window`` > 0 applies the rule to the signal's least-squares slope per 100 steps over
-    the last ``slope_window`` readings instead of its level."""
+    """Fires when a transform of ``signal`` (a column of ``signals.csv``, or a series the study derives from the
+    telemetry) has been at or above ``threshold`` for ``patience`` readings in a row. ``transform``: ``level`` (the
+    value), ``log10`` (its decade: the probe's gap grows by orders of magnitude before it is large), ``slope`` (the
+    least-squares slope per 100 steps over the last ``window`` readings) or ``log_slope`` (decades per 100 steps)."""
 
     signal: str = "condition_gap_rel"
     threshold: float = 0.02
     patience: int = 2
-    slope_window: int = 0
+    transform: str = "level"
+    window: int = 4
 
     def series(self, steps, values) -> np.ndarray:
-        """What the threshold applies to, per reading: the level, or the trailing slope (NaN until the window fills)."""
+        """What the threshold applies to, per reading (NaN where it is not defined yet)."""
         v = np.asarray(values, float)
-        if not self.slope_window:
+        if self.transform in ("log10", "log_slope"):
+            v = np.log10(np.clip(v, 1e-12, None))  # a gap at or below zero is "nothing yet"
+        if self.transform in ("level", "log10"):
             return v
-        s, out = np.asarray(steps, float), np.full(len(v), np.nan)
-        w = self.slope_window
+        s, out, w = np.asarray(steps, float), np.full(len(v), np.nan), self.window
         for i in range(w - 1, len(v)):
             x, y = s[i - w + 1:i + 1], v[i - w + 1:i + 1]
             out[i] = 100 * np.polyfit(x, y, 1)[0] if np.ptp(x) > 0 else np.nan
@@ -58,7 +61,8 @@ class ForecastRule:
 
     def fire_step(self, steps, values) -> int | None:
         """The step at which the rule fires on this series, or None."""
-        above = self.series(steps, values) >= self.threshold
+        with np.errstate(invalid="ignore"):
+            above = self.series(steps, values) >= self.threshold
         run = 0
         for step, ok in zip(steps, above):
             run = run + 1 if ok else 0
