@@ -35,6 +35,7 @@ from .runs import Run, run_folder
 
 ROOT = REPO_ROOT
 SHIPPED_DIR = ROOT / "data" / "architecture-runs"
+FORECAST_DIR = ROOT / "data" / "forecast-runs"  # notebook 11's own runs: tables only (cnkit forecast runs)
 RUN_FILES = ("train_config.json", "convergence.json", "validation.csv", "telemetry.csv", "signals.csv", "notes.json")
 NOT_SHIPPED = ("optimizer.pt",)  # the optimizer state only resumes training: twice the weights' size
 
@@ -58,8 +59,10 @@ def _copy(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
-    """Copy what notebook 10 reads of a finished ``run`` into ``shipped_dir`` (replacing an earlier copy)."""
+def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR, weights: bool | None = None) -> Path:
+    """Copy what notebook 10 reads of a finished ``run`` into ``shipped_dir`` (replacing an earlier copy); with its
+    weights when ``weights`` (default: ``keeps_weights(cfg)``)."""
+    weights = keeps_weights(cfg) if weights is None else weights
     dest = run_folder(cfg, shipped_dir)
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -71,7 +74,7 @@ def publish(run: Run, cfg: TrainConfig, shipped_dir=SHIPPED_DIR) -> Path:
     grid = run.sample_grid(run.convergence["validated_steps"][-1])
     shutil.copy2(grid, tmp / "samples" / grid.name)
     for f in sorted(run.checkpoint.iterdir()):
-        if f.name == "trainer_state.json" or (keeps_weights(cfg) and f.name not in NOT_SHIPPED):
+        if f.name == "trainer_state.json" or (weights and f.name not in NOT_SHIPPED):
             _copy(f, tmp / "checkpoint" / f.name)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # a reader never sees half a run

@@ -122,6 +122,23 @@ def bench_configs(smoke: bool = False) -> list:
             + [architecture_run("union", "segmentation", s, smoke) for s in SEEDS])
 
 
+# The forecast study's own runs (notebook 11), beside those of notebooks 04-10: runs that should never converge
+# within their budget (the paper's learning rate, 1e-5, far too low for the tiny base; the paper's uniform timesteps
+# at a budget too small for them) to count false alarms, and conditions no other notebook trains on (the shapes
+# world's edges and depth) to test the rule where it was not designed.
+FORECAST_CONTROLS = {"lr-1e-5": {"learning_rate": 1e-5, "steps": 400},
+                     "uniform-200": {"timestep_sampling": "uniform", "steps": 200}}
+FORECAST_NEW_CONDITIONS = {"edges": {**SHORT, "dataset": "toy:shapes/edges", "n_train": 5000, "validate_every": 50},
+                           "depth": {**SHORT, "dataset": "toy:shapes/depth", "n_train": 5000, "validate_every": 50}}
+
+
+def forecast_configs(smoke: bool = False) -> list:
+    """Notebook 11's own runs (``FORECAST_CONTROLS`` on seeds 0 and 1, ``FORECAST_NEW_CONDITIONS`` on seed 0),
+    validated densely (the forecast's ground truth); shipped as tables (``cnkit forecast runs``)."""
+    return ([run_config(smoke, **{**o, "seed": s}) for o in FORECAST_CONTROLS.values() for s in (0, 1)]
+            + [run_config(smoke, **{**o, "seed": 0}) for o in FORECAST_NEW_CONDITIONS.values()])
+
+
 def all_configs(smoke: bool = False) -> list:
     """Every run behind the notebooks."""
     return figure_configs(smoke) + bench_configs(smoke)

@@ -32,7 +32,9 @@ import numpy as np
 
 from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..training.forecast import DEFAULT_RULE, ForecastRule
-from .runs import Run, read_table
+from .bench_runs import FORECAST_DIR, publish
+from .configs import default_workers, forecast_configs, train_all
+from .runs import Run, read_table, run_folder
 
 SIGNALS = ("condition_gap_rel", "condition_gap", "blank_gap", "injected_rms", "injected_rms_growth",
            "grad_norm", "loss")
@@ -143,14 +145,27 @@ def design(folders, rules=None, max_false_alarms: int = 0) -> tuple[ForecastRule
 
 
 def main(argv=None) -> int:
-    """``cnkit forecast RUN_DIR [...]``: the frozen forecast rule on finished runs, beside their validation."""
+    """``cnkit forecast judge RUN_DIR [...]``: the frozen forecast rule on finished runs, beside their validation.
+    ``cnkit forecast runs``: train notebook 11's own runs (``configs.forecast_configs``: controls that never converge,
+    conditions no other notebook uses) and ship their tables in ``data/forecast-runs``."""
     ap = argparse.ArgumentParser(prog="cnkit forecast", description=main.__doc__)
-    ap.add_argument("runs", nargs="+", help="finished run folders (with validation.csv and signals.csv)")
-    ap.add_argument("--rule", default="", help="a JSON ForecastRule (default: the kit's frozen rule)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("judge", help="the rule on finished runs")
+    j.add_argument("runs", nargs="+", help="finished run folders (with validation.csv and signals.csv)")
+    j.add_argument("--rule", default="", help="a JSON ForecastRule (default: the kit's frozen rule)")
+    r = sub.add_parser("runs", help="train and ship notebook 11's own runs")
+    r.add_argument("--runs-dir", default="reports/forecast/runs", help="where they train (resumable)")
+    r.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: two on a CPU)")
     args = ap.parse_args(argv)
+    if args.command == "runs":
+        configs = forecast_configs()
+        train_all(configs, Path(args.runs_dir), args.workers or default_workers())
+        for cfg in configs:
+            print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, FORECAST_DIR, weights=False))
+        return 0
     rule = ForecastRule(**json.loads(args.rule)) if args.rule else DEFAULT_RULE
     rows = [judge(rule, f) for f in args.runs]
-    for r in rows:
-        print(json.dumps(r))
-    print(json.dumps({"rule": asdict(rule), **score([r for r in rows if r["outcome"] != "no signal"])}))
+    for row in rows:
+        print(json.dumps(row))
+    print(json.dumps({"rule": asdict(rule), **score([row for row in rows if row["outcome"] != "no signal"])}))
     return 0
