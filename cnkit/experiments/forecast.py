@@ -32,9 +32,10 @@ import numpy as np
 
 from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..training.forecast import DEFAULT_RULE, ForecastRule
-from .bench_runs import FORECAST_DIR, publish
+from . import configs
+from .bench_runs import FORECAST_DIR, SHIPPED_DIR, publish
 from .configs import default_workers, forecast_configs, train_all
-from .runs import Run, read_table, run_folder
+from .runs import Run, find, read_table, run_folder
 
 SIGNALS = ("condition_gap_rel", "condition_gap", "blank_gap", "injected_rms", "injected_rms_growth",
            "grad_norm", "loss")
@@ -142,6 +143,116 @@ def design(folders, rules=None, max_false_alarms: int = 0) -> tuple[ForecastRule
     ok = [s for s in table if s["false_alarms"] <= max_false_alarms] or table
     best = max(ok, key=lambda s: (s["early"], s["median_lead_steps"] or 0, -s["late"], s["rule"]["threshold"]))
     return ForecastRule(**best["rule"]), table
+
+
+# The study's targets (issue 30): on held-out converging runs the rule fires before validation's convergence in at
+# least 80% with a median lead of at least 50 steps; at most one false alarm over all non-converging runs; the signal
+# costs at most 5% of training time.
+TARGETS = {"early_share": 0.8, "median_lead_steps": 50, "false_alarms": 1, "signal_cost_share": 0.05}
+
+
+def study_groups(runs_dir, shipped_runs: bool = True, smoke: bool = False) -> dict[str, list[Path]]:
+    """The finished runs the study reads, by group. ``design``: the paper's ControlNet on the fill world (notebook
+    04's seeds and its uniform-timesteps run, notebook 08's dataset sizes); every other group is held out from the
+    design: segmentation (09), the Gaussian and lite ablations (06, 09), ControlNet's successors and the union net
+    (10), and notebook 11's own runs (controls that should never converge, new conditions, the kit's runs on
+    Fill50K-format data it did not make). A run is read from ``runs_dir`` when trained there, else from the shipped
+    folders (``data/architecture-runs``, ``data/forecast-runs``) when ``shipped_runs``; missing runs are left out."""
+    def found(cfgs) -> list[Path]:
+        out = []
+        for cfg in cfgs:
+            for folder in ([Path(runs_dir)] + ([SHIPPED_DIR, FORECAST_DIR] if shipped_runs else [])):
+                run = find(cfg, folder)
+                if run is not None and (run.folder / "validation.csv").is_file():
+                    out.append(run.folder)
+                    break
+        return out
+
+    s = configs.SEEDS
+    groups = {
+        "design: ControlNet on fill (04, 08)": found([configs.ablation("zero", k, smoke) for k in s]
+                                                      + [configs.sampling_comparison(s[0], smoke)]
+                                                      + [configs.dataset_size(n, k, smoke)
+                                                         for n in configs.DATASET_SIZES for k in s]),
+        "ControlNet on segmentation (09)": found([configs.reconstruction("zero", k, smoke) for k in s]),
+        "Gaussian and lite ablations (06, 09)": found([configs.ablation(v, k, smoke) for v in ("gaussian", "lite")
+                                                       for k in s] + [configs.reconstruction("lite", k, smoke)
+                                                                      for k in s]),
+        "successors and union (10)": found(configs.bench_configs(smoke)),
+        "controls and new conditions (11)": found(configs.forecast_configs(smoke)),
+    }
+    extra = sorted(p.parent for p in FORECAST_DIR.glob("independent-*/validation.csv")) if shipped_runs else []
+    if extra:
+        groups["Fill50K-format data the kit did not make"] = extra
+    return groups
+
+
+def signal_cost(folder) -> float | None:
+    """The condition probe's share of the run's training time (its own clock, validations taken out)."""
+    folder = Path(folder)
+    if not (folder / "signals.csv").is_file():
+        return None
+    probe = float(np.nansum(read_table(folder / "signals.csv")["seconds"]))
+    c = json.loads((folder / "convergence.json").read_text())
+    validation = float(np.nansum(read_table(folder / "validation.csv")["seconds"]))
+    training = c.get("train_loop_s", 0.0) - validation - probe
+    return probe / training if training > 0 else None
+
+
+def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None) -> dict:
+    """Design the rule on ``groups``' design group (or take ``rule``), freeze it, judge every run with it. Returns
+    the rule, the design grid's scores, one row per run (with its group), the score per group and over the held-out
+    groups, and the targets against what was measured."""
+    design_key = next(k for k in groups if k.startswith("design"))
+    grid = []
+    if rule is None:
+        rule, grid = design(groups[design_key])
+    rows = [{"group": g, **judge(rule, f)} for g, folders in groups.items() for f in folders]
+    held_out = [r for r in rows if r["group"] != design_key and r["outcome"] != "no signal"]
+    by_group = {g: score([r for r in rows if r["group"] == g and r["outcome"] != "no signal"]) for g in groups}
+    test = score(held_out) if held_out else {}
+    costs = [c for g, folders in groups.items() for c in map(signal_cost, folders) if c is not None]
+    measured = {"early_share": test.get("early_share"), "median_lead_steps": test.get("median_lead_steps"),
+                "false_alarms": test.get("false_alarms"),
+                "signal_cost_share": float(np.median(costs)) if costs else None}
+    held = {k: (v is not None and (v <= TARGETS[k] if k in ("false_alarms", "signal_cost_share") else v >= TARGETS[k]))
+            for k, v in measured.items()}
+    return {"rule": asdict(rule), "design_grid": grid, "rows": rows, "by_group": by_group, "held_out": test,
+            "targets": {k: {"measured": measured[k], "target": TARGETS[k], "held": held[k]} for k in TARGETS}}
+
+
+def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4):
+    """Per run: the rule's signal (log scale) and validation's fidelity against step, the step the rule fired
+    (solid line) and validation's convergence step (dashed)."""
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - only the notebook's figure needs it
+
+    rows = max(1, -(-len(folders) // columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
+    for ax, folder in zip(axes.flat, folders):
+        t, signals = truth(folder), run_signals(folder)
+        ax.plot(t["steps"], t["fidelity"], color="C0", marker=".", label="validation fidelity")
+        ax.axhline(CONVERGENCE_THRESHOLDS.get(t["metric"], 0.5), color="C0", linestyle=":", linewidth=1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("optimizer step", fontsize=9)
+        if rule.signal in signals:
+            twin = ax.twinx()
+            steps, values = signals[rule.signal]
+            twin.plot(steps, np.clip(values, 1e-8, None), color="C3", linewidth=1, label=rule.signal)
+            twin.set_yscale("log")
+            twin.tick_params(labelsize=8)
+            fired = rule.fire_step(steps, values)
+            if fired is not None:
+                ax.axvline(fired, color="C3", linewidth=1.5)
+        if t["converged_at_step"] is not None:
+            ax.axvline(t["converged_at_step"], color="C0", linestyle="--", linewidth=1.5)
+        ax.set_title(Path(folder).name.rsplit("-", 1)[0][:34], fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes.flat[len(folders):]:
+        ax.axis("off")
+    fig.suptitle("red: the probe's signal (log scale), red line where the rule fired; blue: validation fidelity, "
+                 "dashed at its convergence step", fontsize=10)
+    fig.tight_layout()
+    return fig
 
 
 def main(argv=None) -> int:
