@@ -155,7 +155,7 @@ def _shapes_prompt(shapes: list[dict], background: str) -> str:
     return f"{listed} on {background} background"
 
 
-def _shapes(seed: int, index: int, size: int) -> Sample:
+def _shapes(seed: int, index: int, size: int, edges: bool = True) -> Sample:
     rng = _rng("shapes", seed, index)
     n = int(rng.integers(1, MAX_SHAPES + 1))
     colours = rng.choice(len(COLOUR_NAMES), size=n + 1, replace=False)
@@ -194,11 +194,12 @@ def _shapes(seed: int, index: int, size: int) -> Sample:
     masks = {f"shape{i}": v for i, v in enumerate(visible)} | class_masks
     truth = {"world": "shapes", "background": background, "shapes": shapes}
     conditions = {"outline": outline, "segmentation": seg, "depth": depth}
-    conditions["edges"] = canny(image)
+    if edges:  # Canny is the one map that costs (an OpenCV pass); pretraining, which reads no map, skips it
+        conditions["edges"] = canny(image)
     return Sample(image, conditions, _shapes_prompt(shapes, background), truth, masks)
 
 
-def sample(world: str, index: int, seed: int = 0, size: int = 64) -> Sample:
+def sample(world: str, index: int, seed: int = 0, size: int = 64, edges: bool = True) -> Sample:
     """Draw sample ``index`` of ``world`` (``"fill"``, ``"shapes"``, ``"fill50k"`` or ``"fill-x11"``) at ``size`` x
     ``size``."""
     if world not in WORLDS:
@@ -207,7 +208,9 @@ def sample(world: str, index: int, seed: int = 0, size: int = 64) -> Sample:
         raise ValueError(f"size must be an integer of at least 16 pixels, got {size!r}")
     if world in ("fill50k", "fill-x11"):
         return _fill_x11(world, int(seed), int(index), int(size))
-    return (_fill if world == "fill" else _shapes)(int(seed), int(index), int(size))
+    if world == "fill":
+        return _fill(int(seed), int(index), int(size))
+    return _shapes(int(seed), int(index), int(size), edges)
 
 
 class ToyWorld:

@@ -134,7 +134,7 @@ def training_set(cfg: PretrainConfig) -> tuple[np.ndarray, list[str]]:
         held_out = set(HELD_OUT_FILL_PAIRS if world == "fill" else HELD_OUT_X11_PAIRS)
         kept, i = 0, 0
         while kept < n:
-            s = toyworld.sample(world, i, seed=cfg.seed)
+            s = toyworld.sample(world, i, seed=cfg.seed, edges=False)  # images and prompts only
             i += 1
             if world == "shapes" or (s.truth["fill"], s.truth["background"]) not in held_out:
                 images.append(s.image)
