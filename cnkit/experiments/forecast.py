@@ -166,7 +166,7 @@ def study_groups(runs_dir, shipped_runs: bool = True, smoke: bool = False) -> di
                 if run is not None and (run.folder / "validation.csv").is_file():
                     out.append(run.folder)
                     break
-        return out
+        return list(dict.fromkeys(out))  # one run may serve two notebooks (the smoke profile makes many alike)
 
     s = configs.SEEDS
     groups = {
