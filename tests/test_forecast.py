@@ -1,0 +1,120 @@
+"""The convergence forecast: the condition-use probe, the rule (the same function on finished runs and live), the live
+forecast acting on a run (validation opened when it fires, a stop after confirmed convergence), and the study."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from cnkit.experiments import forecast as study
+from cnkit.training.forecast import ForecastRule
+from cnkit.training.train import TrainConfig, Trainer, attach_watchers
+
+
+def test_a_rule_fires_after_patience_readings_at_or_above_its_threshold():
+    steps = [0, 10, 20, 30, 40, 50]
+    values = [0.0, 1e-6, 0.02, 0.001, 0.05, 0.3]
+    assert ForecastRule("s", 0.01, 1).fire_step(steps, values) == 20
+    assert ForecastRule("s", 0.01, 2).fire_step(steps, values) == 50  # 20 is followed by a reading below
+    assert ForecastRule("s", 1.0, 1).fire_step(steps, values) is None
+    assert ForecastRule("s", -2.0, 1, "log10").fire_step(steps, values) == 20
+    # decades per 100 steps over the last 3 readings: 0 -> 1e-6 is clipped at 1e-12, then it rises
+    rising = ForecastRule("s", 10.0, 1, "log_slope", window=3).series(steps, values)
+    assert np.isnan(rising[:2]).all() and rising[2] > 10
+
+
+def test_the_probe_is_zero_at_step_0_and_the_forecast_opens_validation_when_it_fires(base_dir, tmp_path):
+    cfg = TrainConfig(base=str(base_dir), steps=6, batch_size=2, n_train=8, validation_size=2, validate_every=2,
+                      signals_every=1, forecast=True, validate_on="forecast", out_dir=str(tmp_path / "run"))
+    trainer = Trainer(cfg, cache_dir=tmp_path / "cache")
+    attach_watchers(trainer)
+    trainer.forecast.rule = ForecastRule("condition_gap_rel", -1.0, 3)  # fires at the third reading (step 2)
+    trainer.run()
+    with open(tmp_path / "run" / "signals.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == list(range(7))
+    first = rows[0]  # a zero-initialised net leaves the base unchanged: every condition gives the same loss
+    assert float(first["probe_loss_true"]) == float(first["probe_loss_shuffled"]) == float(first["probe_loss_blank"])
+    with open(tmp_path / "run" / "forecast.csv") as f:
+        forecast_rows = list(csv.DictReader(f))
+    assert forecast_rows[1]["state"] == "no sign of convergence yet"
+    assert forecast_rows[2]["fired_at_step"] == "2" and "convergence expected" in forecast_rows[2]["state"]
+    with open(tmp_path / "run" / "validation.csv") as f:
+        validated = [int(r["step"]) for r in csv.DictReader(f)]
+    assert validated == [0, 2, 4, 6]  # step 0, then only once the forecast had fired (it fired at 2)
+    assert trainer.postfix["forecast"]
+
+
+def test_stop_after_convergence_ends_the_run_and_a_rerun_trains_no_further(base_dir, tmp_path, monkeypatch):
+    from cnkit import metrics
+
+    monkeypatch.setitem(metrics.CONVERGENCE_THRESHOLDS, "disc_iou", 0.0)  # any validation confirms convergence
+    cfg = TrainConfig(base=str(base_dir), steps=20, batch_size=2, n_train=8, validation_size=2, validate_every=2,
+                      signals_every=1, forecast=True, stop_after_convergence=3, out_dir=str(tmp_path / "run"))
+
+    def run():
+        trainer = Trainer(cfg, cache_dir=tmp_path / "cache")
+        attach_watchers(trainer)
+        trainer.forecast.rule = ForecastRule("condition_gap_rel", -1.0, 1)
+        return trainer.run()
+
+    result = run()
+    # fired at step 0's reading, confirmed by step 0's validation (a bar of 0), stopped 3 steps later
+    assert result["steps"] == 3 and "converged at step 0" in result["stopped"]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and state["stopped"]
+    again = run()
+    assert again["steps"] == 3 and again["stopped"]
+
+
+@pytest.mark.parametrize("signals_every, forecast, validate_on", [(0, True, "schedule"), (10, False, "forecast")])
+def test_the_forecast_needs_its_probe(signals_every, forecast, validate_on):
+    with pytest.raises(ValueError, match="forecast=True with signals_every > 0"):
+        TrainConfig(signals_every=signals_every, forecast=forecast, validate_on=validate_on, stop_after_convergence=1)
+
+
+def _fake_run(folder, fidelity, gap, every=10):
+    """A finished run's tables: validation every 25 steps, the probe every ``every``."""
+    folder.mkdir(parents=True)
+    steps = list(range(0, 25 * len(fidelity), 25))
+    with open(folder / "validation.csv", "w") as f:
+        f.write("step,samples_seen,metric,fidelity,fidelity_min,fidelity_max,edge_f1,miou,loss,seconds,elapsed_s\n")
+        for s, v in zip(steps, fidelity):
+            f.write(f"{s},0,disc_iou,{v},{v},{v},,,0.1,1.0,{2.0 * s}\n")
+    with open(folder / "signals.csv", "w") as f:
+        f.write("step,samples_seen,probe_loss_true,probe_loss_shuffled,probe_loss_blank,condition_gap,"
+                "condition_gap_rel,blank_gap,seconds\n")
+        for k, g in enumerate(gap):
+            f.write(f"{k * every},0,1,1,1,{g},{g},{g},0.01\n")
+    with open(folder / "telemetry.csv", "w") as f:
+        f.write("step,samples_seen,connection,name,latent_size,weight_mean_abs,weight_norm,bias_norm,grad_norm,"
+                "residual_rms\n")
+        for s in steps:
+            f.write(f"{s},0,0,zero,16,0,0,0,0.1,0.0\n")
+    (folder / "convergence.json").write_text(json.dumps({"train_loop_s": 100.0}))
+    return folder
+
+
+def test_the_study_judges_early_late_missed_false_alarm_and_quiet(tmp_path):
+    rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]  # converged at step 100
+    flat = [0.3] * 7
+    runs = {
+        "early": _fake_run(tmp_path / "early-a", rise, [0, 0, 0, 0, 0, 0.05, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3]),
+        "late": _fake_run(tmp_path / "late-a", rise, [0] * 11 + [0.05, 0.1]),
+        "missed": _fake_run(tmp_path / "missed-a", rise, [0] * 13),
+        "false alarm": _fake_run(tmp_path / "alarm-a", flat, [0, 0, 0.05, 0.05, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
+        "quiet": _fake_run(tmp_path / "quiet-a", flat, [0] * 13),
+    }
+    rule = ForecastRule("condition_gap_rel", 0.02, 2)
+    rows = {k: study.judge(rule, f) for k, f in runs.items()}
+    assert {k: r["outcome"] for k, r in rows.items()} == {k: k for k in runs}
+    assert rows["early"]["fired_at_step"] == 60 and rows["early"]["lead_steps"] == 40
+    assert rows["early"]["lead_s"] == pytest.approx(80.0)  # the run's clock: 2 s a step here
+    s = study.score(list(rows.values()))
+    assert (s["early"], s["late"], s["missed"], s["false_alarms"], s["quiet"]) == (1, 1, 1, 1, 1)
+    assert s["early_share"] == pytest.approx(1 / 3) and s["median_lead_steps"] == 40
+    # the design picks, from its grid, a rule that fires early on the design runs without a false alarm
+    chosen, grid = study.design([runs["early"], runs["quiet"]])
+    assert study.judge(chosen, runs["early"])["outcome"] == "early" and grid
+    assert study.signal_cost(runs["early"]) == pytest.approx(0.13 / (100 - 7 - 0.13))
