@@ -118,3 +118,14 @@ def test_the_study_judges_early_late_missed_false_alarm_and_quiet(tmp_path):
     chosen, grid = study.design([runs["early"], runs["quiet"]])
     assert study.judge(chosen, runs["early"])["outcome"] == "early" and grid
     assert study.signal_cost(runs["early"]) == pytest.approx(0.13 / (100 - 7 - 0.13))
+
+
+def test_savings_are_the_validations_before_firing_and_the_steps_after_a_confirmed_stop(tmp_path):
+    rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]  # validated every 25 steps to 150, 1 s each; converged at 100
+    folder = _fake_run(tmp_path / "run-a", rise, [0, 0, 0, 0, 0, 0.05, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3])
+    s = study.savings(folder, ForecastRule("condition_gap_rel", 0.02, 2), stop_after=25)
+    assert s["fired_at_step"] == 60 and s["validations_skipped"] == 2  # steps 25 and 50; 0 and the last are kept
+    assert s["validation_s_saved"] == pytest.approx(2.0)
+    assert s["confirmed_at_step"] == 100 and s["stopped_at_step"] == 125
+    assert s["fidelity_at_stop"] == pytest.approx(0.9) and s["fidelity_final"] == pytest.approx(0.9)
+    assert s["train_s_saved"] == pytest.approx((100 - 7) / 150 * 25)

@@ -221,6 +221,38 @@ def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None) -> di
             "targets": {k: {"measured": measured[k], "target": TARGETS[k], "held": held[k]} for k in TARGETS}}
 
 
+def savings(folder, rule: ForecastRule, stop_after: int | None = None) -> dict:
+    """What the forecast would have saved a finished, densely validated run, computed from its own tables (the weights
+    do not depend on when validation runs, so the counterfactual is exact): the validations before the rule fired
+    (``validate_on="forecast"`` keeps step 0's), their seconds; with ``stop_after``, the training after validation
+    confirmed convergence plus ``stop_after`` steps, its seconds, and the fidelity the run would have ended with
+    against the one it ended with."""
+    folder = Path(folder)
+    t, signals = truth(folder), run_signals(folder)
+    table = read_table(folder / "validation.csv")
+    seconds = dict(zip((int(s) for s in table["step"]), table["seconds"]))
+    c = json.loads((folder / "convergence.json").read_text())
+    fired = rule.fire_step(*signals[rule.signal]) if rule.signal in signals else None
+    last = t["steps"][-1]
+    skipped = [s for s in t["steps"] if 0 < s < last and (fired is None or s < fired)]
+    out = {"run": folder.name, "fired_at_step": fired, "validations": len(t["steps"]),
+           "validations_skipped": len(skipped), "validation_s_saved": float(sum(seconds[s] for s in skipped)),
+           "validation_s_total": float(sum(seconds.values())), "train_loop_s": c.get("train_loop_s")}
+    if stop_after is not None:
+        threshold = CONVERGENCE_THRESHOLDS.get(t["metric"], 0.5)
+        confirmed = next((s for s, f in zip(t["steps"], t["fidelity"])
+                          if fired is not None and s >= fired and f >= threshold), None)
+        stop = None if confirmed is None else min(confirmed + stop_after, last)
+        at_stop = None if stop is None else float(np.interp(stop, t["steps"], t["fidelity"]))
+        per_step = (c.get("train_loop_s", 0.0) - out["validation_s_total"]) / max(1, last)
+        out.update(confirmed_at_step=confirmed, stopped_at_step=stop, fidelity_at_stop=at_stop,
+                   fidelity_final=t["fidelity"][-1],
+                   train_s_saved=0.0 if stop is None else per_step * (last - stop),
+                   validation_s_saved_after_stop=float(sum(v for s, v in seconds.items()
+                                                           if stop is not None and stop < s < last)))
+    return out
+
+
 def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4):
     """Per run: the rule's signal (log scale) and validation's fidelity against step, the step the rule fired
     (solid line) and validation's convergence step (dashed)."""
