@@ -3,9 +3,10 @@
 #                  full profile into reports/ (the main job)
 #   make test      set up, then ruff, the unit tests, every notebook by papermill (smoke), nbval
 #   make lab       set up, then JupyterLab on the kit
-#   make pretrain  rebuild data/tiny-sd by running the pretraining notebook (about an hour of CPU)
+#   make pretrain  rebuild data/tiny-sd: continue data/tiny-sd-v1 by the pretraining notebook (about 5 h of CPU)
 #   make controlnets  rebuild data/controlnets (the shipped ControlNets, trained and measured; ~40 min of CPU)
 #   make architectures  rebuild data/architecture-runs (notebook 10's successor runs; about 3 h on 2 CPU cores)
+#   make forecast-runs  rebuild data/forecast-runs (notebook 11's own runs: controls and new conditions; ~40 min)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -15,7 +16,7 @@ TEST_STAMP := $(VENV)/.cnkit-test-installed
 export HF_HUB_OFFLINE := 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup setup-test figures test test-fast lint unit notebooks nbval lab pretrain controlnets architectures clean
+.PHONY: setup setup-test figures test test-fast lint unit notebooks nbval lab pretrain controlnets architectures forecast-runs clean
 
 setup: $(STAMP)
 
@@ -76,3 +77,8 @@ controlnets: setup
 # data/architecture-runs, which make figures reads: training them there would take it past 3 hours.
 architectures: setup
 	$(VENV)/bin/cnkit architectures
+
+# Trains notebook 11's own runs (controls that never converge, conditions no other notebook uses) and ships their tables
+# in data/forecast-runs, which make figures reads.
+forecast-runs: setup
+	$(VENV)/bin/cnkit forecast runs
