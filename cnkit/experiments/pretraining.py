@@ -61,9 +61,9 @@ def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", pr
     """Pretrain (or resume) with the quality curve, evaluate on ``n_final`` held-out prompts per world, time the
     stock pipeline, write the card into ``out_dir/pipeline`` and copy it to ``publish_to`` when given. Returns
     {"pipe", "stats", "evaluation" (images included), "speed", "card"}."""
-    _, prompts = training_set(cfg)
-    train_prompts = set(prompts)
-    pipe, stats = pretrain(cfg, log=log, judge=judge_for(cfg, train_prompts))
+    data = training_set(cfg)
+    train_prompts = set(data[1])
+    pipe, stats = pretrain(cfg, log=log, judge=judge_for(cfg, train_prompts), data=data)
     evaluation = evaluate_base(pipe, n=n_final, seed=cfg.seed, train_prompts=train_prompts)
     out = Path(cfg.out_dir)
     timing = speed(out / "pipeline", speed_repeats)

@@ -457,11 +457,11 @@ _RESUMABLE_DIFFERENCES = ("checkpoint_every", "num_threads", "out_dir", "eval_ev
 
 
 def pretrain(cfg: PretrainConfig | None = None, tiny_config: TinySDConfig | None = None, log=print,
-             on_checkpoint=None, judge=None):
+             on_checkpoint=None, judge=None, data=None):
     """Run (or resume) all three stages; returns the pipeline with EMA weights, saved to
     ``out_dir/pipeline`` as a stock diffusers folder, and a dict of what was measured. ``on_checkpoint`` and
     ``judge`` (the quality curve's scorer, e.g. ``cnkit.experiments.evaluations.evaluate_base``): see
-    ``train_unet``."""
+    ``train_unet``. ``data``: ``training_set(cfg)`` when the caller has drawn it already."""
     cfg = cfg or PretrainConfig()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -469,7 +469,7 @@ def pretrain(cfg: PretrainConfig | None = None, tiny_config: TinySDConfig | None
     ignore = _RESUMABLE_DIFFERENCES + (("steps",) if cfg.schedule == "wsd" else ())
     lock = claim(out, asdict(cfg), "pretrain_config.json", "a pretraining run", ignore=ignore)
     try:
-        return _pretrain(cfg, tiny_config, log, on_checkpoint, judge)
+        return _pretrain(cfg, tiny_config, log, on_checkpoint, judge, data)
     finally:
         lock.release()
 
@@ -495,12 +495,12 @@ def starting_pipeline(cfg: PretrainConfig, tiny_config: TinySDConfig | None = No
     return pipe, old_vae, {"from": str(cfg.warm_start), **report}
 
 
-def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint, judge):
+def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint, judge, data=None):
     out = Path(cfg.out_dir)
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
     timings, t0 = {}, time.perf_counter()
     pipe, old_vae, start_report = starting_pipeline(cfg, tiny_config)
-    images, prompts = training_set(cfg)
+    images, prompts = data if data is not None else training_set(cfg)
     timings["data_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
