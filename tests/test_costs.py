@@ -41,7 +41,8 @@ def test_several_runs_are_timed_in_interleaved_rounds(trained, monkeypatch, tmp_
     other = runs.Run(shutil.copytree(run.folder, tmp_path / "b"))
     order = []
     monkeypatch.setattr(costs, "step_seconds", lambda cfg, cache, steps: order.append(("step", cfg.seed)) or {
-        "seconds_per_step": 1.0 + cfg.seed, "step_times": [1.0] * steps, "batch_size": 2, "threads": 1})
+        "seconds_per_step": 1.0 + cfg.seed, "step_times": [1.0] * steps, "batch_size": 2, "threads": 1,
+        "trainable_params": 7})
     monkeypatch.setattr(costs, "image_seconds", lambda pipe, ckpt, conds, prompts, repeats: order.append(
         ("image", str(ckpt))) or {"seconds_per_image": 0.5, "images": len(prompts), "denoising_steps": 20})
     m = costs.measure_all({"a": run, "b": other}, runs_dir, timing_steps=2, n_images=2, rounds=2)
@@ -49,6 +50,7 @@ def test_several_runs_are_timed_in_interleaved_rounds(trained, monkeypatch, tmp_
     a, b = str(run.checkpoint), str(other.checkpoint)
     assert [at for kind, at in order if kind == "image"] == [a, b, a, b]  # interleaved, not a, a, b, b
     assert m["a"]["seconds_per_step_rounds"] == [1.0, 1.0] and m["b"]["seconds_per_image"] == 0.5
+    assert m["a"]["trainable_params"] == 7  # counted by the trainer that was timed
 
 
 def _row(params, step_s, image_s, fill_steps, fidelity):

@@ -26,6 +26,7 @@ from ..files import write_json
 from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..models import architectures
 from ..models.bases import load_pipeline
+from ..params import REPO_ROOT
 from ..training.train import LATER_SETTINGS, TrainConfig, Trainer, attach_watchers
 
 THRESHOLDS = CONVERGENCE_THRESHOLDS  # the name notebooks use
@@ -121,8 +122,15 @@ class Run:
             raise FileNotFoundError(
                 f"run {self.folder.name} has no weights in {self.checkpoint} (deleted, or a shipped successor run: "
                 f"those keep seed 0's and the union net's only, cnkit.experiments.bench_runs): {how}")
-        # the base's UNet: a Control-LoRA's copy of the encoder is rebuilt from it (the others ignore it)
-        return architectures.load(self.checkpoint, load_pipeline(self.config["base"]).unet)
+        name = self.config.get("architecture", "controlnet")
+        if not architectures.architecture(name).needs_base_to_load:
+            return architectures.load(self.checkpoint)
+        # a Control-LoRA's copy of the encoder is rebuilt from its base's UNet. A shipped run names its base
+        # relative to the checkout (card.portable), so a relative name is read from there
+        base = self.config["base"]
+        if not Path(base).is_absolute() and (REPO_ROOT / base).exists():
+            base = REPO_ROOT / base
+        return architectures.load(self.checkpoint, load_pipeline(base).unet)
 
     def curve(self, label: str, **style) -> dict:
         """The run's validation fidelity and loss, as ``viz.convergence_figure`` draws one curve."""

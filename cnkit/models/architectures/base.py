@@ -140,6 +140,8 @@ class ControlAdapter(nn.Module):
     name: ClassVar[str] = ""
     loads_with: ClassVar[str] = ""  # "diffusers.ControlNetModel", ... (the class that reads the saved folder)
     preserves_base_at_init: ClassVar[bool] = False
+    # True where ``load`` rebuilds part of the net from its base's UNet (a reader must load the base first)
+    needs_base_to_load: ClassVar[bool] = False
 
     def __init__(self, net: nn.Module, vae_scale_factor: int, **options):
         super().__init__()

@@ -70,6 +70,7 @@ class ControlLoRA(ControlNet):
 
     name = "control-lora"
     loads_with = "diffusers.ControlNetModel.from_unet + load_lora_adapter"
+    needs_base_to_load = True
 
     @classmethod
     def build(cls, unet, vae_scale_factor: int = 8, seed: int | None = None, rank: int = 8,
