@@ -29,6 +29,7 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import pixels
 from ..data import toyworld
@@ -304,13 +305,14 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
 def generate_many(base, prompts: list[str], conditions: list[list] | None, controlnets: list, seeds: list[int],
                   negative_prompt: str = "", steps: int = 20, guidance: float = 3.0,
                   cfg_weighting: str | None = None, mode: str = "balanced", batch: int = 32,
-                  size: int | None = None) -> np.ndarray:
+                  size: int | None = None, progress: str | None = None) -> np.ndarray:
     """One image per item, batched (every measurement of the kit): item k has its own prompt, one condition
     per net (``conditions[k][u]``, fitted to the base's size by crop_and_resize) and its own seed; every net
     at scale 1 over the whole denoising, in ``mode``; DDIM. With no nets (``controlnets=[]``, ``conditions``
     None) it is plain text-to-image. ``size``: pixels (default the base's own; a run validates at its training
-    resolution). Returns uint8 images. An image depends on its own item and seed only, up to float round-off
-    between batch sizes."""
+    resolution). ``progress``: a bar's description (a bar of denoising steps, removed when done; None: no bar).
+    Returns uint8 images. An image depends on its own item and seed only, up to float round-off between batch
+    sizes."""
     conditions = conditions if conditions is not None else [[] for _ in prompts]
     if not (len(prompts) == len(conditions) == len(seeds)):
         raise ValueError(f"prompts ({len(prompts)}), conditions ({len(conditions)}) and seeds ({len(seeds)}) "
@@ -336,16 +338,24 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     for item in conditions[:1]:
         check_condition_sets(controlnets, item)
     out = []
+    bar = tqdm(total=-(-len(prompts) // batch) * steps, desc=progress, unit="denoising step", leave=False,
+               disable=progress is None)
+
+    def tick(p, i, t, kw):
+        bar.update(1)
+        return kw
+
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
         fitted = [[fit_condition(c, size, size)[0] for c in item] for item in conditions[i:j]]
         call = dict(prompt=prompts[i:j], negative_prompt=[negative_prompt] * (j - i), num_inference_steps=steps,
                     guidance_scale=guidance, generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
-                    height=size, width=size, output_type="np")
+                    height=size, width=size, output_type="np", callback_on_step_end=tick)
         if adapters is not None:
             result = run_adapter_pipeline(run, [item[0] if len(adapters) == 1 else item for item in fitted],
                                           **call).images
         else:
             result = run(**call, **({"image": fitted} if controlnets else {})).images
         out.append(from_pipeline(result))
+    bar.close()
     return np.concatenate(out)

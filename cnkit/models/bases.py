@@ -57,6 +57,11 @@ def forget(base=None) -> None:
         _LOADED.pop(str(base), None)
 
 
+def is_loaded(base) -> bool:
+    """Whether ``load_pipeline(base)`` would return at once (a pipeline, or a base already loaded)."""
+    return isinstance(base, StableDiffusionPipeline) or str(base) in _LOADED
+
+
 def load_pipeline(base) -> StableDiffusionPipeline:
     """``load_base``, once per process (generation and evaluations call it per image set); a pipeline
     passed in is returned as it is."""

@@ -135,3 +135,9 @@ def unknown_prompt_words(tokenizer, prompts) -> list[str]:
     if not prompts or not word_list_tokenizer(tokenizer):
         return []
     return list(dict.fromkeys(w for p in prompts for w in unknown_words(tokenizer, p)))
+
+
+def known_words(tokenizer, words) -> list[str]:
+    """The words of ``words`` (in order, once each) that ``tokenizer`` reads as one whole-word token: for a base whose
+    tokenizer was built from its training words, the words it can understand."""
+    return [w for w in dict.fromkeys(words) if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]

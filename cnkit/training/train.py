@@ -97,11 +97,12 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: optimizer state in 8 bits (GPUs)
     telemetry_every: int = 1  # optimizer steps between telemetry rows (the probe costs a forward pass)
+    validation_steps: int = 20  # denoising steps of each validation image (DDIM)
 
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
         positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size",
-                    "telemetry_every", "lora_rank")
+                    "telemetry_every", "lora_rank", "validation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
@@ -177,7 +178,7 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
-                  "condition_dropout": 0.5}
+                  "condition_dropout": 0.5, "validation_steps": 20}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
