@@ -8,6 +8,7 @@ VAE's downsampling factor (64 = 16 x 4 for the tiny base, 512 = 64 x 8 for SD 1.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from diffusers import StableDiffusionPipeline
@@ -27,11 +28,30 @@ def image_size(pipe) -> int:
     return size * vae_scale_factor(pipe.vae)
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading bars off (a second's bars that a saved notebook shows stuck at 0%)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
 def load_base(base: str, device=None) -> StableDiffusionPipeline:
     """The locked base pipeline (local folder or hub id), frozen, in eval mode."""
     path = repo_path(base)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
+                                                           requires_safety_checker=False)
     except (OSError, ValueError) as e:
         raise FileNotFoundError(
             f"could not load the base model {base!r} ({type(e).__name__}: {str(e)[:300]}). Pass a local "

@@ -103,11 +103,11 @@ class UnitPanel:
         self.remove = w.Button(description="Remove", icon="trash", layout=w.Layout(width="96px"))
         self.remove.on_click(lambda _: playground.remove_unit(self))
         self.source_kind = w.ToggleButtons(options=["toy world", "upload"], value="toy world", description="source",
-                                           style={**LABEL, "button_width": "96px"})
-        self.world = w.Dropdown(options=list(toyworld.WORLDS), value=scene[0], description="world", style=LABEL,
-                                layout=w.Layout(width="190px"))
-        self.index = w.BoundedIntText(value=scene[1], min=0, max=2**31 - 1, description="scene no.", style=LABEL,
-                                      layout=w.Layout(width="190px"))
+                                           style={**LABEL, "button_width": "100px"})
+        self.world = w.Dropdown(options=list(toyworld.WORLDS), value=scene[0], description="world",
+                                style={"description_width": "78px"}, layout=w.Layout(width="175px"))
+        self.index = w.BoundedIntText(value=scene[1], min=0, max=2**31 - 1, description="scene",
+                                      style={"description_width": "44px"}, layout=w.Layout(width="165px"))
         self.toy_box = w.HBox([self.world, self.index])
         self.upload = w.FileUpload(accept="image/*", multiple=False, description="image")
         self.upload_box = w.HBox([self.upload], layout=w.Layout(display="none"))
@@ -129,9 +129,10 @@ class UnitPanel:
                                layout=w.Layout(width="330px", display="none"))
         self.net_message = w.HTML()  # what the net was trained on, and whether that fits this unit
         self.net_message.add_class("cnkit-net-message")
-        self.scale = w.FloatSlider(value=1.0, min=0, max=2, step=0.05, description="scale", style=LABEL)
+        self.scale = w.FloatSlider(value=1.0, min=0, max=2, step=0.05, description="scale", style=LABEL,
+                                   layout=w.Layout(width="340px"))
         self.start_end = w.FloatRangeSlider(value=(0.0, 1.0), min=0, max=1, step=0.05, description="start/end",
-                                            style=LABEL)
+                                            style=LABEL, layout=w.Layout(width="340px"))
         self.mode = w.Dropdown(options=[(MODE_LABELS[m], m) for m in CONTROL_MODES], value="balanced",
                                description="mode", style=LABEL, layout=w.Layout(width="330px"))
         previews = w.HBox([w.VBox([self.source_caption, self.source_image]),
@@ -140,7 +141,7 @@ class UnitPanel:
                            self.source_kind, self.toy_box, self.upload_box, self.annotator, self.settings,
                            self.settings_hint, previews, self.source_message, self.net, self.net_path,
                            self.net_message, self.scale, self.start_end, self.mode],
-                          layout=w.Layout(border="1px solid #bbb", padding="6px", margin="3px", width="360px"))
+                          layout=w.Layout(border="1px solid #bbb", padding="6px", margin="3px", width="370px"))
         self.box.add_class("cnkit-unit")
         for widget, name in ((self.annotator, "annotator"), (self.settings, "settings"), (self.net, "net"),
                              (self.net_path, "net-path"), (self.source_image, "source-image"),
@@ -388,12 +389,14 @@ class Playground:
         self.live_caption = w.HTML()
         self.results = w.HBox()
         self.results.add_class("cnkit-results")
-        self.units_box = w.Box(layout=w.Layout(display="flex", flex_flow="row wrap"))
+        self.units_box = w.Box(layout=w.Layout(display="flex", flex_flow="row wrap", flex="0 1 auto"))
+        outputs = w.VBox([w.HBox([self.button, self.add]), self.status, self.error,
+                          w.HBox([w.VBox([self.live_caption, self.live]), self.results])],
+                         layout=w.Layout(width="430px", margin="3px 0 0 8px"))
         self.ui = w.VBox([
-            w.HTML("<b>Control units</b> (each: a source, its condition map, a ControlNet)"),
-            self.units_box, self.add, self.prompt, self.prompt_hint, self.prompt_message, self.negative,
-            w.HBox([self.steps, self.guidance, self.seed]), w.HBox([self.button, self.status]), self.error,
-            w.HBox([w.VBox([self.live_caption, self.live]), self.results])])
+            self.prompt, self.prompt_hint, self.prompt_message, self.negative,
+            w.HBox([self.steps, self.guidance, self.seed]),
+            w.HBox([self.units_box, outputs], layout=w.Layout(align_items="flex-start"))])
         self.ui.add_class("cnkit-playground")
         self.prompt.observe(lambda _: self.check_prompt(), names="value")
         self.negative.observe(lambda _: self.check_prompt(), names="value")
