@@ -56,6 +56,15 @@ CFG_FORMS = {
     "resolution weighting (0.825 form)": (True, "0.825"),
     "resolution weighting (logspace form)": (True, "logspace"),
 }
+# ... as a figure names them (the condition goes where guidance acts on it; weighted: connection i scaled by w_i)
+CFG_FORM_LABELS = {
+    "no guidance": "no guidance (scale 1)",
+    "guidance, condition in both branches": "condition in both CFG branches",
+    "guidance, conditional branch only, unweighted": "conditional branch only",
+    "resolution weighting (paper: 64/h)": "cond. branch, weighted 64/h (paper)",
+    "resolution weighting (0.825 form)": "cond. branch, weighted 0.825^(12-i)",
+    "resolution weighting (logspace form)": "cond. branch, weighted logspace",
+}
 
 
 # --- the base -------------------------------------------------------------------------------

@@ -172,7 +172,8 @@ def write_base_card(folder, cfg, stats: dict, evaluation: dict, speed: dict, pro
                             f"{f['fill_colour']:.1%}, background colour {f['background_colour']:.1%}; shapes: prompted "
                             f"shapes, counts and colours {s['correct']:.1%} (colours and counts "
                             f"{s['colours_and_counts']:.1%}). VAE reconstruction PSNR {stats['vae_psnr_db']:.1f} dB on "
-                            f"64 held-out images. 8 images at 25 steps: {speed['median_s']:.2f} s (median, "
+                            f"64 held-out images. {speed.get('images', 8)} images at {speed.get('steps', 25)} steps: "
+                            f"{speed['median_s']:.2f} s (median, "
                             f"{speed['threads']} threads). Per-image outcomes: `evaluation.json`.",
         "Rebuild": "`make pretrain` (runs this notebook at the full profile and copies the result here).",
     }, data)
