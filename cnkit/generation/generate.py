@@ -12,6 +12,10 @@ same seed.
 ``generate_many`` is the one batched loop behind every measurement of the kit (training-time
 validation, the evaluations, the figures): one prompt, condition set and seed per image, so an
 image depends on its own item and seed only. With no nets it is plain text-to-image.
+
+Both read a net's folder once while its files are unchanged (``cnkit.generation.nets``), and both warn, once per
+call, when a prompt holds words a base built from a word list (the embedded one) was never trained on
+(``UnknownWordsWarning``; ``generate`` also lists them in its notes, beside prompts cut at 77 tokens).
 """
 
 from __future__ import annotations
