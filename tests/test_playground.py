@@ -149,3 +149,10 @@ def test_the_headless_run_saves_what_it_made(playground, tmp_path):
     image = np.asarray(Image.open(tmp_path / "image_0.png"))
     assert image.shape == (64, 64, 3)
     assert json.loads(json.dumps(playground.result.settings))["units"] == 1
+
+
+def test_another_world_brings_a_map_it_has_and_the_net_trained_on_it(playground):
+    unit = playground.units[0]
+    unit.world.value = "fill"  # the fill world has outlines only
+    assert unit.annotator.value == "toy_outline" and unit.net.value == "alpha" and not unit.source_message.value
+    assert playground.prompt.value == toyworld.sample("fill", splits.VALIDATION).prompt

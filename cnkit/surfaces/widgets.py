@@ -243,7 +243,12 @@ class UnitPanel:
     def _on_scene(self, _change) -> None:
         if self._quiet:
             return
-        self.refresh_preview()
+        kind = self.annotator.value.removeprefix("toy_")
+        if self.annotator.value.startswith("toy_") and kind not in toyworld.CONDITIONS[self.world.value]:
+            self.annotator.value = "toy_" + toyworld.CONDITIONS[self.world.value][0]  # refreshes, follows
+        else:
+            self.follow_annotator()
+            self.refresh_preview()
         self.pg.scene_changed(self)
 
     def _on_annotator(self, _change) -> None:
