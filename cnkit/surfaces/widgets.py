@@ -81,12 +81,6 @@ def message(kind: str, text: str) -> str:
             f"{html.escape(text)}</div>")
 
 
-def shipped_controlnets(root="data/controlnets") -> list[str]:
-    """Folders under ``root`` that hold a ControlNet (config.json and weights)."""
-    root = repo_path(root)
-    return sorted(str(p.parent) for p in root.glob("*/config.json")) if root.is_dir() else []
-
-
 def _short_name(folder: str) -> str:
     p = Path(folder)
     return p.parent.name if p.name == "checkpoint" else p.name
