@@ -17,6 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
 from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 DPI = 120  # what the notebooks save figures at
 README_WIDTH = 800  # px: the widest a README column shows an image (wider ones are scaled down to it)
@@ -357,7 +358,8 @@ def grouped_bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: 
         ax.set_ylim(*ylim)
     if title:
         ax.set_title(title)
-    ax.legend(ncol=min(3, len(groups)), loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
+    fits = int(fig.get_figwidth() // (0.075 * max(len(g) for g in groups) + 0.5))  # legend entries a row holds
+    ax.legend(ncol=max(1, min(3, len(groups), fits)), loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
     fig.tight_layout()
     return fig
 
@@ -384,7 +386,7 @@ def hbar_panels(panels: dict[str, dict[str, list[float | None]]], log_panels=(),
         top = max([v for vs in values.values() for v in vs if v is not None] + [budget or 0, 1e-12])
         for k, name in enumerate(names):
             if name not in values:
-                ax.text(0.01, y[name], "not measured", transform=ax.get_yaxis_transform(), va="center",
+                ax.text(0.03, y[name], "not measured", transform=ax.get_yaxis_transform(), va="center",
                         color="grey", fontsize=8.5)
                 continue
             got = [v for v in values[name] if v is not None]
@@ -396,18 +398,21 @@ def hbar_panels(panels: dict[str, dict[str, list[float | None]]], log_panels=(),
                         f"  {number(median)}", va="center", ha="left", fontsize=8.5)
             ax.plot(got, [y[name]] * len(got), "k.", ms=4)
             if never:
-                where = (budget or top) * 1.1
+                where = (budget or top) * 1.08
                 ax.plot([where], [y[name]], "x", color="#b00020", ms=7, mew=1.5)
-                ax.text(where, y[name] - 0.42, f"never ({never} of {len(values[name])})", ha="right", va="center",
+                ax.text(where, y[name], f"  never: {never} of {len(values[name])}", ha="left", va="center",
                         fontsize=8.5, color="#b00020")
         ax.set_yticks([y[nm] for nm in names], names)
         if title in log_panels:
             ax.set_xscale("log")
             ax.set_xlim(right=top * 6)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         else:
-            ax.set_xlim(0, top * (1.18 if budget else 1.3))  # room for the numbers and the never marks
+            ax.set_xlim(0, top * (1.6 if budget else 1.3))  # room for the numbers and the never marks
         if budget is not None:
             ax.axvline(budget, color="grey", ls="--", lw=0.8)
+            title += f"\n(dashed: the last step, {budget:g}; x: never converged)"
         ax.set_title(title, loc="left")
     fig.tight_layout()
     return fig

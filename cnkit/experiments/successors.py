@@ -115,7 +115,7 @@ def costs_figure(rows: dict, trained: Trained):
     }
     budget = {}
     for t, by_arch in trained.items():
-        title = f"{t}: step it converged at, per seed"
+        title = f"{t}: step each seed converged at (bar: median)"
         panels[title] = {a: r["converged_at_step"][t] for a, r in rows.items() if t in r["converged_at_step"]}
         budget[title] = next(iter(by_arch.values()))[0].config["steps"]
     return viz.hbar_panels(panels, log_panels=("trainable parameters (millions)", "weights file (KB)"),
