@@ -87,7 +87,7 @@ def test_a_run_that_never_converged_is_not_a_bar():
     ax = fig.axes[0]
     bars = [p for p in ax.patches if p.get_width() > 0]
     assert len(bars) == 1 and bars[0].get_width() == 200  # a's median; b (never on 2 of 3 seeds) has none
-    assert any("never (2 of 3)" in t.get_text() for t in ax.texts)
+    assert any("never: 2 of 3" in t.get_text() for t in ax.texts)
     plt.close(fig)
 
 
