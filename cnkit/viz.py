@@ -79,7 +79,7 @@ def image_grid(rows: list[list[np.ndarray]], col_titles: list[str] | None = None
                row_titles: list[str] | None = None, cell: float = 1.6, cell_titles: list[list[str]] | None = None):
     """A grid of HxWx3 images; ``rows[i][j]`` is drawn at row i, column j; ``cell_titles[i][j]`` above it."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    extra = 0.45 * (max(t.count("\n") for r in cell_titles for t in r) + 1) if cell_titles else 0
+    extra = 0.3 * (max(t.count("\n") for r in cell_titles for t in r) + 1) if cell_titles else 0
     # room on the left for the row titles (about 0.07 in a character at 8.5 pt)
     left = 0.07 * max((max(len(line) for line in t.split("\n")) for t in row_titles), default=0) if row_titles else 0
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + left, (cell + extra) * n_rows + 0.4),
