@@ -327,7 +327,8 @@ class UnitPanel:
                 return
             folder = repo_path(path)
             if not folder.exists() and not (path.count("/") == 1 and not path.startswith((".", "/", "~"))):
-                self.net_message.value = message("error", f"no ControlNet at {path} (no such folder or file)")
+                hint = f"; {path} is in the list above" if path in self.pg.choices else ""
+                self.net_message.value = message("error", f"no ControlNet at {path} (no such folder or file){hint}")
                 return
         else:
             folder = self.pg.choices[self.net.value]
