@@ -11,10 +11,11 @@ imports only its own folder and the folders below it, so the package has no impo
   (files written whole: atomic writes, outputs that never overwrite weights unless told)
 - ``data/``: ``toyworld``, ``readers``, ``splits``, ``encoded``, ``trainset``
 - ``models/``: ``tokenizer``, ``tiny``, ``sd15``, ``bases``, ``controlnets``, ``export``, ``architectures/``
-- ``generation/``: ``weighting``, ``annotators``, ``adapter_pipeline``, ``generate``
+- ``generation/``: ``weighting``, ``annotators``, ``adapter_pipeline``, ``nets`` (nets read once while unchanged),
+  ``generate``
 - ``training/``: ``checkpoints``, ``train``, ``telemetry``, ``pretrain``
 - ``experiments/``: ``runs``, ``configs``, ``evaluations``, ``shipped``, ``bench_runs``, ``costs``,
-  ``successor_claims``
+  ``successor_claims``, ``successors`` (notebook 10's bench)
 - ``surfaces/``: ``report`` (make figures), ``widgets`` (the playground), ``cli`` (the ``cnkit`` command)
 
 Data flows one way: data -> train (with probes attached from outside) -> run folder (config, checkpoint,

@@ -76,6 +76,31 @@ def by_profile(profile: str, smoke, full):
     return smoke if resolve_profile(profile) == "smoke" else full
 
 
+def _fields(values) -> dict:
+    return dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
+
+
+def say_overrides(profile: str, used, full) -> None:
+    """Under the smoke profile, print what it changed: each value ``used`` (a dict or a dataclass, e.g. a run's
+    TrainConfig) that differs from ``full``'s (what the parameters give), so a reader of the parameters cell is not
+    misled about the sizes that ran."""
+    if resolve_profile(profile) != "smoke":
+        return
+    used, full = _fields(used), _fields(full)
+    changed = [f"{k}={used[k]!r} (parameter: {full[k]!r})" for k in used if k in full and used[k] != full[k]]
+    if changed:
+        print("smoke profile, the same code at tiny sizes: " + ", ".join(changed))
+
+
+def profile_values(profile: str, **pairs) -> dict:
+    """``name=(smoke, full)`` pairs -> the value of each that ``profile`` uses; the smoke profile's changes are
+    printed (``say_overrides``)."""
+    smoke = resolve_profile(profile) == "smoke"
+    used = {k: (s if smoke else f) for k, (s, f) in pairs.items()}
+    say_overrides(profile, used, {k: f for k, (_, f) in pairs.items()})
+    return used
+
+
 def out_path(out_dir) -> Path:
     """The run's output folder, created. Notebooks write every result here as a file."""
     path = Path(out_dir).expanduser()

@@ -1,18 +1,89 @@
-"""Matplotlib figures of the kit. Functions take data (arrays, rows read from files) and return a
-Figure; saving is the caller's, so notebooks and the report draw the same picture."""
+"""Matplotlib figures of the kit. Functions take data (arrays, rows read from files) and return a Figure; saving
+is the caller's, so notebooks and the report draw the same picture.
+
+A figure must read without the code, at the size the README shows it: axes say what is measured, in words and
+with units; legends name things as the text does; no text is smaller than 9 px where the README shows the figure
+(``README_WIDTH`` px wide at most, saved at ``DPI``), which ``smallest_text_px`` measures and the tests check;
+runs that never converged are drawn as such, never as a bar at the budget.
+"""
 
 from __future__ import annotations
+
+import functools
+import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.colors import LogNorm
+from matplotlib.text import Text
+from matplotlib.ticker import FuncFormatter, NullFormatter
+
+DPI = 120  # what the notebooks save figures at
+README_WIDTH = 800  # px: the widest a README column shows an image (wider ones are scaled down to it)
+MIN_TEXT_PX = 9  # the smallest text allowed at that size
+STYLE = {"font.size": 9, "axes.titlesize": 9.5, "axes.labelsize": 9, "xtick.labelsize": 8.5,
+         "ytick.labelsize": 8.5, "legend.fontsize": 8.5, "legend.title_fontsize": 8.5, "figure.titlesize": 10}
+
+# Telemetry columns as a reader says them.
+FIELD_LABELS = {
+    "weight_mean_abs": "mean |weight| of its 1x1 convolution",
+    "weight_norm": "weight norm of its 1x1 convolution",
+    "bias_norm": "bias norm of its 1x1 convolution",
+    "grad_norm": "gradient norm",
+    "residual_rms": "RMS of what it adds to the UNet\n(fixed probe batch, latent units)",
+}
+ENCODER_LABEL = "condition encoder's last conv\n(into the copy, not the UNet)"
 
 
+def styled(fn):
+    """Draw ``fn``'s figure with the kit's font sizes (text made inside keeps them)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with plt.rc_context(STYLE):
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def smallest_text_px(fig, dpi: int = DPI, shown_width: int = README_WIDTH) -> float:
+    """The height in pixels of the smallest visible text of ``fig`` (saved at ``dpi`` with a tight bounding box)
+    where it is shown at most ``shown_width`` px wide: what a reader of the README sees."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    width_px = (fig.get_tightbbox(renderer).width + 0.2) * dpi  # savefig's tight box pads 0.1 in on each side
+    scale = min(1.0, shown_width / width_px)
+    sizes = [t.get_fontsize() for t in fig.findobj(Text) if t.get_visible() and t.get_text().strip()]
+    return min(sizes) * dpi / 72 * scale if sizes else math.inf
+
+
+def rounded(value, digits: int = 3):
+    """``value`` (numbers, or dicts and lists of them) with floats to ``digits`` significant digits, for display:
+    a measurement printed with 17 digits claims a precision it does not have."""
+    if isinstance(value, dict):
+        return {k: rounded(v, digits) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(rounded(v, digits) for v in value)
+    if isinstance(value, float | np.floating) and math.isfinite(value) and value != 0:
+        return float(f"{float(value):.{digits}g}")
+    return value
+
+
+def _legend_below(fig, axes, handles, labels, ncol: int = 3) -> None:
+    """One legend for the figure, under its panels (it hides no curve)."""
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.08 + 0.055 * math.ceil(len(labels) / ncol), 1, 1))
+
+
+@styled
 def image_grid(rows: list[list[np.ndarray]], col_titles: list[str] | None = None,
-               row_titles: list[str] | None = None, cell: float = 1.6):
-    """A grid of HxWx3 images; ``rows[i][j]`` is drawn at row i, column j."""
+               row_titles: list[str] | None = None, cell: float = 1.6, cell_titles: list[list[str]] | None = None):
+    """A grid of HxWx3 images; ``rows[i][j]`` is drawn at row i, column j; ``cell_titles[i][j]`` above it."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols, cell * n_rows + 0.4), squeeze=False)
+    extra = 0.3 * (max(t.count("\n") for r in cell_titles for t in r) + 1) if cell_titles else 0
+    # room on the left for the row titles (about 0.07 in a character at 8.5 pt)
+    left = 0.07 * max((max(len(line) for line in t.split("\n")) for t in row_titles), default=0) if row_titles else 0
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(cell * n_cols + left, (cell + extra) * n_rows + 0.4),
+                             squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -24,38 +95,47 @@ def image_grid(rows: list[list[np.ndarray]], col_titles: list[str] | None = None
                 ax.axis("off")
             if i == 0 and col_titles and j < len(col_titles):
                 ax.set_title(col_titles[j], fontsize=9)
+            if cell_titles and j < len(cell_titles[i]):
+                ax.set_title(cell_titles[i][j], fontsize=8)
         if row_titles:
-            axes[i][0].set_ylabel(row_titles[i], fontsize=7, rotation=0, ha="right", va="center")
-    fig.tight_layout()
+            axes[i][0].set_ylabel(row_titles[i], fontsize=8.5, rotation=0, ha="right", va="center")
+    if row_titles:  # the titles sit left of the first column, in the room made for them
+        fig.subplots_adjust(left=left / fig.get_figwidth() + 0.01, right=0.99, wspace=0.05,
+                            hspace=0.35 if col_titles or cell_titles else 0.05)
+    else:
+        fig.tight_layout()
     return fig
 
 
-def stacked_images(paths: list, titles: list[str], width: float = 9.0, height: float = 2.3):
+@styled
+def stacked_images(paths: list, titles: list[str], width: float = 7.5, height: float = 2.0):
     """Image files (sample grids) one above the other, each with its title."""
     fig, axes = plt.subplots(len(paths), 1, figsize=(width, height * len(paths)), squeeze=False)
     for ax, path, title in zip(axes[:, 0], paths, titles):
         ax.imshow(plt.imread(path))
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title, fontsize=9.5)
         ax.axis("off")
     fig.tight_layout()
     return fig
 
 
+@styled
 def connections_figure(rows: list[dict]):
     """The ControlNet's connections into the UNet: channels per connection, coloured by latent size."""
     sizes = sorted({r["latent_size"] for r in rows}, reverse=True)
     colours = dict(zip(sizes, plt.cm.viridis(np.linspace(0.1, 0.9, len(sizes)))))
-    fig, ax = plt.subplots(figsize=(7, 2.8))
+    fig, ax = plt.subplots(figsize=(6.6, 2.9))
     for r in rows:
         ax.bar(r["connection"], r["channels"], color=colours[r["latent_size"]],
                hatch="//" if r["kind"] == "middle" else None, edgecolor="k")
     ax.set_xticks([r["connection"] for r in rows])
-    ax.set_xticklabels([f"{r['connection']}\n{r['latent_size']}px" for r in rows], fontsize=7)
-    ax.set_xlabel("connection (latent size); hatched: middle block")
+    ax.set_xticklabels([str(r["connection"]) for r in rows])
+    ax.set_xlabel("connection into the UNet (hatched: the middle block)")
     ax.set_ylabel("channels")
     handles = [plt.Rectangle((0, 0), 1, 1, color=colours[s]) for s in sizes]
-    labels = [f"{s}x{s} (SD: {rows[[r['latent_size'] for r in rows].index(s)]['sd_latent_size']})" for s in sizes]
-    ax.legend(handles, labels, fontsize=7, title="latent size", title_fontsize=7, loc="upper left")
+    labels = [f"{s}x{s} (SD 1.5: {rows[[r['latent_size'] for r in rows].index(s)]['sd_latent_size']}x"
+              f"{rows[[r['latent_size'] for r in rows].index(s)]['sd_latent_size']})" for s in sizes]
+    ax.legend(handles, labels, title="latent size", loc="upper left")
     fig.tight_layout()
     return fig
 
@@ -63,6 +143,10 @@ def connections_figure(rows: list[dict]):
 def _latent_colours(sizes):
     sizes = sorted(set(sizes), reverse=True)
     return dict(zip(sizes, plt.cm.viridis(np.linspace(0.1, 0.9, len(sizes)))))
+
+
+def _is_encoder(name: str) -> bool:
+    return "cond_embedding" in name or "conditioning" in name
 
 
 def _by_connection(telemetry: dict, field: str) -> dict[int, tuple[np.ndarray, np.ndarray, int, str]]:
@@ -77,26 +161,27 @@ def _by_connection(telemetry: dict, field: str) -> dict[int, tuple[np.ndarray, n
     return out
 
 
+@styled
 def growth_curves(telemetry: dict, fields=("weight_mean_abs", "residual_rms")):
-    """Per-connection curves against optimizer step, one panel per field, coloured by latent size;
-    the condition encoder's last convolution is dashed."""
-    fig, axes = plt.subplots(1, len(fields), figsize=(5.2 * len(fields), 3.4), squeeze=False)
+    """Per-connection curves against optimizer step, one panel per field, coloured by latent size; the condition
+    encoder's last convolution is dashed."""
+    fig, axes = plt.subplots(1, len(fields), figsize=(4.3 * len(fields), 3.6), squeeze=False)
     series = _by_connection(telemetry, fields[0])
-    colours = _latent_colours(s[2] for s in series.values())
+    colours = _latent_colours(s[2] for s in series.values() if not _is_encoder(s[3]))
     for ax, field in zip(axes[0], fields):
         for _c, (steps, values, size, name) in _by_connection(telemetry, field).items():
-            encoder = "cond_embedding" in name or "conditioning" in name
-            ax.plot(steps, values, color="k" if encoder else colours.get(size), lw=1, ls="--" if encoder else "-",
-                    label=None)
+            encoder = _is_encoder(name)
+            ax.plot(steps, values, color="k" if encoder else colours.get(size), lw=1, ls="--" if encoder else "-")
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel(field)
+        ax.set_ylabel(FIELD_LABELS.get(field, field))
         ax.set_yscale("symlog", linthresh=1e-6)
     handles = [plt.Line2D([], [], color=colours[s]) for s in colours] + [plt.Line2D([], [], color="k", ls="--")]
-    axes[0][-1].legend(handles, [f"{s}x{s} latent" for s in colours] + ["condition encoder out"], fontsize=7)
-    fig.tight_layout()
+    labels = [f"connection at {s}x{s} latents" for s in colours] + [ENCODER_LABEL.replace("\n", " ")]
+    _legend_below(fig, axes[0], handles, labels, ncol=3)
     return fig
 
 
+@styled
 def growth_heatmap(telemetry: dict, field: str = "residual_rms"):
     """Connection-by-step heatmap of ``field`` (log colour scale; zeros drawn at the floor)."""
     series = _by_connection(telemetry, field)
@@ -104,58 +189,92 @@ def growth_heatmap(telemetry: dict, field: str = "residual_rms"):
     grid = np.array([v for _, v, _, _ in series.values()])
     positive = grid[grid > 0]
     floor = positive.min() if positive.size else 1e-12
-    fig, ax = plt.subplots(figsize=(8, 3.6))
+    fig, ax = plt.subplots(figsize=(7.2, 4.0))
     im = ax.imshow(np.maximum(grid, floor), aspect="auto", interpolation="nearest", cmap="magma",
                    norm=LogNorm(vmin=floor, vmax=max(grid.max(), floor * 10)),
                    extent=(steps[0] - 0.5, steps[-1] + 0.5, len(series) - 0.5, -0.5))
     ax.set_yticks(range(len(series)))
-    ax.set_yticklabels([f"{c} ({s[2]}px)" for c, s in series.items()], fontsize=7)
+    ax.set_yticklabels([f"{c}: condition encoder" if _is_encoder(s[3]) else f"{c}: {s[2]}x{s[2]}"
+                        for c, s in series.items()])
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("connection (latent size)")
-    fig.colorbar(im, ax=ax, label=field)
+    ax.set_ylabel("connection: latent size")
+    ax.set_title("rows 0-12: into the UNet (12 skips, the middle block);\nrow 13: into the trainable copy. "
+                 "Black: exactly zero.", loc="left")
+    fig.colorbar(im, ax=ax, label=FIELD_LABELS.get(field, field).replace("\n", " ").replace(" (", "\n("))
     fig.tight_layout()
     return fig
 
 
+@styled
 def growth_by_latent_size(telemetry: dict, field: str = "residual_rms", step: int | None = None):
-    """``field`` of each connection at ``step`` (default: the last) against its latent size."""
+    """``field`` of each connection at ``step`` (default: the last) against its latent size; connections at one
+    size are spread apart and numbered."""
     series = _by_connection(telemetry, field)
-    fig, ax = plt.subplots(figsize=(4.6, 3.4))
-    colours = _latent_colours(s[2] for s in series.values())
+    fig, ax = plt.subplots(figsize=(5.6, 3.8))
+    colours = _latent_colours(s[2] for s in series.values() if not _is_encoder(s[3]))
+    at_size: dict[int, int] = {}
+    last = None
     for c, (steps, values, size, name) in series.items():
         i = -1 if step is None else int(np.searchsorted(steps, step))
-        encoder = "cond_embedding" in name or "conditioning" in name
-        ax.scatter(size, values[i], color="k" if encoder else colours[size], marker="x" if encoder else "o")
-        ax.annotate(str(c), (size, values[i]), fontsize=6, xytext=(3, 0), textcoords="offset points")
+        last = int(steps[i])
+        encoder = _is_encoder(name)
+        k = at_size[size] = at_size.get(size, -1) + 1
+        x = size * 2 ** (0.14 * (k - 1))  # the connections of one size side by side
+        ax.scatter(x, values[i], color="k" if encoder else colours[size], marker="x" if encoder else "o", zorder=3)
+        ax.annotate("enc." if encoder else str(c), (x, values[i]), xytext=(4, 3), textcoords="offset points",
+                    fontsize=8.5)
     ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(colours), [f"{s}x{s}" for s in sorted(colours)])
+    ax.minorticks_off()
     ax.set_yscale("log")
-    ax.set_xlabel("latent size of the connection (px)")
-    ax.set_ylabel(f"{field} at step {int(steps[-1]) if step is None else step}")
+    ax.set_xlabel("latent size the connection feeds (numbers: connection; x: condition encoder)")
+    ax.set_ylabel(FIELD_LABELS.get(field, field).split("\n")[0] + f"\nat step {last}")
     fig.tight_layout()
     return fig
 
 
+def smoothed(values, window: int) -> np.ndarray:
+    """The running mean of ``values`` over ``window`` points (shorter at the start)."""
+    v = np.asarray(values, float)
+    if len(v) == 0 or window <= 1:
+        return v
+    c = np.cumsum(np.insert(v, 0, 0.0))
+    k = np.arange(1, len(v) + 1)
+    lo = np.maximum(0, k - window)
+    return (c[k] - c[lo]) / (k - lo)
+
+
+@styled
 def convergence_figure(runs: list[dict], threshold: float, metric: str):
-    """Fidelity against optimizer step per run (raw validation points, detected step marked by a
-    vertical line) and the raw per-step training loss beside it. ``runs``: dicts with label,
-    steps, fidelity, converged_at_step, loss_steps, loss, and optionally colour."""
-    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(11, 3.6))
+    """Fidelity against optimizer step per run (raw validation points, detected step marked by a vertical line) and
+    the training loss beside it (every step, faint, and its running mean). ``runs``: dicts with label, steps,
+    fidelity, converged_at_step, loss_steps, loss, and optionally colour."""
+    fig, (ax, ax_loss) = plt.subplots(1, 2, figsize=(8.6, 3.5))
+    window = 1
     for k, r in enumerate(runs):
         colour = r.get("colour", plt.cm.tab10(k))
         ax.plot(r["steps"], r["fidelity"], "o-", ms=3, color=colour, label=r["label"])
         if r.get("converged_at_step") is not None:
             ax.axvline(r["converged_at_step"], color=colour, ls=":", lw=1.2)
-        ax_loss.plot(r["loss_steps"], r["loss"], color=colour, lw=0.5, alpha=0.8, label=r["label"])
+        window = max(1, len(r["loss"]) // 25)
+        ax_loss.plot(r["loss_steps"], r["loss"], color=colour, lw=0.5, alpha=0.25)
+        ax_loss.plot(r["loss_steps"], smoothed(r["loss"], window), color=colour, lw=1.4, label=r["label"])
     ax.axhline(threshold, color="grey", lw=0.8, ls="--")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(f"condition fidelity ({metric})")
+    ax.set_ylabel(f"condition fidelity ({METRIC_LABELS.get(metric, metric)})")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, title="dotted: converged at", title_fontsize=7)
+    ax.set_title(f"dotted: converged at; dashed: threshold {threshold:g}", loc="left")
     ax_loss.set_yscale("log")
     ax_loss.set_xlabel("optimizer step")
-    ax_loss.set_ylabel("training loss (raw, per step)")
-    fig.tight_layout()
+    ax_loss.set_ylabel("training loss (noise-prediction MSE)")
+    ax_loss.set_title(f"faint: every step; line: mean of {window} steps" if window > 1 else "every step",
+                      loc="left")
+    _legend_below(fig, [ax, ax_loss], *ax.get_legend_handles_labels(), ncol=min(2, len(runs)))
     return fig
+
+
+# Metric names as a reader says them.
+METRIC_LABELS = {"disc_iou": "disc IoU", "miou": "segmentation mIoU", "edge_f1": "edge F1"}
 
 
 def _spread_on(ax, groups: dict[str, list[tuple[list, list]]]) -> None:
@@ -165,31 +284,37 @@ def _spread_on(ax, groups: dict[str, list[tuple[list, list]]]) -> None:
         steps = np.asarray(series[0][0], float)
         ys = np.array([np.asarray(f, float)[: len(steps)] for _, f in series])
         ax.fill_between(steps, ys.min(0), ys.max(0), color=colour, alpha=0.15, lw=0)
-        ax.plot(steps, ys.mean(0), "-", color=colour, label=f"{label} (mean of {len(series)}, band: min-max)")
+        ax.plot(steps, ys.mean(0), "-", color=colour, label=f"{label} ({len(series)} seed{'s' * (len(series) > 1)})")
         for y in ys:
             ax.plot(steps, y, ".", color=colour, ms=2.5, alpha=0.6)
 
 
+@styled
 def spread_curves(groups: dict[str, list[tuple[list, list]]], threshold: float | None, metric: str,
                   xlabel: str = "optimizer step"):
-    """One line per group: the mean over its runs (seeds) of fidelity against step, with the band from
-    the lowest to the highest run and every run's raw points. ``groups``: label -> [(steps, fidelity)]."""
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    """One line per group: the mean over its runs (seeds) of fidelity against step, with the band from the lowest
+    to the highest run and every run's raw points. ``groups``: label -> [(steps, fidelity)]."""
+    fig, ax = plt.subplots(figsize=(6.2, 3.6))
     _spread_on(ax, groups)
     if threshold is not None:
         ax.axhline(threshold, color="grey", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(f"condition fidelity ({metric})")
+    ax.set_ylabel(f"condition fidelity ({METRIC_LABELS.get(metric, metric)})")
+    ax.set_title("line: mean over seeds; band: lowest to highest seed; dots: each seed"
+                 + (f"; dashed: {threshold:g}" if threshold is not None else ""), loc="left")
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
+    ax.legend()
     fig.tight_layout()
     return fig
 
 
+@styled
 def spread_panels(panels: dict[str, dict[str, list[tuple[list, list]]]], ylabel: str,
                   thresholds: dict[str, float] | None = None, ylim=None, yscale: str = "linear"):
-    """``spread_curves`` side by side, one panel per title: ``panels``: title -> label -> [(steps, values)]."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.6), squeeze=False)
+    """``spread_curves`` side by side, one panel per title (``panels``: title -> label -> [(steps, values)]), one
+    legend below them."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 3.6), squeeze=False)
+    legend = {}
     for ax, (title, groups) in zip(axes[0], panels.items()):
         _spread_on(ax, groups)
         if thresholds and title in thresholds:
@@ -200,56 +325,127 @@ def spread_panels(panels: dict[str, dict[str, list[tuple[list, list]]]], ylabel:
             ax.set_yscale(yscale)
         if ylim:
             ax.set_ylim(*ylim)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel(ylabel)
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab.split(" (")[0], (h, lab))
+    handles = [h for h, _ in legend.values()]
+    labels = [lab for lab in legend]
+    fig.suptitle("line: mean over seeds; band: lowest to highest seed; dots: each seed"
+                 + ("; dashed: the convergence threshold" if thresholds else ""), x=0.01, ha="left", fontsize=9)
+    _legend_below(fig, axes[0], handles, labels, ncol=min(3, len(labels)))
     return fig
 
 
+@styled
 def grouped_bars(values: dict[str, dict[str, list[float]]], ylabel: str, title: str = "", ylim=(0, 1)):
     """Bars of the mean per (category, group), every seed's value as a dot on its bar.
     ``values``: group (e.g. variant) -> category (e.g. prompt setting) -> one value per seed."""
     groups = list(values)
     categories = list(next(iter(values.values())))
     width = 0.8 / len(groups)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(categories), 3.4))
+    fig, ax = plt.subplots(figsize=(min(6.6, 1.8 + 1.3 * len(categories)), 3.5))
     for g, group in enumerate(groups):
         x = np.arange(len(categories)) + (g - (len(groups) - 1) / 2) * width
         means = [np.mean(values[group][c]) if values[group][c] else np.nan for c in categories]
         ax.bar(x, means, width * 0.9, color=plt.cm.tab10(g), label=group, alpha=0.8)
         for xi, c in zip(x, categories):
             ax.plot([xi] * len(values[group][c]), values[group][c], "k.", ms=3)
-    ax.set_xticks(np.arange(len(categories)), categories, fontsize=8)
+    ax.set_xticks(np.arange(len(categories)), categories)
     ax.set_ylabel(ylabel)
     if ylim:
         ax.set_ylim(*ylim)
     if title:
-        ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+        ax.set_title(title)
+    fits = int(fig.get_figwidth() // (0.075 * max(len(g) for g in groups) + 0.5))  # legend entries a row holds
+    ax.legend(ncol=max(1, min(3, len(groups), fits)), loc="upper left", bbox_to_anchor=(0, -0.12), frameon=False)
     fig.tight_layout()
     return fig
 
 
-def bar_panels(panels: dict[str, dict[str, list[float]]], log_panels=()):
-    """One small bar chart per quantity, side by side: ``panels``: title -> label -> values (one per seed; the bar
-    is their mean, each value a dot; None values, e.g. never converged, are left out and counted in the label)."""
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 3.0), squeeze=False)
-    for ax, (title, values) in zip(axes[0], panels.items()):
-        labels = list(values)
-        for k, label in enumerate(labels):
-            got = [v for v in values[label] if v is not None]
-            if got:
-                ax.bar(k, np.mean(got), 0.7, color=plt.cm.tab10(k), alpha=0.8)
-                ax.plot([k] * len(got), got, "k.", ms=3)
-            missing = len(values[label]) - len(got)
-            if missing:
-                ax.text(k, 0, f"{missing}x\nnever", ha="center", va="bottom", fontsize=6)
-        ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+@styled
+def hbar_panels(panels: dict[str, dict[str, list[float | None]]], log_panels=(), never_at: dict | None = None,
+                columns: int = 2, formats: dict | None = None):
+    """One horizontal bar chart per quantity, the names down the side (they stay readable): ``panels``: title ->
+    name -> values (one per seed; the bar is their median, each value a dot, the median written beside it).
+    A None value (a run that never converged) is drawn as a red x right of the panel's budget line (``never_at``:
+    title -> the budget, e.g. the last step), never as a bar; a name whose seeds mostly never converged has no bar.
+    ``formats``: title -> how its numbers are written (default: 3 significant digits)."""
+    n = len(panels)
+    rows = math.ceil(n / columns)
+    names = list(dict.fromkeys(k for values in panels.values() for k in values))
+    fig, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, (0.32 * len(names) + 1.2) * rows),
+                             squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax, (title, values) in zip(axes.flat, panels.items()):
+        budget = (never_at or {}).get(title)
+        number = (formats or {}).get(title, lambda v: f"{v:.3g}")
+        y = {name: len(names) - 1 - k for k, name in enumerate(names)}
+        top = max([v for vs in values.values() for v in vs if v is not None] + [budget or 0, 1e-12])
+        for k, name in enumerate(names):
+            if name not in values:
+                ax.text(0.03, y[name], "not measured", transform=ax.get_yaxis_transform(), va="center",
+                        color="grey", fontsize=8.5)
+                continue
+            got = [v for v in values[name] if v is not None]
+            never = len(values[name]) - len(got)
+            if got and len(got) * 2 > len(values[name]):
+                median = float(np.median([v if v is not None else math.inf for v in values[name]]))
+                ax.barh(y[name], median, 0.65, color=plt.cm.tab10(k), alpha=0.75)
+                ax.text(max(got) if title not in log_panels else max(got) * 1.08, y[name],
+                        f"  {number(median)}", va="center", ha="left", fontsize=8.5)
+            ax.plot(got, [y[name]] * len(got), "k.", ms=4)
+            if never:
+                where = (budget or top) * 1.08
+                ax.plot([where], [y[name]], "x", color="#b00020", ms=7, mew=1.5)
+                ax.text(where, y[name], f"  never: {never} of {len(values[name])}", ha="left", va="center",
+                        fontsize=8.5, color="#b00020")
+        ax.set_yticks([y[nm] for nm in names], names)
         if title in log_panels:
-            ax.set_yscale("log")
-        ax.set_title(title, fontsize=8)
+            ax.set_xscale("log")
+            ax.set_xlim(right=top * 6)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        else:
+            ax.set_xlim(0, top * (1.6 if budget else 1.3))  # room for the numbers and the never marks
+        if budget is not None:
+            ax.axvline(budget, color="grey", ls="--", lw=0.8)
+            title += f"\n(dashed: the last step, {budget:g}; x: never converged)"
+        ax.set_title(title, loc="left")
+    fig.tight_layout()
+    return fig
+
+
+@styled
+def cfg_forms_figure(values: dict[str, dict[str, list[float]]], labels: dict[str, str], title: str):
+    """Notebook 07: per measure (panel), one horizontal bar per guidance setting (the mean over nets, each net a
+    dot). ``values``: measure -> setting -> one value per net; ``labels``: setting -> its name in plain words."""
+    forms = list(next(iter(values.values())))
+    fig, axes = plt.subplots(1, len(values), figsize=(8.6, 0.42 * len(forms) + 1.3), sharey=True, squeeze=False)
+    y = np.arange(len(forms))[::-1]
+    for ax, (measure, by_form) in zip(axes[0], values.items()):
+        means = [np.mean(by_form[f]) for f in forms]
+        ax.barh(y, means, 0.65, color=[plt.cm.tab10(i) for i in range(len(forms))], alpha=0.8)
+        for yi, f in zip(y, forms):
+            ax.plot(by_form[f], [yi] * len(by_form[f]), "k.", ms=4)
+        ax.set_title(textwrap.fill(measure, 26), loc="left")
+        ax.axvline(0, color="k", lw=0.6)
+    axes[0][0].set_yticks(y, [labels.get(f, f) for f in forms])
+    fig.suptitle(title, x=0.01, ha="left", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+@styled
+def loss_figure(steps, loss, ylabel: str = "noise-prediction MSE"):
+    """A training loss against optimizer step (log scale)."""
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.plot(steps, loss, marker="o", ms=3)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_yscale("log")
     fig.tight_layout()
     return fig
 

@@ -31,7 +31,7 @@ def test_toy_annotators_return_the_exact_maps_and_refuse_plain_images():
     s = toyworld.sample("shapes", 4)
     for kind in ("outline", "segmentation", "depth", "edges"):
         assert (annotators.annotate(f"toy_{kind}", s) == s.conditions[kind]).all()
-    with pytest.raises(annotators.AnnotatorError, match="toy-world sample"):
+    with pytest.raises(annotators.AnnotatorError, match="toy-world scene.s exact geometry, not an image"):
         annotators.annotate("toy_depth", s.image)
     with pytest.raises(annotators.AnnotatorError, match="has no 'segmentation' map"):
         annotators.annotate("toy_segmentation", toyworld.sample("fill", 0))

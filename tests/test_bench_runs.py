@@ -59,3 +59,33 @@ def test_published_run_keeps_what_notebook_10_reads_and_loads(tmp_path, base_dir
     assert text.count("| yes |") == 1 and text.count("| no |") == 1 and "not shipped" in text
     assert not list(shipped.glob("*.partial"))
     assert json.loads((dest / "train_config.json").read_text())["seed"] == 1
+
+
+def test_notebook_10_reads_the_shipped_runs_and_lays_out_its_table_and_figures(tmp_path):
+    """cnkit.experiments.successors on the shipped runs: read back (nothing trained), one row per architecture,
+    the table and the costs figure (a seed that never converged drawn as never, not as a bar)."""
+    import matplotlib.pyplot as plt
+
+    from cnkit.experiments import successors
+
+    configs = {"fill": {a: [experiments.architecture_run(a, "fill", s) for s in (0, 1, 2)]
+                        for a in ("controlnet-xs", "t2i-adapter")}}
+    said = []
+    trained = successors.trained_runs(configs, tmp_path, train_missing=False, log=said.append)
+    assert set(trained["fill"]) == {"controlnet-xs", "t2i-adapter"} and not said
+    steps = successors.convergence_steps(trained)["fill"]
+    measured = {a: {"trainable_params": 1000 * (k + 1), "file_bytes": 2048, "seconds_per_step": 0.5,
+                    "seconds_per_image": 0.3, "seconds_per_step_rounds": [0.5], "seconds_per_image_rounds": [0.3]}
+                for k, a in enumerate(trained["fill"])}
+    rows = successors.comparison_rows(trained, measured)
+    table = successors.architectures_table(rows, measured, ["fill"])
+    assert table.count("\n") == 4 and "t2i-adapter" in table
+    never = [a for a, s in steps.items() if sum(x is None for x in s) * 2 > len(s)]
+    fig = successors.costs_figure(rows, trained)
+    panel = next(ax for ax in fig.axes if ax.get_title(loc="left").startswith("fill"))
+    assert len([p for p in panel.patches if p.get_width() > 0]) == len(rows) - len(never)
+    plt.close(fig)
+    assert successors.trained_runs({"fill": {"t2i-adapter": [experiments.architecture_run("t2i-adapter", "fill", 0,
+                                                                                          smoke=True)]}},
+                                   tmp_path, shipped_runs=True, train_missing=False, log=said.append) == {"fill": {}}
+    assert said and "not trained yet" in said[0]

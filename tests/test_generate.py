@@ -127,7 +127,7 @@ def test_annotated_sources_previews_and_clear_errors(parts):
                                             connection_weights=[1, 1, 1])], **KW)
     with pytest.raises(ValueError, match="uint8"):
         G.generate(pipe, "", [G.ControlUnit(net, np.zeros((64, 64, 3), np.float32))], **KW)
-    with pytest.raises(FileNotFoundError, match="could not load the ControlNet 'nobody/nothing'"):
+    with pytest.raises(FileNotFoundError, match="no ControlNet at nobody/nothing"):  # offline: not a hub id here
         G.generate(pipe, "", [G.ControlUnit("nobody/nothing", sample.image)], **KW)
 
 
@@ -169,3 +169,86 @@ def test_a_unit_takes_an_original_layout_single_file(parts, tmp_path):
     expected = _ours(pipe, [G.ControlUnit(net, cond)])
     assert np.array_equal(expected, _ours(pipe, [G.ControlUnit(str(ours), cond)]))
     assert np.array_equal(expected, _ours(pipe, [G.ControlUnit(str(bare), cond)]))
+
+
+# --- words the base never saw (issue 28) ---------------------------------------------------------
+
+
+def test_a_word_the_embedded_base_never_saw_is_warned_once_per_call_and_noted(tiny_pipe):
+    from cnkit.models.vocabulary import word_list_tokenizer
+
+    assert word_list_tokenizer(tiny_pipe.tokenizer)  # built from the toy world's words, as data/tiny-sd's
+    with pytest.warns(G.UnknownWordsWarning) as caught:
+        out = G.generate(tiny_pipe, "red dog with zebra background", steps=1, guidance=1.0)
+    assert len(caught) == 1 and "dog, zebra" in str(caught[0].message) and "not trained" in str(caught[0].message)
+    assert any("dog, zebra" in n for n in out.notes)
+    with pytest.warns(G.UnknownWordsWarning) as caught:  # generate_many: one warning for all its prompts
+        G.generate_many(tiny_pipe, ["red dog", "blue dog", "green cat"], None, [], [0, 1, 2], steps=1,
+                        guidance=1.0)
+    assert len(caught) == 1 and "dog, cat" in str(caught[0].message)
+
+
+def test_known_words_and_clip_like_tokenizers_give_no_warning(tiny_pipe):
+    import warnings
+
+    from cnkit.models.vocabulary import unknown_prompt_words
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", G.UnknownWordsWarning)
+        out = G.generate(tiny_pipe, "red circle with blue background", steps=1, guidance=1.0)
+    assert not any("unknown" in n for n in out.notes)
+
+    class ClipLike:  # SD's tokenizer: 49,408 tokens; it splits rare words into known pieces
+        def __len__(self):
+            return 49408
+
+        def __call__(self, text, add_special_tokens=True):
+            raise AssertionError("a large tokenizer is not asked about words")
+
+    assert unknown_prompt_words(ClipLike(), ["pale golden rod circle"]) == []
+
+
+# --- nets read once while unchanged (issue 27) ----------------------------------------------------
+
+
+def test_a_controlnet_folder_is_read_once_until_its_files_change(tmp_path, parts):
+    import os
+
+    from cnkit.generation import nets as N
+
+    pipe, (net, _), (cond, _) = parts
+    folder = tmp_path / "net"
+    net.save_pretrained(folder)
+    N.forget()
+    before = N.loads["count"]
+    first = G.generate(pipe, "red circle", [G.ControlUnit(str(folder), cond)], **KW).images[0]
+    second = G.generate(pipe, "red circle", [G.ControlUnit(folder, cond)], **KW).images[0]
+    assert N.loads["count"] == before + 1  # the second call did not read the folder again
+    assert np.array_equal(np.asarray(first), np.asarray(second))
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    stat = weights.stat()
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: the folder may hold new weights
+    G.generate(pipe, "red circle", [G.ControlUnit(str(folder), cond)], **KW)
+    assert N.loads["count"] == before + 2
+    N.forget()
+
+
+def test_the_cache_is_bounded(tmp_path, parts):
+    from cnkit.generation import nets as N
+
+    pipe, (net, _), _ = parts
+    N.forget()
+    for k in range(N.MAX_NETS + 2):
+        net.save_pretrained(tmp_path / f"net{k}")
+        N.load_net(tmp_path / f"net{k}", pipe.unet)
+    assert len(N._CACHE) == N.MAX_NETS
+    N.forget()
+
+
+def test_a_missing_controlnet_folder_is_named():
+    from cnkit.models.controlnets import load_controlnet
+
+    with pytest.raises(FileNotFoundError, match="no ControlNet at .*no-such-net"):
+        load_controlnet("no-such-net")
+    with pytest.raises(FileNotFoundError, match="data/controlnets/shapes-outline"):  # a shipped net's short name
+        load_controlnet("shapes-outline")

@@ -32,3 +32,17 @@ def test_coerce_rejects_nonsense_naming_the_parameter(value, kind):
 def test_coerce_bounds():
     with pytest.raises(ValueError, match="at least 1"):
         params.coerce("batch_size", 0, int, minimum=1)
+
+
+def test_the_smoke_profile_says_what_it_overrides(capsys):
+    from cnkit.experiments import configs
+
+    used = params.profile_values("smoke", n_eval=(2, 32), seeds=([0], [0, 1, 2]), unchanged=(1, 1))
+    assert used == {"n_eval": 2, "seeds": [0], "unchanged": 1}
+    said = capsys.readouterr().out
+    assert "n_eval=2 (parameter: 32)" in said and "seeds=[0] (parameter: [0, 1, 2])" in said and "unchanged" not in said
+    assert params.profile_values("full", n_eval=(2, 32)) == {"n_eval": 32} and not capsys.readouterr().out
+    params.say_overrides("smoke", configs.run_config(True, steps=600), configs.run_config(False, steps=600))
+    said = capsys.readouterr().out
+    assert "steps=4 (parameter: 600)" in said and "batch_size=4 (parameter: 32)" in said
+    assert "validation_steps=2 (parameter: 20)" in said

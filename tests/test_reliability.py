@@ -186,8 +186,11 @@ def test_a_controlnet_for_another_base_and_an_impossible_resolution_are_named(ti
 
 
 def test_controlnet_folders_that_are_not_loadable_say_why(tmp_path, tiny_pipe):
-    with pytest.raises(FileNotFoundError, match="could not load the ControlNet"):
+    with pytest.raises(FileNotFoundError, match="no ControlNet at .*nothing-here"):
         load_controlnet(tmp_path / "nothing-here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="could not load the ControlNet"):
+        load_controlnet(tmp_path / "empty")
     net = make_controlnet(tiny_pipe, "zero")
     net.save_pretrained(tmp_path / "pickled", safe_serialization=False)
     weights = tmp_path / "pickled" / "diffusion_pytorch_model.bin"

@@ -46,15 +46,17 @@ PAPER_CONVERGENCE = [
 ]
 
 
-# The smoke profile: the same code in seconds, a few steps on a few items (every notebook's smoke runs).
-SMOKE = {"steps": 4, "batch_size": 4, "validate_every": 2, "validation_size": 4}
+# The smoke profile: the same code in seconds, a few steps on a few items (every notebook's smoke runs): validated
+# at the first and the last step, 2 denoising steps per validation image.
+SMOKE = {"steps": 4, "batch_size": 4, "validate_every": 4, "validation_size": 4, "validation_steps": 2}
+SMOKE_ITEMS = 32  # training items drawn at most (4 steps of 4 use 16)
 
 
 def run_config(smoke: bool = False, **overrides) -> TrainConfig:
     """The kit's recipe (``TrainConfig()``) with ``overrides``; ``smoke`` shrinks it to seconds."""
     cfg = {**asdict(TrainConfig()), **overrides}
     if smoke:
-        cfg.update(SMOKE, n_train=min(cfg["n_train"], 64))
+        cfg.update(SMOKE, n_train=min(cfg["n_train"], SMOKE_ITEMS))
     return TrainConfig(**cfg)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..data.splits import held_out_items, seeds
 from ..generation.generate import generate_many, image_size
@@ -100,8 +101,10 @@ def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images:
         plans[name] = (cfg, pipe, items)
         found[name] = {"file_bytes": file_bytes(run.checkpoint), "step_times": [],
                        "seconds_per_step_rounds": [], "seconds_per_image_rounds": []}
-    for _ in range(rounds):
+    bar = tqdm(total=rounds * len(plans), desc="timing each architecture's step and image", unit="timing")
+    for r in range(rounds):
         for name, (cfg, pipe, items) in plans.items():
+            bar.set_postfix_str(f"round {r + 1} of {rounds}: {name}")
             step = step_seconds(cfg, Path(runs_dir) / "cache", steps=timing_steps)
             image = image_seconds(pipe, runs[name].checkpoint, [it.condition for it in items],
                                   [it.prompt for it in items], repeats=1)
@@ -111,6 +114,8 @@ def measure_all(runs: dict[str, Run], runs_dir, timing_steps: int = 8, n_images:
             f["seconds_per_image_rounds"].append(image["seconds_per_image"])
             f.update({k: step[k] for k in ("batch_size", "threads", "trainable_params")},
                      **{k: image[k] for k in ("images", "denoising_steps")})
+            bar.update(1)
+    bar.close()
     for f in found.values():
         f["seconds_per_step"] = float(np.median(f["seconds_per_step_rounds"]))
         f["seconds_per_image"] = float(np.median(f["seconds_per_image_rounds"]))

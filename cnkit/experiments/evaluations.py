@@ -21,6 +21,8 @@ images they were measured on, so a notebook's table and grid agree.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from scipy import ndimage
@@ -28,10 +30,20 @@ from scipy import ndimage
 from .. import metrics
 from ..data import splits, toyworld
 from ..generation.generate import generate_many
+from ..generation.nets import load_net
 from ..models.bases import image_size
-from ..models.controlnets import load_controlnet
 from ..pixels import from_model_range, to_model_range
 
+
+def _name(net) -> str:
+    """A net as a progress bar names it: its folder (a run's, for its checkpoint), else its class."""
+    if isinstance(net, str | Path):
+        p = Path(net)
+        return p.parent.name if p.name == "checkpoint" else p.name
+    return type(net).__name__
+
+
+STEPS = 20  # DDIM steps of the evaluations of nets (the base's own: 25, as its card measures it)
 PROMPT_SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 # The paper's insufficient prompt (Fig. 8); the tiny tokenizer has a token for each of its words.
 INSUFFICIENT_PROMPT = "a high-quality, detailed, and professional image"
@@ -43,6 +55,15 @@ CFG_FORMS = {
     "resolution weighting (paper: 64/h)": (True, "paper"),
     "resolution weighting (0.825 form)": (True, "0.825"),
     "resolution weighting (logspace form)": (True, "logspace"),
+}
+# ... as a figure names them (the condition goes where guidance acts on it; weighted: connection i scaled by w_i)
+CFG_FORM_LABELS = {
+    "no guidance": "no guidance (scale 1)",
+    "guidance, condition in both branches": "condition in both CFG branches",
+    "guidance, conditional branch only, unweighted": "conditional branch only",
+    "resolution weighting (paper: 64/h)": "cond. branch, weighted 64/h (paper)",
+    "resolution weighting (0.825 form)": "cond. branch, weighted 0.825^(12-i)",
+    "resolution weighting (logspace form)": "cond. branch, weighted logspace",
 }
 
 
@@ -58,14 +79,15 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
     ``metrics.analyse_fill_x11`` says) and ``shapes`` (the prompted shapes, counts and colours)."""
     fills, shapes = splits.held_out_prompts(n, seed, held_out_fill_pairs, train_prompts)
     x11 = splits.held_out_x11_prompts(n, seed)
-    draw = lambda rows: generate_many(pipe, [r["prompt"] for r in rows], None, [], [r["seed"] for r in rows],
-                                      steps=steps, guidance=guidance, batch=batch)
+    draw = lambda rows, world: generate_many(pipe, [r["prompt"] for r in rows], None, [], [r["seed"] for r in rows],
+                                             steps=steps, guidance=guidance, batch=batch,
+                                             progress=f"base on {len(rows)} held-out {world} prompts")
     rate = lambda rows, key: float(np.mean([r[key] for r in rows]))
     result = {"settings": {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "scheduler": "DDIM",
                            "x11_colour_rule": "CIEDE2000 <= 10 from the prompted colour; pairs >= 20 apart"},
               "per_image": {}, "images": {}}
     if "fill" in worlds:
-        images, per = draw(fills), []
+        images, per = draw(fills, "fill"), []
         for f, img in zip(fills, images):
             a = metrics.analyse_fill(img)
             per.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"],
@@ -74,7 +96,7 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
                           "background_colour": rate(per, "background_ok")}
         result["per_image"]["fill"], result["images"]["fill"] = per, images
     if "fill_x11" in worlds:
-        images, per = draw(x11), []
+        images, per = draw(x11, "X11 fill"), []
         for f, img in zip(x11, images):
             a = metrics.analyse_fill_x11(img, f["fill_rgb"], f["background_rgb"])
             per.append({"prompt": f["prompt"], "seed": f["seed"], "one_disc": a["one_disc"], "fill_ok": a["fill_ok"],
@@ -91,7 +113,7 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
                               "background_delta_e_median": float(np.median([r["background_delta_e"] for r in per]))}
         result["per_image"]["fill_x11"], result["images"]["fill_x11"] = per, images
     if "shapes" in worlds:
-        images, per = draw(shapes), []
+        images, per = draw(shapes, "shapes"), []
         for s, img in zip(shapes, images):
             a = metrics.analyse_shapes(img, s["truth"])
             per.append({"prompt": s["prompt"], "seed": s["seed"], "correct": a["correct"],
@@ -114,8 +136,9 @@ def evaluate_controlnet(pipe, controlnet, dataset: str, n: int = 64, prompt: str
     fidelity = metrics.fidelity_metrics_for(dataset)
     prompts = [item.prompt if prompt is None else prompt for item in items]
     images = generate_many(pipe, prompts, [[np.asarray(item.condition)] for item in items],
-                           [load_controlnet(controlnet)], splits.seeds("validation", len(items)), steps=steps,
-                           guidance=guidance, cfg_weighting=cfg_weighting)
+                           [load_net(controlnet)], splits.seeds("validation", len(items)), steps=steps,
+                           guidance=guidance, cfg_weighting=cfg_weighting,
+                           progress=f"{_name(controlnet)} on {n} held-out {dataset} conditions")
     scores = {name: [float(fn(img, item)) for img, item in zip(images, items)] for name, fn in fidelity.items()}
     return {"dataset": dataset, "n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
             "cfg_weighting": cfg_weighting,
@@ -137,7 +160,8 @@ def evaluate_condition_subsets(pipe, net, dataset: str, n: int = 32, data_seed: 
     for label, keep in subsets.items():
         conditions = [[tuple(c if m in keep else None for m, c in zip(maps, item.condition))] for item in items]
         images = generate_many(pipe, [item.prompt for item in items], conditions, [net],
-                               splits.seeds("validation", len(items)), steps=steps, guidance=guidance, batch=batch)
+                               splits.seeds("validation", len(items)), steps=steps, guidance=guidance, batch=batch,
+                               progress=f"union net given {'all maps' if label == 'all' else label + ' alone'}")
         out[label] = {name: float(np.mean([fn(img, item) for img, item in zip(images, items)]))
                       for name, fn in fidelity.items()}
     return out
@@ -162,8 +186,9 @@ def evaluate_composition(pipe, segmentation_net, outline_net, n: int = 32, promp
     scenes = splits.composition_scenes(n, data_seed)
     prompts = [scene.prompt if prompt is None else prompt for scene in scenes]
     images = generate_many(pipe, prompts, [list(composition_conditions(scene)) for scene in scenes],
-                           [load_controlnet(segmentation_net), load_controlnet(outline_net)],
-                           splits.seeds("composition", n), steps=steps, guidance=guidance)
+                           [load_net(segmentation_net), load_net(outline_net)],
+                           splits.seeds("composition", n), steps=steps, guidance=guidance,
+                           progress=f"two nets composed on {n} scenes")
     rows = [metrics.composition_fidelity(image, scene) for image, scene in zip(images, scenes)]
     return {"n": n, "prompt": prompt, "steps": steps, "guidance": guidance,
             **{key: float(np.mean([r[key] for r in rows])) for key in rows[0]},
@@ -194,7 +219,7 @@ def evaluate_prompt_settings(pipe, controlnet, n: int = 32, settings=PROMPT_SETT
     """Per setting: mean disc IoU (fidelity), prompt adherence (share of images whose fill and
     background are the prompted colours; None where the prompt names none), the share of clean
     single-disc images, per-item values and the images. Same conditions and seeds for every setting."""
-    controlnet = load_controlnet(controlnet)
+    controlnet = load_net(controlnet)
     items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
     conditions = [[np.asarray(it.condition)] for it in items]
     seeds = splits.seeds("prompt_settings", n)
@@ -202,7 +227,7 @@ def evaluate_prompt_settings(pipe, controlnet, n: int = 32, settings=PROMPT_SETT
     for setting in settings:
         asked = [fill_prompt(setting, it.sample.truth, k) for k, it in enumerate(items)]
         images = generate_many(pipe, [p for p, _ in asked], conditions, [controlnet], seeds, steps=steps,
-                               guidance=guidance)
+                               guidance=guidance, progress=f"prompt setting '{setting}' on {n} outlines")
         fidelity = [metrics.disc_iou(img, it.condition) for img, it in zip(images, items)]
         found = [metrics.analyse_fill(img) for img in images]
         adherence = None if asked[0][1] is None else [
@@ -222,7 +247,7 @@ def evaluate_cfg_forms(pipe, controlnet, n: int = 32, forms=tuple(CFG_FORMS), gu
                        data_seed: int = 0, steps: int = 20) -> dict:
     """Per form of ``CFG_FORMS``, without a prompt: mean disc IoU, saturation excess over the true
     images (mean HSV saturation, generated minus true), off-palette distance, per-item fidelity, images."""
-    controlnet = load_controlnet(controlnet)
+    controlnet = load_net(controlnet)
     items = splits.held_out_items("toy:fill", n, image_size(pipe), data_seed)
     conditions = [[np.asarray(it.condition)] for it in items]
     seeds = splits.seeds("cfg_forms", n)
@@ -231,7 +256,7 @@ def evaluate_cfg_forms(pipe, controlnet, n: int = 32, forms=tuple(CFG_FORMS), gu
     for form in forms:
         guided, weighting = CFG_FORMS[form]
         images = generate_many(pipe, [""] * n, conditions, [controlnet], seeds, steps=steps,
-                               guidance=guidance if guided else 1.0, cfg_weighting=weighting)
+                               guidance=guidance if guided else 1.0, cfg_weighting=weighting, progress=form)
         fidelity = [metrics.disc_iou(img, it.condition) for img, it in zip(images, items)]
         out[form] = {"guidance": guidance if guided else 1.0, "cfg_weighting": weighting,
                      "disc_iou": float(np.mean(fidelity)), "disc_iou_per_item": fidelity,
@@ -254,7 +279,7 @@ def segmentation_references(pipe, n: int = 32, data_seed: int = 0, steps: int = 
         latents = pipe.vae.encode(to_model_range(np.stack(truth)).to(pipe.vae.dtype)).latent_dist.mode()
         roundtrip = from_model_range(pipe.vae.decode(latents).sample)
     prompt_only = generate_many(pipe, [it.prompt for it in items], None, [], splits.seeds("references", n),
-                                steps=steps, guidance=guidance)
+                                steps=steps, guidance=guidance, progress=f"base alone on {n} scene prompts")
     score = lambda images: [metrics.segmentation_miou(img, it.sample) for img, it in zip(images, items)]
     rows = {"ground truth": score(truth), "ground truth through the VAE": score(roundtrip),
             "base alone, prompt only": score(prompt_only)}

@@ -43,30 +43,30 @@ def judge_for(cfg: PretrainConfig, train_prompts) -> callable:
     return lambda pipe: evaluate_base(pipe, n=cfg.n_eval, seed=cfg.seed, train_prompts=train_prompts)
 
 
-def speed(folder, repeats: int = 3, prompt: str = "red circle with blue background") -> dict:
-    """The stock ``StableDiffusionPipeline`` loading ``folder``: 8 images at 25 steps, median of ``repeats``."""
+def speed(folder, repeats: int = 3, prompt: str = "red circle with blue background", steps: int = 25) -> dict:
+    """The stock ``StableDiffusionPipeline`` loading ``folder``: 8 images at ``steps`` steps, median of ``repeats``."""
     stock = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
     stock.set_progress_bar_config(disable=True)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        stock([prompt] * 8, num_inference_steps=25, guidance_scale=5.0, generator=torch.Generator().manual_seed(0),
-              output_type="np")
+        stock([prompt] * 8, num_inference_steps=steps, guidance_scale=5.0,
+              generator=torch.Generator().manual_seed(0), output_type="np")
         times.append(time.perf_counter() - start)
-    return {"images": 8, "steps": 25, "median_s": float(np.median(times)), "threads": torch.get_num_threads()}
+    return {"images": 8, "steps": steps, "median_s": float(np.median(times)), "threads": torch.get_num_threads()}
 
 
 def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", profile: str = "full",
-               speed_repeats: int = 3, log=print) -> dict:
+               speed_repeats: int = 3, denoising_steps: int = 25, log=print) -> dict:
     """Pretrain (or resume) with the quality curve, evaluate on ``n_final`` held-out prompts per world, time the
-    stock pipeline, write the card into ``out_dir/pipeline`` and copy it to ``publish_to`` when given. Returns
+    stock pipeline (both at ``denoising_steps`` DDIM steps; the card's are at 25), write the card into ``out_dir/pipeline`` and copy it to ``publish_to`` when given. Returns
     {"pipe", "stats", "evaluation" (images included), "speed", "card"}."""
     data = training_set(cfg)
     train_prompts = set(data[1])
     pipe, stats = pretrain(cfg, log=log, judge=judge_for(cfg, train_prompts), data=data)
-    evaluation = evaluate_base(pipe, n=n_final, seed=cfg.seed, train_prompts=train_prompts)
+    evaluation = evaluate_base(pipe, n=n_final, seed=cfg.seed, train_prompts=train_prompts, steps=denoising_steps)
     out = Path(cfg.out_dir)
-    timing = speed(out / "pipeline", speed_repeats)
+    timing = speed(out / "pipeline", speed_repeats, steps=denoising_steps)
     curve = out / "curve.csv"
     ablations_file = out / "ablations.json"
     card = write_base_card(out / "pipeline", cfg, stats, {k: v for k, v in evaluation.items() if k != "images"},

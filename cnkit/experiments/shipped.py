@@ -17,11 +17,14 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..card import card_data, hardware, write_card
+from ..data.readers import is_toy
+from ..data.toyworld import CONDITIONS
 from ..models.bases import load_pipeline
-from ..params import REPO_ROOT
+from ..params import REPO_ROOT, repo_path
 from ..training.train import TrainConfig
 from .evaluations import evaluate_composition, evaluate_controlnet
 from .runs import train
@@ -53,6 +56,90 @@ SHIPPED = {
     },
 }
 N_EVAL = 64
+
+
+# --- what a net was trained on, read from its card or its run (the playground's defaults and warnings) ----------
+
+ARCHITECTURE_RUNS = ROOT / "data" / "architecture-runs"
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """What a net was trained on: its dataset as the run named it, the toy world (None for files) and the condition
+    maps it reads (empty when its dataset does not say: a folder of pairs)."""
+
+    dataset: str
+    world: str | None
+    conditions: tuple[str, ...]
+
+    def describe(self) -> str:
+        if not self.conditions:
+            return f"the dataset {self.dataset} (what kind of condition it holds is not recorded)"
+        maps = " + ".join(self.conditions)
+        return f"the {self.world} world's {maps} maps" if self.world else f"{maps} maps ({self.dataset})"
+
+
+def dataset_conditions(dataset: str) -> TrainedOn:
+    """``"toy:shapes/segmentation"`` -> the shapes world's segmentation maps; ``"toy:fill"`` -> the fill world's
+    outlines (its only map); a folder or hub name -> unknown maps."""
+    if not is_toy(dataset):
+        return TrainedOn(dataset, None, ())
+    world, _, maps = dataset.removeprefix("toy:").partition("/")
+    return TrainedOn(dataset, world, tuple(maps.split("+")) if maps else CONDITIONS.get(world, ())[:1])
+
+
+def _recorded_config(folder: Path) -> dict | None:
+    """The training configuration recorded beside a net: its card's (a shipped net), else its run's (a run folder's
+    ``checkpoint/``, or the run folder itself)."""
+    if (folder / "README.md").is_file():
+        try:
+            return card_data(folder).get("config")
+        except (ValueError, IndexError, KeyError):
+            pass
+    for where in (folder, folder.parent):
+        for name in ("train_config.json", "convergence.json"):
+            f = where / name
+            if f.is_file():
+                data = json.loads(f.read_text())
+                return data.get("config", data)
+    return None
+
+
+def trained_on(net) -> TrainedOn | None:
+    """What the net in folder ``net`` was trained on, from its card or its run's configuration; None when neither
+    says (a hub id, someone else's folder)."""
+    folder = repo_path(net)
+    config = _recorded_config(folder) if folder.is_dir() else None
+    return dataset_conditions(config["dataset"]) if config and config.get("dataset") else None
+
+
+def net_choices(shipped=OUT, architecture_runs=ARCHITECTURE_RUNS) -> dict[str, str]:
+    """The nets one can pick by name (the playground's list): the shipped ControlNets by their short names, then the
+    shipped successor runs that kept their weights (seed 0), as ``"<architecture> (<task>, seed 0)"``; each maps to
+    its folder. Nets that read several maps at once (a union net) are left out: a unit gives one map."""
+    choices = {}
+    for folder in sorted(Path(shipped).glob("*/config.json")):
+        choices[folder.parent.name] = str(folder.parent)
+    for weights in sorted(Path(architecture_runs).glob("*/checkpoint/*.safetensors")):
+        checkpoint = weights.parent
+        made = trained_on(checkpoint)
+        config = _recorded_config(checkpoint) or {}
+        if made is None or len(made.conditions) != 1 or str(checkpoint) in choices.values():
+            continue
+        task = made.dataset.removeprefix("toy:").replace("/", " ")
+        choices[f"{config.get('architecture', 'controlnet')} ({task}, seed {config.get('seed', 0)})"] = str(checkpoint)
+    return choices
+
+
+def matching_net(choices: dict[str, str], condition: str | None, world: str | None = None) -> str | None:
+    """The first of ``choices`` (name -> folder) trained on ``condition`` maps, one of ``world`` first; None when none
+    was (their cards decide, not their names)."""
+    if condition is None:
+        return None
+    fits = [(name, trained_on(folder)) for name, folder in choices.items()]
+    fits = [(name, made) for name, made in fits if made is not None and condition in made.conditions]
+    same_world = [name for name, made in fits if world is not None and made.world == world]
+    return (same_world or [name for name, _ in fits] or [None])[0]
 
 
 def train_config(name: str) -> TrainConfig:

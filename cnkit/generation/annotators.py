@@ -42,27 +42,38 @@ class AnnotatorInfo:
     files: tuple[str, ...] = ()  # weight files the detector reads from a folder or the hub
     settings: tuple[str, ...] = ()  # keyword settings it accepts
     needs: str = ""  # an optional package it needs
+    kind: str = ""  # the kind of condition map it draws, as a dataset names its maps (a net trained on "edges"
+    # reads canny's maps; the toy world's edges are canny's)
+    example: str = ""  # its settings as JSON, with their defaults (the playground's hint)
 
 
 REGISTRY: dict[str, AnnotatorInfo] = {a.name: a for a in (
-    AnnotatorInfo("canny", "CannyDetector", settings=("low_threshold", "high_threshold")),
-    AnnotatorInfo("lineart_standard", "LineartStandardDetector", settings=("guassian_sigma", "intensity_threshold")),
-    AnnotatorInfo("content_shuffle", "ContentShuffleDetector", settings=("seed", "f")),
+    AnnotatorInfo("canny", "CannyDetector", settings=("low_threshold", "high_threshold"), kind="edges",
+                  example='{"low_threshold": 100, "high_threshold": 200}'),
+    AnnotatorInfo("lineart_standard", "LineartStandardDetector", settings=("guassian_sigma", "intensity_threshold"),
+                  kind="lineart", example='{"guassian_sigma": 6.0, "intensity_threshold": 8}'),
+    AnnotatorInfo("content_shuffle", "ContentShuffleDetector", settings=("seed", "f"), kind="shuffle",
+                  example='{"seed": 0}'),
     AnnotatorInfo("mediapipe_face", "MediapipeFaceDetector", settings=("max_faces", "min_confidence"),
-                  needs="mediapipe"),
-    AnnotatorInfo("hed", "HEDdetector", ("ControlNetHED.pth",), ("scribble", "safe")),
-    AnnotatorInfo("pidi", "PidiNetDetector", ("table5_pidinet.pth",), ("scribble", "safe")),
-    AnnotatorInfo("midas", "MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",), ("a", "bg_th")),
+                  needs="mediapipe", kind="face", example='{"max_faces": 1, "min_confidence": 0.5}'),
+    AnnotatorInfo("hed", "HEDdetector", ("ControlNetHED.pth",), ("scribble", "safe"), kind="soft edges",
+                  example='{"scribble": false}'),
+    AnnotatorInfo("pidi", "PidiNetDetector", ("table5_pidinet.pth",), ("scribble", "safe"), kind="soft edges",
+                  example='{"scribble": false}'),
+    AnnotatorInfo("midas", "MidasDetector", ("dpt_hybrid-midas-501f0c75.pt",), ("a", "bg_th"), kind="depth",
+                  example='{"a": 6.28, "bg_th": 0.1}'),
     AnnotatorInfo("openpose", "OpenposeDetector", ("body_pose_model.pth", "hand_pose_model.pth", "facenet.pth"),
-                  ("include_body", "include_hand", "include_face")),
-    AnnotatorInfo("mlsd", "MLSDdetector", ("mlsd_large_512_fp32.pth",), ("thr_v", "thr_d")),
-    AnnotatorInfo("normalbae", "NormalBaeDetector", ("scannet.pt",)),
-    AnnotatorInfo("lineart", "LineartDetector", ("sk_model.pth", "sk_model2.pth"), ("coarse",)),
-    AnnotatorInfo("lineart_anime", "LineartAnimeDetector", ("netG.pth",)),
-    AnnotatorInfo("toy_outline", "", settings=()),
-    AnnotatorInfo("toy_segmentation", "", settings=()),
-    AnnotatorInfo("toy_depth", "", settings=()),
-    AnnotatorInfo("toy_edges", "", settings=()),
+                  ("include_body", "include_hand", "include_face"), kind="pose", example='{"include_hand": true}'),
+    AnnotatorInfo("mlsd", "MLSDdetector", ("mlsd_large_512_fp32.pth",), ("thr_v", "thr_d"), kind="straight lines",
+                  example='{"thr_v": 0.1, "thr_d": 0.1}'),
+    AnnotatorInfo("normalbae", "NormalBaeDetector", ("scannet.pt",), kind="normals"),
+    AnnotatorInfo("lineart", "LineartDetector", ("sk_model.pth", "sk_model2.pth"), ("coarse",), kind="lineart",
+                  example='{"coarse": false}'),
+    AnnotatorInfo("lineart_anime", "LineartAnimeDetector", ("netG.pth",), kind="lineart"),
+    AnnotatorInfo("toy_outline", "", settings=(), kind="outline"),
+    AnnotatorInfo("toy_segmentation", "", settings=(), kind="segmentation"),
+    AnnotatorInfo("toy_depth", "", settings=(), kind="depth"),
+    AnnotatorInfo("toy_edges", "", settings=(), kind="edges"),
 )}
 
 
@@ -151,8 +162,9 @@ def annotate(name: str, source, weights: str | None = None, **settings) -> np.nd
                              f"it accepts: {', '.join(info.settings) or 'none'}")
     if name.startswith("toy_"):
         if not isinstance(source, toyworld.Sample):
-            raise AnnotatorError(f"{name!r} reads a toy-world sample's exact geometry: pass "
-                                 "cnkit.data.toyworld.sample(world, index), not an image")
+            raise AnnotatorError(f"{name!r} reads a toy-world scene's exact geometry, not an image: choose a toy-world "
+                                 "scene as the source (in code: cnkit.data.toyworld.sample(world, index)), or an "
+                                 "annotator that reads images (canny, lineart_standard, ...)")
         kind = name.removeprefix("toy_")
         if kind not in source.conditions:
             raise AnnotatorError(f"the {source.truth['world']!r} world has no {kind!r} map; it has: "

@@ -12,13 +12,16 @@ same seed.
 ``generate_many`` is the one batched loop behind every measurement of the kit (training-time
 validation, the evaluations, the figures): one prompt, condition set and seed per image, so an
 image depends on its own item and seed only. With no nets it is plain text-to-image.
+
+Both read a net's folder once while its files are unchanged (``cnkit.generation.nets``), and both warn, once per
+call, when a prompt holds words a base built from a word list (the embedded one) was never trained on
+(``UnknownWordsWarning``; ``generate`` also lists them in its notes, beside prompts cut at 77 tokens).
 """
 
 from __future__ import annotations
 
-import json
+import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,18 +33,19 @@ from diffusers import (
     UniPCMultistepScheduler,
 )
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .. import pixels
 from ..data import toyworld
-from ..models.architectures import PAPER_NETS, ControlAdapter, ControlNet, ControlNetLite, UnionControlNet
-from ..models.architectures import load as load_adapter
-from ..models.architectures.base import ARCHITECTURE_FILE
+from ..models.architectures import ControlAdapter, ControlNet, ControlNetLite, UnionControlNet
 from ..models.bases import image_size, load_pipeline
 from ..models.controlnets import ControlNetLiteModel, check_fits, load_controlnet
+from ..models.vocabulary import unknown_prompt_words
 from ..params import coerce
 from ..pixels import from_pipeline
 from . import annotators
 from .adapter_pipeline import adapter_pipeline, run_adapter_pipeline
+from .nets import is_successor_folder, load_net
 from .weighting import CFG_WEIGHTINGS, CONTROL_MODES, connection_latent_sizes, unit_net
 
 RESIZE_MODES = pixels.RESIZE_MODES
@@ -121,6 +125,29 @@ def unit_condition(unit: ControlUnit) -> tuple[np.ndarray, list[str]]:
     return np.asarray(image), [f"condition: {note}"] if note else []
 
 
+class UnknownWordsWarning(UserWarning):
+    """A prompt holds words the base was not trained on (its word-list tokenizer has no token for them)."""
+
+
+def unknown_words_note(tokenizer, prompts) -> str | None:
+    """A note naming the words of ``prompts`` that the base was not trained on, for a base whose tokenizer was built
+    from its training words (the embedded base; ``cnkit.models.vocabulary.word_list_tokenizer``); None when there are
+    none, and always for SD's CLIP tokenizer, which splits rare words into pieces it knows."""
+    words = unknown_prompt_words(tokenizer, prompts)
+    if not words:
+        return None
+    return (f"words unknown to this base: {', '.join(words)} (it was not trained on them: its tokenizer, built from "
+            "its training words, has no token for them, so they do not steer the image)")
+
+
+def warn_unknown_words(tokenizer, prompts) -> list[str]:
+    """``unknown_words_note`` as a warning (once per call) and as a list of notes (empty or one)."""
+    note = unknown_words_note(tokenizer, prompts)
+    if note:
+        warnings.warn(note, UnknownWordsWarning, stacklevel=3)
+    return [note] if note else []
+
+
 def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
     """Notes for prompts longer than the text encoder reads (it sees the first ``model_max_length`` tokens)."""
     limit, notes = tokenizer.model_max_length, []
@@ -132,17 +159,11 @@ def prompt_notes(tokenizer, prompts: dict[str, str]) -> list[str]:
 
 
 def loaded_adapters(nets: list, unet) -> list:
-    """``nets`` with every folder that only cnkit reads (a successor's, a Control-LoRA's) loaded as its adapter, once;
-    the rest as given (a folder of the paper's kind is read by the ControlNet pipeline's loader: the trainer writes
-    the architecture file for every run, so the name decides, before anything is loaded)."""
-    out = []
-    for net in nets:
-        if isinstance(net, str | Path) and (Path(net) / ARCHITECTURE_FILE).is_file():
-            name = json.loads((Path(net) / ARCHITECTURE_FILE).read_text()).get("architecture")
-            if name not in PAPER_NETS.values():
-                net = load_adapter(Path(net), unet)
-        out.append(net)
-    return out
+    """``nets`` with every folder that only cnkit reads (a successor's, a Control-LoRA's) loaded as its adapter (read
+    from disk once while it is unchanged: ``cnkit.generation.nets``); the rest as given (a folder of the paper's kind
+    is read by the ControlNet pipeline's loader: the trainer writes the architecture file for every run, so the name
+    decides, before anything is loaded)."""
+    return [load_net(net, unet) if is_successor_folder(net) else net for net in nets]
 
 
 def successor(net) -> ControlAdapter | None:
@@ -177,7 +198,7 @@ def _as_adapter(net, pipe) -> ControlAdapter:
     lite model) wrapped as its ControlNet, so that they share the adapter pipeline's UNet call with successors."""
     if isinstance(net, ControlAdapter):
         return net
-    model = load_controlnet(net, pipe.unet)
+    model = load_controlnet(load_net(net, pipe.unet), pipe.unet)
     check_fits(model, pipe)
     return (ControlNetLite if isinstance(model, ControlNetLiteModel) else ControlNet)(model, pipe.vae_scale_factor)
 
@@ -202,7 +223,8 @@ def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guid
     """diffusers' pipeline over ``nets``: (controlnet, mode, connection_weights) per unit."""
     sizes = connection_latent_sizes(pipe.unet, latent_size)
     # a folder, a hub id or an original-layout single file (read against this base's UNet when it says nothing)
-    nets = [unit_net(load_controlnet(net, pipe.unet), *rest, sizes, guidance, cfg_weighting) for net, *rest in nets]
+    nets = [unit_net(load_controlnet(load_net(net, pipe.unet), pipe.unet), *rest, sizes, guidance, cfg_weighting)
+            for net, *rest in nets]
     for net in nets:  # a net made for another base fails here, by name, not deep inside the UNet
         check_fits(getattr(net, "net", net), pipe)
     # The base's components carry requires_safety_checker in its config; the kit's tiny base has none to require.
@@ -254,9 +276,12 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
     if not units:
         plain = StableDiffusionPipeline(**{**pipe.components, "scheduler": sched}, requires_safety_checker=False)
         plain.set_progress_bar_config(disable=True)
-        return Generation(plain(**common).images, [], prompt_notes(pipe.tokenizer, {"prompt": prompt}), settings)
+        notes = prompt_notes(pipe.tokenizer, {"prompt": prompt}) + warn_unknown_words(pipe.tokenizer, [prompt])
+        return Generation(plain(**common).images, [], notes, settings)
 
-    notes, conditions = prompt_notes(pipe.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt}), []
+    notes = prompt_notes(pipe.tokenizer, {"prompt": prompt, "negative prompt": negative_prompt})
+    notes += warn_unknown_words(pipe.tokenizer, [prompt, negative_prompt])
+    conditions = []
     for k, unit in enumerate(units):
         raw, changed = unit_condition(unit)
         cond, note = fit_condition(raw, size, size, unit.resize_mode)
@@ -284,13 +309,14 @@ def generate(base, prompt: str, units: list[ControlUnit] = (), negative_prompt: 
 def generate_many(base, prompts: list[str], conditions: list[list] | None, controlnets: list, seeds: list[int],
                   negative_prompt: str = "", steps: int = 20, guidance: float = 3.0,
                   cfg_weighting: str | None = None, mode: str = "balanced", batch: int = 32,
-                  size: int | None = None) -> np.ndarray:
+                  size: int | None = None, progress: str | None = None) -> np.ndarray:
     """One image per item, batched (every measurement of the kit): item k has its own prompt, one condition
     per net (``conditions[k][u]``, fitted to the base's size by crop_and_resize) and its own seed; every net
     at scale 1 over the whole denoising, in ``mode``; DDIM. With no nets (``controlnets=[]``, ``conditions``
     None) it is plain text-to-image. ``size``: pixels (default the base's own; a run validates at its training
-    resolution). Returns uint8 images. An image depends on its own item and seed only, up to float round-off
-    between batch sizes."""
+    resolution). ``progress``: a bar's description (a bar of denoising steps, removed when done; None: no bar).
+    Returns uint8 images. An image depends on its own item and seed only, up to float round-off between batch
+    sizes."""
     conditions = conditions if conditions is not None else [[] for _ in prompts]
     if not (len(prompts) == len(conditions) == len(seeds)):
         raise ValueError(f"prompts ({len(prompts)}), conditions ({len(conditions)}) and seeds ({len(seeds)}) "
@@ -300,6 +326,7 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     if cfg_weighting is not None and cfg_weighting not in CFG_WEIGHTINGS:
         raise ValueError(f"unknown cfg_weighting {cfg_weighting!r}; known: {', '.join(CFG_WEIGHTINGS)} or None")
     pipe = load_pipeline(base)
+    warn_unknown_words(pipe.tokenizer, [*prompts, negative_prompt])
     size = size or image_size(pipe)
     sched = DDIMScheduler.from_config(pipe.scheduler.config)
     controlnets = loaded_adapters(controlnets, pipe.unet)
@@ -315,16 +342,24 @@ def generate_many(base, prompts: list[str], conditions: list[list] | None, contr
     for item in conditions[:1]:
         check_condition_sets(controlnets, item)
     out = []
+    bar = tqdm(total=-(-len(prompts) // batch) * steps, desc=progress, unit="denoising step", leave=False,
+               disable=progress is None)
+
+    def tick(p, i, t, kw):
+        bar.update(1)
+        return kw
+
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
         fitted = [[fit_condition(c, size, size)[0] for c in item] for item in conditions[i:j]]
         call = dict(prompt=prompts[i:j], negative_prompt=[negative_prompt] * (j - i), num_inference_steps=steps,
                     guidance_scale=guidance, generator=[torch.Generator().manual_seed(int(s)) for s in seeds[i:j]],
-                    height=size, width=size, output_type="np")
+                    height=size, width=size, output_type="np", callback_on_step_end=tick)
         if adapters is not None:
             result = run_adapter_pipeline(run, [item[0] if len(adapters) == 1 else item for item in fitted],
                                           **call).images
         else:
             result = run(**call, **({"image": fitted} if controlnets else {})).images
         out.append(from_pipeline(result))
+    bar.close()
     return np.concatenate(out)

@@ -8,6 +8,7 @@ VAE's downsampling factor (64 = 16 x 4 for the tiny base, 512 = 64 x 8 for SD 1.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 from diffusers import StableDiffusionPipeline
@@ -57,11 +58,30 @@ def weights_problem(e: BaseException, what: str, path) -> Exception | None:
     return None
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """diffusers' and transformers' loading bars off (a second's bars that a saved notebook shows stuck at 0%)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    for m, _ in was:
+        m.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for m, on in was:
+            if on:
+                m.enable_progress_bar()
+
+
 def load_base(base: str, device=None) -> StableDiffusionPipeline:
     """The locked base pipeline (local folder or hub id), frozen, in eval mode."""
     path = repo_path(base)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None, requires_safety_checker=False)
+        with quiet_loading():
+            pipe = StableDiffusionPipeline.from_pretrained(str(path), safety_checker=None,
+                                                           requires_safety_checker=False)
     except Exception as e:  # noqa: BLE001 - diffusers and transformers raise OSError, ValueError or pickle's errors
         said = weights_problem(e, "the base", path)
         if said is not None:
@@ -90,6 +110,11 @@ def forget(base=None) -> None:
         _LOADED.clear()
     else:
         _LOADED.pop(str(base), None)
+
+
+def is_loaded(base) -> bool:
+    """Whether ``load_pipeline(base)`` would return at once (a pipeline, or a base already loaded)."""
+    return isinstance(base, StableDiffusionPipeline) or str(base) in _LOADED
 
 
 def load_pipeline(base) -> StableDiffusionPipeline:

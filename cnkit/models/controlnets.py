@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -161,6 +162,8 @@ def load_controlnet(spec, base_unet: UNet2DConditionModel | None = None):
                              "such a file (cnkit export writes one)")
         stored = export.stored_config(path) is not None
         return watch_condition_size(export.load_original(path, config=None if stored else base_unet))
+    if not path.exists() and not _could_be_hub_id(spec):
+        raise _load_error(spec, path, FileNotFoundError(str(path)))
     config = path / "config.json"
     try:
         lite = config.is_file() and json.loads(config.read_text()).get("_class_name") == "ControlNetLiteModel"
@@ -174,6 +177,13 @@ def _load_error(spec, path: Path, e: Exception) -> Exception:
     """Why a ControlNet folder did not load, in words that fit the case."""
     text = bases.error_chain(e)
     chain = text.split(" | ")
+    if not path.exists() and not _could_be_hub_id(spec):
+        shipped = repo_path("data/controlnets") / str(spec)
+        hint = (f" The kit ships a net of that name: {Path('data/controlnets') / str(spec)}."
+                if str(spec) and (shipped / "config.json").is_file() else "")
+        return FileNotFoundError(f"no ControlNet at {path} (no such folder or file).{hint} Pass a diffusers "
+                                 "ControlNet folder (config.json and weights), an original-layout .safetensors file "
+                                 "or a hub id")
     if "weights_only" in text or "Unsupported global" in text or "UnpicklingError" in text:
         return ValueError(f"{path} holds only pickle weights that torch refuses to unpickle safely "
                           "(weights_only=True), so they were not loaded: use a checkpoint in safetensors, or "
@@ -189,6 +199,14 @@ def _load_error(spec, path: Path, e: Exception) -> Exception:
         f"could not load the ControlNet {spec!r} ({chain[0][:200]}). Pass a local diffusers ControlNet folder "
         "(e.g. data/controlnets/fill-outline), an original-layout .safetensors file, or a hub id on a machine that "
         "can download it (HF_HUB_OFFLINE unset)")
+
+
+def _could_be_hub_id(spec) -> bool:
+    """``owner/name`` that is not a local path: something a hub could serve (where one can be reached)."""
+    text = str(spec)
+    parts = text.split("/")
+    return (len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and not Path(parts[0]).exists()
+            and os.environ.get("HF_HUB_OFFLINE", "0") in ("0", "", "false"))
 
 
 def zero_convolutions(net, include_condition_encoder: bool = False) -> list[tuple[str, nn.Conv2d]]:

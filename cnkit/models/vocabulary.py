@@ -113,3 +113,33 @@ def unknown_words(tokenizer, prompt: str) -> list[str]:
     from a word list (the embedded base) never saw them as words, so it cannot know what they mean."""
     words = re.findall(r"[a-z]+", prompt.lower())
     return [w for w in dict.fromkeys(words) if len(tokenizer(w, add_special_tokens=False).input_ids) != 1]
+
+
+# The kit's word-list tokenizers hold CLIP's 512 byte symbols, its 2 special tokens and one merge per step towards
+# each word of their list: a few hundred to a few thousand tokens. SD's CLIP tokenizer holds 49,408.
+WORD_LIST_MAX_TOKENS = 8192
+
+
+def word_list_tokenizer(tokenizer) -> bool:
+    """Whether ``tokenizer`` was built from a word list (``cnkit.models.tokenizer``, as the embedded base's is): a
+    small vocabulary that reads the toy world's words ("circle", "background") as one token each. Only for such a
+    tokenizer does a word split into pieces mean a word the base never saw; SD's CLIP tokenizer splits rare words
+    into pieces it was trained on, legitimately."""
+    if len(tokenizer) > WORD_LIST_MAX_TOKENS:
+        return False
+    return all(len(tokenizer(w, add_special_tokens=False).input_ids) == 1 for w in ("circle", "background"))
+
+
+def unknown_prompt_words(tokenizer, prompts) -> list[str]:
+    """The words of ``prompts`` (in order, once each) that a word-list tokenizer has no token for; [] for any other
+    tokenizer (see ``word_list_tokenizer``)."""
+    prompts = [p for p in dict.fromkeys(prompts) if p]
+    if not prompts or not word_list_tokenizer(tokenizer):
+        return []
+    return list(dict.fromkeys(w for p in prompts for w in unknown_words(tokenizer, p)))
+
+
+def known_words(tokenizer, words) -> list[str]:
+    """The words of ``words`` (in order, once each) that ``tokenizer`` reads as one whole-word token: for a base whose
+    tokenizer was built from its training words, the words it can understand."""
+    return [w for w in dict.fromkeys(words) if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]

@@ -175,6 +175,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def vae_psnr(vae, images: np.ndarray, batch: int = 64) -> float:
     """Mean reconstruction PSNR (dB) of the VAE (posterior mean) on uint8 images."""
     x = to_model_range(images)

@@ -261,8 +261,9 @@ VALIDATION_FIELDS = ["step", "samples_seen", "metric", "fidelity", "fidelity_min
 class Validation:
     """Fixed-seed generations on held-out conditions, their fidelity, and a grid per validation."""
 
-    def __init__(self, n: int | None = None, steps: int = 20, guidance: float = 3.0, batch: int = 32,
+    def __init__(self, n: int | None = None, steps: int | None = None, guidance: float = 3.0, batch: int = 32,
                  every: int | None = None, prompt: str | None = None):
+        """``steps``: denoising steps per image (None: the run's ``validation_steps``)."""
         self.n, self.steps, self.guidance, self.batch, self.every = n, steps, guidance, batch, every
         self.prompt = prompt  # None: each item's own prompt; "" tests the condition alone
 
@@ -274,6 +275,7 @@ class Validation:
 
     def on_train_start(self, trainer) -> None:
         self.every = self.every if self.every is not None else trainer.cfg.validate_every
+        self.steps = self.steps if self.steps is not None else trainer.cfg.validation_steps
         self.table = _Table(trainer.out / "validation.csv", VALIDATION_FIELDS)
         (trainer.out / "samples").mkdir(exist_ok=True)
         # Held-out conditions: toy worlds draw past the training range; folders use their last items.
@@ -310,7 +312,8 @@ class Validation:
         prompts = [self.prompt if self.prompt is not None else it.prompt for it in self.items]
         images = generate_many(trainer.pipe, prompts, [[it.condition] for it in self.items], [net],
                                seeds("validation", len(self.items)), steps=self.steps, guidance=self.guidance,
-                               batch=self.batch, size=trainer.resolution)
+                               batch=self.batch, size=trainer.resolution,
+                               progress=f"validation at step {trainer.step} ({len(self.items)} images)")
         net.train(was_training)
         return images
 
@@ -361,8 +364,8 @@ def step0_facts(pipe, variant: str = "zero", seed: int = 0) -> dict:
     with_grad = sorted(n for n, p in net.named_parameters() if p.grad is not None and p.grad.abs().max() > 0)
     return {
         "variant": variant,
-        "max_abs_difference_from_base": float((controlled - plain).abs().max()),
-        "residual_max_abs": float(max(r.abs().max() for r in [*down, mid])),
+        "max_abs_difference_from_base": (controlled - plain).detach().abs().max().item(),
+        "residual_max_abs": max(r.detach().abs().max().item() for r in [*down, mid]),
         "parameter_tensors": sum(1 for _ in net.parameters()),
         "tensors_with_nonzero_gradient": len(with_grad),
         "all_of_them_zero_convolutions": set(with_grad) <= zero_names,

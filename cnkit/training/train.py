@@ -104,11 +104,12 @@ class TrainConfig:
     forecast: bool = False  # forecast convergence live from the probe (forecast.csv, the progress bar)
     validate_on: str = "schedule"  # schedule (every validate_every) or forecast (from the forecast's firing on)
     stop_after_convergence: int = 0  # with forecast: stop this many steps after validation confirms it; 0: never
+    validation_steps: int = 20  # denoising steps of each validation image (DDIM)
 
     def __post_init__(self):
         _params.coerce_fields(self)  # papermill and CLIs pass ints for floats and strings for numbers
         positive = ("steps", "batch_size", "gradient_accumulation", "checkpoint_every", "n_train", "validation_size",
-                    "telemetry_every", "lora_rank")
+                    "telemetry_every", "lora_rank", "validation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"parameter {name} must be at least 1, got {getattr(self, name)}")
@@ -197,7 +198,8 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
                   "condition_dropout": 0.5, "signals_every": 10, "forecast": False, "validate_on": "schedule",
-                  "stop_after_convergence": 0, "max_grad_norm": 0.0}
+                  "stop_after_convergence": 0, "max_grad_norm": 0.0,
+                  "validation_steps": 20}
 
 
 def open_dataset(cfg: TrainConfig, resolution: int):
