@@ -59,8 +59,9 @@ def speed(folder, repeats: int = 3, prompt: str = "red circle with blue backgrou
 def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", profile: str = "full",
                speed_repeats: int = 3, denoising_steps: int = 25, log=print) -> dict:
     """Pretrain (or resume) with the quality curve, evaluate on ``n_final`` held-out prompts per world, time the
-    stock pipeline (both at ``denoising_steps`` DDIM steps; the card's are at 25), write the card into ``out_dir/pipeline`` and copy it to ``publish_to`` when given. Returns
-    {"pipe", "stats", "evaluation" (images included), "speed", "card"}."""
+    stock pipeline (both at ``denoising_steps`` DDIM steps; the card's are at 25), write the card into
+    ``out_dir/pipeline`` and copy it to ``publish_to`` when given. Returns {"pipe", "stats", "evaluation" (images
+    included), "speed", "card"}."""
     data = training_set(cfg)
     train_prompts = set(data[1])
     pipe, stats = pretrain(cfg, log=log, judge=judge_for(cfg, train_prompts), data=data)
