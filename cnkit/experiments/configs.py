@@ -128,7 +128,7 @@ def bench_configs(smoke: bool = False) -> list:
 # within their budget (the paper's learning rate, 1e-5, far too low for the tiny base; the paper's uniform timesteps
 # at a budget too small for them) to count false alarms, and conditions no other notebook trains on (the shapes
 # world's edges and depth) to test the rule where it was not designed.
-FORECAST_CONTROLS = {"lr-1e-5": {"learning_rate": 1e-5, "steps": 400},
+FORECAST_CONTROLS = {"lr-1e-5": {"learning_rate": 1e-5, "steps": 400, "validate_every": 50},
                      "uniform-200": {"timestep_sampling": "uniform", "steps": 200}}
 FORECAST_NEW_CONDITIONS = {"edges": {**SHORT, "dataset": "toy:shapes/edges", "n_train": 5000, "validate_every": 50},
                            "depth": {**SHORT, "dataset": "toy:shapes/depth", "n_train": 5000, "validate_every": 50}}
