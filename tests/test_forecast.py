@@ -96,7 +96,7 @@ def _fake_run(folder, fidelity, gap, every=10):
     return folder
 
 
-def test_the_study_judges_early_late_missed_false_alarm_and_quiet(tmp_path):
+def test_the_study_judges_early_late_missed_from_the_start_false_alarm_and_quiet(tmp_path):
     rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]  # converged at step 100
     flat = [0.3] * 7
     runs = {
@@ -105,6 +105,8 @@ def test_the_study_judges_early_late_missed_false_alarm_and_quiet(tmp_path):
         "missed": _fake_run(tmp_path / "missed-a", rise, [0] * 13),
         "false alarm": _fake_run(tmp_path / "alarm-a", flat, [0, 0, 0.05, 0.05, 0, 0, 0, 0, 0, 0, 0, 0, 0]),
         "quiet": _fake_run(tmp_path / "quiet-a", flat, [0] * 13),
+        # over the threshold from the first reading (an adapter that is not zero-initialized): no forecast
+        "from the start": _fake_run(tmp_path / "start-a", rise, [0.1] * 13),
     }
     rule = ForecastRule("condition_gap_rel", 0.02, 2)
     rows = {k: study.judge(rule, f) for k, f in runs.items()}
@@ -112,8 +114,9 @@ def test_the_study_judges_early_late_missed_false_alarm_and_quiet(tmp_path):
     assert rows["early"]["fired_at_step"] == 60 and rows["early"]["lead_steps"] == 40
     assert rows["early"]["lead_s"] == pytest.approx(80.0)  # the run's clock: 2 s a step here
     s = study.score(list(rows.values()))
-    assert (s["early"], s["late"], s["missed"], s["false_alarms"], s["quiet"]) == (1, 1, 1, 1, 1)
-    assert s["early_share"] == pytest.approx(1 / 3) and s["median_lead_steps"] == 40
+    assert (s["early"], s["late"], s["missed"], s["false_alarms"], s["quiet"], s["from_start"]) == (1, 1, 1, 1, 1, 1)
+    assert rows["from the start"]["fired_at_step"] == 10 and rows["from the start"]["fired_from_start"]
+    assert s["early_share"] == pytest.approx(1 / 4) and s["median_lead_steps"] == 40
     # the design picks, from its grid, a rule that fires early on the design runs without a false alarm
     chosen, grid = study.design([runs["early"], runs["quiet"]])
     assert study.judge(chosen, runs["early"])["outcome"] == "early" and grid

@@ -14,8 +14,10 @@ A rule (``cnkit.training.forecast.ForecastRule``) is *designed* on some runs (a 
 patience and slope windows, scored by hits with lead, against false alarms) and *frozen*; then it is *tested* on
 runs held out from the design. Per run: the step it fires, validation's convergence step, the lead in steps and in
 seconds (from the run's own clock), and the outcome: ``early`` (fired before convergence: the target), ``late``
-(fired at or after it), ``missed`` (never fired on a converging run), ``false alarm`` (fired on a run that never
-converged) or ``quiet`` (never fired, never converged: right).
+(fired at or after it), ``from the start`` (fired at the first reading it could, on a converging run: the signal
+was over the threshold before anything was learned, so it forecast nothing; not counted as early), ``missed`` (never
+fired on a converging run), ``false alarm`` (fired on a run that never converged) or ``quiet`` (never fired, never
+converged: right).
 
     cnkit forecast RUN_DIR [RUN_DIR ...]          the frozen rule on finished runs: fired at, converged at, lead
 """
@@ -89,12 +91,15 @@ def judge(rule: ForecastRule, folder) -> dict:
     if rule.signal not in signals:
         return {"run": Path(folder).name, "signal_missing": rule.signal, "outcome": "no signal"}
     fired = rule.fire_step(*signals[rule.signal])
+    from_start = fired is not None and fired == rule.earliest_step(*signals[rule.signal])
     conv = t["converged_at_step"]
     if conv is None:
         outcome = "false alarm" if fired is not None else "quiet"
-    else:
-        outcome = "missed" if fired is None else "early" if fired < conv else "late"
-    row = {"run": Path(folder).name, "fired_at_step": fired, "converged_at_step": conv, "outcome": outcome,
+    else:  # firing at the first reading it could is no forecast: the signal carried no news of convergence
+        outcome = ("missed" if fired is None else "from the start" if from_start else "early" if fired < conv
+                   else "late")
+    row = {"run": Path(folder).name, "fired_at_step": fired, "fired_from_start": from_start,
+           "converged_at_step": conv, "outcome": outcome,
            "lead_steps": conv - fired if fired is not None and conv is not None else None,
            "lead_s": (_seconds_at(t, conv) - _seconds_at(t, fired)) if fired is not None and conv is not None
            else None, "final_fidelity": t["fidelity"][-1], "metric": t["metric"]}
@@ -108,6 +113,7 @@ def score(rows: list[dict]) -> dict:
     leads = [r["lead_steps"] for r in rows if r["outcome"] == "early"]
     return {"runs": len(rows), "converging": len(converging), "early": outcomes.count("early"),
             "late": outcomes.count("late"), "missed": outcomes.count("missed"),
+            "from_start": outcomes.count("from the start"),
             "false_alarms": outcomes.count("false alarm"), "quiet": outcomes.count("quiet"),
             "early_share": outcomes.count("early") / len(converging) if converging else None,
             "median_lead_steps": float(np.median(leads)) if leads else None}

@@ -70,6 +70,13 @@ class ForecastRule:
                 return int(step)
         return None
 
+    def earliest_step(self, steps, values) -> int | None:
+        """The first step at which this rule *could* fire on this series (its ``patience``-th defined reading). A
+        rule that fires there says nothing about convergence: the signal was over the threshold from the start (an
+        adapter that is not zero-initialized injects a large signal from step 0)."""
+        defined = [int(st) for st, v in zip(steps, self.series(steps, values)) if v == v]
+        return defined[self.patience - 1] if len(defined) >= self.patience else None
+
 
 DEFAULT_RULE = ForecastRule()
 
