@@ -106,6 +106,21 @@ def judge(rule: ForecastRule, folder) -> dict:
     return row
 
 
+def in_words(row: dict) -> str:
+    """``judge``'s row as a sentence: what the forecast said and when, beside what validation saw."""
+    if row["outcome"] == "no signal":
+        return f"{row['run']}: no {row['signal_missing']} logged (trained with signals_every=0?), no forecast"
+    fired, conv = row["fired_at_step"], row["converged_at_step"]
+    said = (f"the forecast said 'condition in use, convergence expected' at step {fired}" if fired is not None
+            else "the forecast never fired ('no sign of convergence yet' to the end)")
+    seen = (f"validation saw convergence at step {conv}" if conv is not None
+            else "validation never saw convergence")
+    verdict = {"early": f"{row['lead_steps']} steps ahead", "late": "late", "missed": "a miss",
+               "from the start": "no forecast: the signal was over the threshold from the start",
+               "false alarm": "a false alarm", "quiet": "rightly quiet"}[row["outcome"]]
+    return f"{said}; {seen} ({verdict})"
+
+
 def score(rows: list[dict]) -> dict:
     """How a rule did over runs: hits (fired early), their median lead, late, missed, false alarms, quiet."""
     outcomes = [r["outcome"] for r in rows]

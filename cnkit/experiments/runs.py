@@ -37,8 +37,9 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-")[-40:].strip("-") or "dataset"
 
 
-# Settings that change where a run is written or what watches it, never its numbers.
-NOT_IDENTITY = ("out_dir", "report_to", "num_workers", "signals_every")
+# Settings that change where a run is written or what watches it, never its numbers (the live forecast only reads
+# the probe; validate_on and stop_after_convergence, which act on it, do count).
+NOT_IDENTITY = ("out_dir", "report_to", "num_workers", "signals_every", "forecast")
 
 
 def run_key(cfg: TrainConfig) -> str:
