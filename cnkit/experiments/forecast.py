@@ -143,7 +143,8 @@ def candidate_rules() -> list[ForecastRule]:
               "blank_gap": [1e-6, 1e-5, 1e-4, 1e-3],
               "injected_rms": [0.05, 0.1, 0.2, 0.5, 1.0],
               "injected_rms_growth": [0.05, 0.1, 0.2, 0.5],
-              "grad_norm": [0.01, 0.03, 0.1, 0.3]}
+              "grad_norm": [0.01, 0.03, 0.1, 0.3],
+              "loss": [-0.02, -0.015, -0.01, -0.008]}  # minus the smoothed loss: it rises as the loss falls
     for (signal, thresholds), patience in itertools.product(levels.items(), (1, 2, 3)):
         grid += [ForecastRule(signal, th, patience) for th in thresholds]
     for signal, patience, window in itertools.product(("condition_gap_rel", "blank_gap"), (1, 2), (3, 5)):
@@ -220,14 +221,20 @@ def signal_cost(folder) -> float | None:
     return probe / training if training > 0 else None
 
 
-def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None) -> dict:
-    """Design the rule on ``groups``' design group (or take ``rule``), freeze it, judge every run with it. Returns
-    the rule, the design grid's scores, one row per run (with its group), the score per group and over the held-out
-    groups, and the targets against what was measured."""
+# The signals every run of the kit has logged since its first (telemetry.csv and the loss); the probe's came later,
+# so the shipped successor runs can be judged only by rules over these.
+TELEMETRY_SIGNALS = ("injected_rms", "injected_rms_growth", "grad_norm", "loss")
+
+
+def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signals=None) -> dict:
+    """Design the rule on ``groups``' design group (or take ``rule``; ``signals``: only rules over these), freeze
+    it, judge every run with it. Returns the rule, the design grid's scores, one row per run (with its group), the
+    score per group and over the held-out groups, and the targets against what was measured."""
     design_key = next(k for k in groups if k.startswith("design"))
     grid = []
     if rule is None:
-        rule, grid = design(groups[design_key])
+        rules = [r for r in candidate_rules() if signals is None or r.signal in signals]
+        rule, grid = design(groups[design_key], rules)
     rows = [{"group": g, **judge(rule, f)} for g, folders in groups.items() for f in folders]
     held_out = [r for r in rows if r["group"] != design_key and r["outcome"] != "no signal"]
     by_group = {g: score([r for r in rows if r["group"] == g and r["outcome"] != "no signal"]) for g in groups}
