@@ -43,15 +43,17 @@ SIGNALS = ("condition_gap_rel", "condition_gap", "blank_gap", "injected_rms", "i
            "grad_norm", "loss")
 
 
-def run_signals(folder) -> dict[str, tuple[list[int], list[float]]]:
-    """Every candidate signal a finished run logged: name -> (steps, values)."""
+def run_signals(folder, probe_every: int = 0) -> dict[str, tuple[list[int], list[float]]]:
+    """Every candidate signal a finished run logged: name -> (steps, values). ``probe_every``: keep only the probe's
+    readings at multiples of it (what a run probing less often would have logged; 0: every reading)."""
     run, out = Run(folder), {}
     signals = Path(folder) / "signals.csv"
     if signals.is_file():
         table = read_table(signals)
+        keep = [i for i, s in enumerate(table["step"]) if not probe_every or int(s) % probe_every == 0]
         for name in ("condition_gap_rel", "condition_gap", "blank_gap"):
             if name in table:
-                out[name] = ([int(s) for s in table["step"]], list(table[name]))
+                out[name] = ([int(table["step"][i]) for i in keep], [table[name][i] for i in keep])
     tel = run.telemetry()
     steps = np.asarray(tel["step"], int)
     into_base = np.array(["controlnet_cond_embedding" not in n for n in tel["name"]])
@@ -85,9 +87,9 @@ def _seconds_at(t: dict, step: int) -> float:
     return float(np.interp(step, t["steps"], t["elapsed_s"]))
 
 
-def judge(rule: ForecastRule, folder) -> dict:
+def judge(rule: ForecastRule, folder, probe_every: int = 0) -> dict:
     """The rule on one finished run, against validation: fired at, converged at, lead, outcome."""
-    signals, t = run_signals(folder), truth(folder)
+    signals, t = run_signals(folder, probe_every), truth(folder)
     if rule.signal not in signals:
         return {"run": Path(folder).name, "signal_missing": rule.signal, "outcome": "no signal"}
     fired = rule.fire_step(*signals[rule.signal])
@@ -226,16 +228,17 @@ def signal_cost(folder) -> float | None:
 TELEMETRY_SIGNALS = ("injected_rms", "injected_rms_growth", "grad_norm", "loss")
 
 
-def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signals=None) -> dict:
+def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signals=None, probe_every: int = 0) -> dict:
     """Design the rule on ``groups``' design group (or take ``rule``; ``signals``: only rules over these), freeze
-    it, judge every run with it. Returns the rule, the design grid's scores, one row per run (with its group), the
-    score per group and over the held-out groups, and the targets against what was measured."""
+    it, judge every run with it (``probe_every``: as if the probe had read only at multiples of it). Returns the
+    rule, the design grid's scores, one row per run (with its group), the score per group and over the held-out
+    groups, and the targets against what was measured."""
     design_key = next(k for k in groups if k.startswith("design"))
     grid = []
     if rule is None:
         rules = [r for r in candidate_rules() if signals is None or r.signal in signals]
         rule, grid = design(groups[design_key], rules)
-    rows = [{"group": g, **judge(rule, f)} for g, folders in groups.items() for f in folders]
+    rows = [{"group": g, **judge(rule, f, probe_every)} for g, folders in groups.items() for f in folders]
     held_out = [r for r in rows if r["group"] != design_key and r["outcome"] != "no signal"]
     by_group = {g: score([r for r in rows if r["group"] == g and r["outcome"] != "no signal"]) for g in groups}
     test = score(held_out) if held_out else {}
