@@ -26,7 +26,9 @@ from types import SimpleNamespace
 import numpy as np
 from scipy import ndimage
 
-from . import colours, geometry
+# each module by its own path: the package's front door (cnkit/__init__) is above every module
+import cnkit.colours as colours
+import cnkit.geometry as geometry
 
 _PALETTE_NAMES = colours.COLOUR_NAMES
 _PALETTE = np.array([colours.PALETTE[n] for n in _PALETTE_NAMES], dtype=np.float32)

@@ -120,3 +120,29 @@ def test_import_cnkit_loads_no_model_library():
     code = "import sys, cnkit; print(any(m in sys.modules for m in ('torch', 'diffusers')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_shipped_files_record_no_path_of_the_machine_that_made_them():
+    """Cards, configurations and tables under data/ hold paths relative to the checkout (card.portable), never a
+    builder's absolute path, which a user's machine does not have."""
+    import re
+
+    root = PACKAGE.parent / "data"
+    found = [str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".md", ".json", ".csv")
+             and p.is_file() and re.search(r'"/(work|tmp|home|root|Users)/', p.read_text(errors="ignore"))]
+    assert not found, found
+
+
+def test_no_module_imports_through_the_front_door():
+    """``from . import colours`` inside cnkit (or ``from .. import params`` one floor down) names the package
+    ``cnkit`` itself, whose front door lists every layer: a cycle through it. Modules import a module by its path."""
+    found = []
+    for module, path in _modules().items():
+        package = module.split(".") if path.stem == "__init__" else module.split(".")[:-1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level and not node.module:
+                if not package[: len(package) - (node.level - 1)]:
+                    found.append(f"{module}: from {'.' * node.level} import ...")
+            elif isinstance(node, ast.ImportFrom) and node.module == "cnkit":
+                found.append(f"{module}: from cnkit import ...")
+    assert not found, found

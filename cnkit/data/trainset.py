@@ -24,7 +24,8 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from .. import params as _params
+import cnkit.params as _params
+
 from ..pixels import fit, is_condition_set, stack_maps, to_model_range
 from .encoded import EncodedStore, build_store
 from .readers import NOTE, is_toy

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .. import metrics
+import cnkit.metrics as metrics
+
 from ..data import splits, toyworld
 from ..generation.generate import generate_many
 from ..generation.nets import load_net

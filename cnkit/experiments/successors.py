@@ -16,7 +16,8 @@ module only gathers runs, lays out tables and figures, and names things as the R
 
 from __future__ import annotations
 
-from .. import viz
+import cnkit.viz as viz
+
 from ..training.telemetry import injected_rms
 from . import bench_runs, costs, evaluations, runs
 from .runs import Run

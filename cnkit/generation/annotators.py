@@ -29,7 +29,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .. import pixels
+import cnkit.pixels as pixels
+
 from ..data import toyworld
 
 HUB_REPO = "lllyasviel/Annotators"

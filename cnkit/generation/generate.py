@@ -35,7 +35,9 @@ from diffusers import (
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .. import pixels
+import cnkit.generation.annotators as annotators
+import cnkit.pixels as pixels
+
 from ..data import toyworld
 from ..models.architectures import ControlAdapter, ControlNet, ControlNetLite, UnionControlNet
 from ..models.bases import image_size, load_pipeline
@@ -43,7 +45,6 @@ from ..models.controlnets import ControlNetLiteModel, check_fits, load_controlne
 from ..models.vocabulary import unknown_prompt_words
 from ..params import coerce
 from ..pixels import from_pipeline
-from . import annotators
 from .adapter_pipeline import adapter_pipeline, run_adapter_pipeline
 from .nets import is_successor_folder, load_net
 from .weighting import CFG_WEIGHTINGS, CONTROL_MODES, connection_latent_sizes, unit_net

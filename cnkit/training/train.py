@@ -43,7 +43,8 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import DDPMScheduler
 from tqdm.auto import tqdm
 
-from .. import params as _params
+import cnkit.params as _params
+
 from ..data.readers import condition_count, is_toy
 from ..data.splits import training_items
 from ..data.trainset import OnTheFly, cached_store, draw_items, micro_batch_generator
