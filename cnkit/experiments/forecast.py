@@ -25,6 +25,7 @@ converged: right).
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 from dataclasses import asdict
@@ -43,9 +44,20 @@ SIGNALS = ("condition_gap_rel", "condition_gap", "blank_gap", "injected_rms", "i
            "grad_norm", "loss")
 
 
+def _stamp(folder) -> tuple:
+    """What a finished run's tables are, for the caches below: a table rewritten (a resumed run) reads afresh."""
+    return tuple((f.name, f.stat().st_mtime_ns) for f in sorted(Path(folder).glob("*.csv")))
+
+
 def run_signals(folder, probe_every: int = 0) -> dict[str, tuple[list[int], list[float]]]:
     """Every candidate signal a finished run logged: name -> (steps, values). ``probe_every``: keep only the probe's
-    readings at multiples of it (what a run probing less often would have logged; 0: every reading)."""
+    readings at multiples of it (what a run probing less often would have logged; 0: every reading). Read once per
+    run (the design judges ~150 rules on each)."""
+    return _run_signals(str(folder), probe_every, _stamp(folder))
+
+
+@functools.lru_cache(maxsize=256)
+def _run_signals(folder: str, probe_every: int, stamp: tuple) -> dict[str, tuple[list[int], list[float]]]:
     run, out = Run(folder), {}
     signals = Path(folder) / "signals.csv"
     if signals.is_file():
@@ -74,6 +86,11 @@ def run_signals(folder, probe_every: int = 0) -> dict[str, tuple[list[int], list
 def truth(folder) -> dict:
     """Validation's account of a run: its metric, the validated steps and fidelity, the convergence step (None if
     it never converged within its budget) and the wall seconds of each validated step since the run started."""
+    return _truth(str(folder), _stamp(folder))
+
+
+@functools.lru_cache(maxsize=256)
+def _truth(folder: str, stamp: tuple) -> dict:
     table = read_table(Path(folder) / "validation.csv")
     metric = table["metric"][0]
     steps = [int(s) for s in table["step"]]
@@ -154,13 +171,15 @@ def candidate_rules() -> list[ForecastRule]:
     return grid
 
 
-def design(folders, rules=None, max_false_alarms: int = 0) -> tuple[ForecastRule, list[dict]]:
+def design(folders, rules=None, max_false_alarms: int = 0, probe_every: int = 0) -> tuple[ForecastRule, list[dict]]:
     """The rule of the grid that fires early on the most converging design runs, with at most
-    ``max_false_alarms``; ties go to the longer median lead, then to the higher threshold (the more conservative
-    rule). Returns the rule and every candidate's score, for the record."""
+    ``max_false_alarms`` on the design's non-converging runs (without such runs the design cannot learn to stay
+    quiet: a rule that fires on everything at step 2 scores perfectly); ties go to the longer median lead, then to
+    the higher threshold (the more conservative rule). ``probe_every``: design on the readings a run probing that
+    often logs. Returns the rule and every candidate's score, for the record."""
     table = []
     for rule in rules or candidate_rules():
-        rows = [judge(rule, f) for f in folders]
+        rows = [judge(rule, f, probe_every) for f in folders]
         if any(r["outcome"] == "no signal" for r in rows):
             continue
         table.append({"rule": asdict(rule), **score(rows)})
@@ -230,14 +249,14 @@ TELEMETRY_SIGNALS = ("injected_rms", "injected_rms_growth", "grad_norm", "loss")
 
 def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signals=None, probe_every: int = 0) -> dict:
     """Design the rule on ``groups``' design group (or take ``rule``; ``signals``: only rules over these), freeze
-    it, judge every run with it (``probe_every``: as if the probe had read only at multiples of it). Returns the
+    it, judge every run with it (``probe_every``: design and judge as if the probe had read only at multiples of it). Returns the
     rule, the design grid's scores, one row per run (with its group), the score per group and over the held-out
     groups, and the targets against what was measured."""
     design_key = next(k for k in groups if k.startswith("design"))
     grid = []
     if rule is None:
         rules = [r for r in candidate_rules() if signals is None or r.signal in signals]
-        rule, grid = design(groups[design_key], rules)
+        rule, grid = design(groups[design_key], rules, probe_every=probe_every)
     rows = [{"group": g, **judge(rule, f, probe_every)} for g, folders in groups.items() for f in folders]
     held_out = [r for r in rows if r["group"] != design_key and r["outcome"] != "no signal"]
     by_group = {g: score([r for r in rows if r["group"] == g and r["outcome"] != "no signal"]) for g in groups}

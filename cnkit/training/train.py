@@ -101,7 +101,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, ~30% slower
     use_8bit_adam: bool = False  # bitsandbytes' AdamW8bit: optimizer state in 8 bits (GPUs)
     telemetry_every: int = 1  # optimizer steps between telemetry rows (the probe costs a forward pass)
-    signals_every: int = 10  # optimizer steps between condition-use probes (signals.csv: 3 forward passes); 0: off
+    signals_every: int = 20  # optimizer steps between condition-use probes (signals.csv: 3 forward passes); 0: off
     forecast: bool = False  # forecast convergence live from the probe (forecast.csv, the progress bar)
     validate_on: str = "schedule"  # schedule (every validate_every) or forecast (from the forecast's firing on)
     stop_after_convergence: int = 0  # with forecast: stop this many steps after validation confirms it; 0: never
@@ -198,7 +198,7 @@ RESUMABLE = ("out_dir", "steps", "validate_every", "checkpoint_every", "report_t
 # from these values, so the runs kept before they existed are still found.
 LATER_SETTINGS = {"architecture": "controlnet", "resize_mode": "crop_and_resize", "encode": "cache", "num_workers": 0,
                   "gradient_checkpointing": False, "use_8bit_adam": False, "telemetry_every": 1, "lora_rank": 8,
-                  "condition_dropout": 0.5, "signals_every": 10, "forecast": False, "validate_on": "schedule",
+                  "condition_dropout": 0.5, "signals_every": 20, "forecast": False, "validate_on": "schedule",
                   "stop_after_convergence": 0, "max_grad_norm": 0.0,
                   "validation_steps": 20}
 
