@@ -132,3 +132,47 @@ def test_savings_are_the_validations_before_firing_and_the_steps_after_a_confirm
     assert s["confirmed_at_step"] == 100 and s["stopped_at_step"] == 125
     assert s["fidelity_at_stop"] == pytest.approx(0.9) and s["fidelity_final"] == pytest.approx(0.9)
     assert s["train_s_saved"] == pytest.approx((100 - 7) / 150 * 25)
+
+
+def test_the_design_learns_to_stay_quiet_only_from_runs_that_never_converge(tmp_path):
+    rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]  # converged at step 100
+    early = _fake_run(tmp_path / "early-a", rise, [0, 0, 0, 0, 0.005, 0.05, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3])
+    # a run that never converges, whose gap creeps up to 0.005: a rule set below that would call it converging
+    control = _fake_run(tmp_path / "control-a", [0.3] * 7, [0, 0, 0, 0.005, 0.005, 0.005, 0.005] + [0.005] * 6)
+    eager, _ = study.design([early])
+    assert study.judge(eager, control)["outcome"] == "false alarm"  # designed on converging runs alone
+    careful, grid = study.design([early, control])
+    assert study.judge(careful, control)["outcome"] == "quiet"
+    assert study.judge(careful, early)["outcome"] == "early"
+    assert any(s["false_alarms"] for s in grid)  # the control did rule candidates out
+
+
+def test_savings_over_the_study_add_up_and_give_up_no_fidelity_without_stopping(tmp_path):
+    rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]
+    gap = [0, 0, 0, 0, 0, 0.05, 0.1, 0.2, 0.3, 0.3, 0.3, 0.3, 0.3]
+    groups = {"design": [_fake_run(tmp_path / "a-a", rise, gap)], "other": [_fake_run(tmp_path / "b-a", rise, gap)]}
+    rule = ForecastRule("condition_gap_rel", 0.02, 2)
+    kept = study.savings_summary(groups, rule)
+    assert kept["total"]["runs"] == 2 and kept["total"]["validation_s_saved"] == pytest.approx(4.0)
+    assert kept["total"]["train_s_saved"] == 0 and kept["total"]["largest_fidelity_drop"] is None
+    assert kept["total"]["share_saved"] == pytest.approx(4.0 / 200.0)
+    stopped = study.savings_summary(groups, rule, stop_after=25)
+    assert stopped["total"]["stopped_early"] == 2 and stopped["total"]["largest_fidelity_drop"] == pytest.approx(0.0)
+    assert stopped["total"]["train_s_saved"] == pytest.approx(2 * (100 - 7) / 150 * 25)
+
+
+def test_the_study_reads_the_copy_of_a_run_that_carries_the_probe(tmp_path, monkeypatch):
+    from cnkit.experiments import configs
+    from cnkit.experiments.runs import run_folder
+
+    shipped, forecast_dir = tmp_path / "architecture-runs", tmp_path / "forecast-runs"
+    monkeypatch.setattr(study, "SHIPPED_DIR", shipped)
+    monkeypatch.setattr(study, "FORECAST_DIR", forecast_dir)
+    cfg = configs.bench_configs()[0]
+    rise = [0.3, 0.3, 0.3, 0.3, 0.85, 0.9, 0.9]
+    for where in (shipped, forecast_dir):
+        folder = _fake_run(run_folder(cfg, where), rise, [0.1] * 13)
+        (folder / "convergence.json").write_text(json.dumps({"train_loop_s": 100.0, "steps": cfg.steps}))
+    (run_folder(cfg, shipped) / "signals.csv").unlink()  # shipped before the probe existed
+    groups = study.study_groups(tmp_path / "runs")
+    assert groups["successors and union (10)"] == [run_folder(cfg, forecast_dir)]

@@ -134,11 +134,18 @@ FORECAST_NEW_CONDITIONS = {"edges": {**SHORT, "dataset": "toy:shapes/edges", "n_
                            "depth": {**SHORT, "dataset": "toy:shapes/depth", "n_train": 5000, "validate_every": 50}}
 
 
+# Notebook 10's runs again, with the probe (the shipped ones predate it), to test the rule on other architectures:
+# each successor on segmentation, and ControlNet-XS on fill too (which never converges there on seeds 1 and 2).
+FORECAST_ARCHITECTURES = ([("controlnet-xs", "fill", 1)] + [(a, "segmentation", 0) for a in SUCCESSORS])
+
+
 def forecast_configs(smoke: bool = False) -> list:
-    """Notebook 11's own runs (``FORECAST_CONTROLS`` on seeds 0 and 1, ``FORECAST_NEW_CONDITIONS`` on seed 0),
-    validated densely (the forecast's ground truth); shipped as tables (``cnkit forecast runs``)."""
+    """Notebook 11's own runs (``FORECAST_CONTROLS`` on seeds 0 and 1, ``FORECAST_NEW_CONDITIONS`` on seed 0,
+    ``FORECAST_ARCHITECTURES``), validated densely (the forecast's ground truth); shipped as tables (``cnkit forecast
+    runs``)."""
     return ([run_config(smoke, **{**o, "seed": s}) for o in FORECAST_CONTROLS.values() for s in (0, 1)]
-            + [run_config(smoke, **{**o, "seed": 0}) for o in FORECAST_NEW_CONDITIONS.values()])
+            + [run_config(smoke, **{**o, "seed": 0}) for o in FORECAST_NEW_CONDITIONS.values()]
+            + [architecture_run(a, t, s, smoke) for a, t, s in FORECAST_ARCHITECTURES])
 
 
 def all_configs(smoke: bool = False) -> list:

@@ -196,33 +196,41 @@ TARGETS = {"early_share": 0.8, "median_lead_steps": 50, "false_alarms": 1, "sign
 
 def study_groups(runs_dir, shipped_runs: bool = True, smoke: bool = False) -> dict[str, list[Path]]:
     """The finished runs the study reads, by group. ``design``: the paper's ControlNet on the fill world (notebook
-    04's seeds and its uniform-timesteps run, notebook 08's dataset sizes); every other group is held out from the
+    04's seeds and its uniform-timesteps run, notebook 08's dataset sizes) and, on seed 0, notebook 11's two fill runs
+    that never converge (without them the design cannot learn to stay quiet). Every other group is held out from the
     design: segmentation (09), the Gaussian and lite ablations (06, 09), ControlNet's successors and the union net
-    (10), and notebook 11's own runs (controls that should never converge, new conditions, the kit's runs on
-    Fill50K-format data it did not make). A run is read from ``runs_dir`` when trained there, else from the shipped
-    folders (``data/architecture-runs``, ``data/forecast-runs``) when ``shipped_runs``; missing runs are left out."""
+    (10), the same controls on seed 1, conditions no other notebook trains on, and the kit's runs on Fill50K-format
+    data it did not make. A run is read from ``runs_dir`` when trained there, else from the shipped folders
+    (``data/architecture-runs``, ``data/forecast-runs``) when ``shipped_runs``; of two copies of one run, the one
+    that carries the probe's ``signals.csv`` is read. Missing runs are left out."""
+    where = [Path(runs_dir)] + ([SHIPPED_DIR, FORECAST_DIR] if shipped_runs else [])
+
     def found(cfgs) -> list[Path]:
         out = []
         for cfg in cfgs:
-            for folder in ([Path(runs_dir)] + ([SHIPPED_DIR, FORECAST_DIR] if shipped_runs else [])):
-                run = find(cfg, folder)
-                if run is not None and (run.folder / "validation.csv").is_file():
-                    out.append(run.folder)
-                    break
+            copies = [run.folder for run in (find(cfg, folder) for folder in where)
+                      if run is not None and (run.folder / "validation.csv").is_file()]
+            if copies:
+                out.append(next((c for c in copies if (c / "signals.csv").is_file()), copies[0]))
         return list(dict.fromkeys(out))  # one run may serve two notebooks (the smoke profile makes many alike)
 
     s = configs.SEEDS
+    controls = {k: [configs.run_config(smoke, **{**o, "seed": k}) for o in configs.FORECAST_CONTROLS.values()]
+                for k in (0, 1)}
     groups = {
-        "design: ControlNet on fill (04, 08)": found([configs.ablation("zero", k, smoke) for k in s]
-                                                      + [configs.sampling_comparison(s[0], smoke)]
-                                                      + [configs.dataset_size(n, k, smoke)
-                                                         for n in configs.DATASET_SIZES for k in s]),
+        "design: ControlNet on fill (04, 08, 11)": found([configs.ablation("zero", k, smoke) for k in s]
+                                                          + [configs.sampling_comparison(s[0], smoke)]
+                                                          + [configs.dataset_size(n, k, smoke)
+                                                             for n in configs.DATASET_SIZES for k in s]
+                                                          + controls[0]),
         "ControlNet on segmentation (09)": found([configs.reconstruction("zero", k, smoke) for k in s]),
         "Gaussian and lite ablations (06, 09)": found([configs.ablation(v, k, smoke) for v in ("gaussian", "lite")
                                                        for k in s] + [configs.reconstruction("lite", k, smoke)
                                                                       for k in s]),
         "successors and union (10)": found(configs.bench_configs(smoke)),
-        "controls and new conditions (11)": found(configs.forecast_configs(smoke)),
+        "controls on another seed (11)": found(controls[1]),
+        "new conditions (11)": found([configs.run_config(smoke, **{**o, "seed": 0})
+                                      for o in configs.FORECAST_NEW_CONDITIONS.values()]),
     }
     extra = sorted(p.parent for p in FORECAST_DIR.glob("independent-*/validation.csv")) if shipped_runs else []
     if extra:
@@ -249,9 +257,9 @@ TELEMETRY_SIGNALS = ("injected_rms", "injected_rms_growth", "grad_norm", "loss")
 
 def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signals=None, probe_every: int = 0) -> dict:
     """Design the rule on ``groups``' design group (or take ``rule``; ``signals``: only rules over these), freeze
-    it, judge every run with it (``probe_every``: design and judge as if the probe had read only at multiples of it). Returns the
-    rule, the design grid's scores, one row per run (with its group), the score per group and over the held-out
-    groups, and the targets against what was measured."""
+    it, judge every run with it (``probe_every``: design and judge as if the probe had read only at multiples of
+    it). Returns the rule, the design grid's scores, one row per run (with its group), the score per group and over
+    the held-out groups, and the targets against what was measured."""
     design_key = next(k for k in groups if k.startswith("design"))
     grid = []
     if rule is None:
@@ -271,21 +279,21 @@ def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signa
             "targets": {k: {"measured": measured[k], "target": TARGETS[k], "held": held[k]} for k in TARGETS}}
 
 
-def savings(folder, rule: ForecastRule, stop_after: int | None = None) -> dict:
+def savings(folder, rule: ForecastRule, stop_after: int | None = None, probe_every: int = 0) -> dict:
     """What the forecast would have saved a finished, densely validated run, computed from its own tables (the weights
     do not depend on when validation runs, so the counterfactual is exact): the validations before the rule fired
     (``validate_on="forecast"`` keeps step 0's), their seconds; with ``stop_after``, the training after validation
     confirmed convergence plus ``stop_after`` steps, its seconds, and the fidelity the run would have ended with
     against the one it ended with."""
     folder = Path(folder)
-    t, signals = truth(folder), run_signals(folder)
+    t, signals = truth(folder), run_signals(folder, probe_every)
     table = read_table(folder / "validation.csv")
     seconds = dict(zip((int(s) for s in table["step"]), table["seconds"]))
     c = json.loads((folder / "convergence.json").read_text())
     fired = rule.fire_step(*signals[rule.signal]) if rule.signal in signals else None
     last = t["steps"][-1]
     skipped = [s for s in t["steps"] if 0 < s < last and (fired is None or s < fired)]
-    out = {"run": folder.name, "fired_at_step": fired, "validations": len(t["steps"]),
+    out = {"run": folder.name, "fired_at_step": fired, "last_step": last, "validations": len(t["steps"]),
            "validations_skipped": len(skipped), "validation_s_saved": float(sum(seconds[s] for s in skipped)),
            "validation_s_total": float(sum(seconds.values())), "train_loop_s": c.get("train_loop_s")}
     if stop_after is not None:
@@ -301,6 +309,31 @@ def savings(folder, rule: ForecastRule, stop_after: int | None = None) -> dict:
                    validation_s_saved_after_stop=float(sum(v for s, v in seconds.items()
                                                            if stop is not None and stop < s < last)))
     return out
+
+
+def savings_summary(groups: dict[str, list[Path]], rule: ForecastRule, stop_after: int | None = None,
+                    probe_every: int = 0) -> dict:
+    """``savings`` over every run of the study that carries the rule's signal: per run, and in total (what
+    ``validate_on="forecast"``, with ``stop_after_convergence=stop_after`` unless None, would have saved those runs:
+    validation seconds, training seconds, as shares of their train loops) with the fidelity given up by stopping
+    (none without ``stop_after``: the weights are the same, only fewer of them are scored)."""
+    rows = []
+    for g, folders in groups.items():
+        for f in folders:
+            if rule.signal in run_signals(f, probe_every):
+                rows.append({"group": g, **savings(f, rule, stop_after, probe_every)})
+    loop = sum(r["train_loop_s"] or 0.0 for r in rows)
+    val = sum(r["validation_s_saved"] + r.get("validation_s_saved_after_stop", 0.0) for r in rows)
+    train = sum(r.get("train_s_saved", 0.0) for r in rows)
+    drops = [r["fidelity_final"] - r["fidelity_at_stop"] for r in rows if r.get("fidelity_at_stop") is not None]
+    total = {"runs": len(rows), "train_loop_s": loop, "validation_s_saved": val, "train_s_saved": train,
+             "share_saved": (val + train) / loop if loop else None,
+             "validation_s_total": sum(r["validation_s_total"] for r in rows),
+             "stopped_early": sum(r.get("stopped_at_step") is not None and r["stopped_at_step"] < r["last_step"]
+                                  for r in rows),
+             "largest_fidelity_drop": max(drops) if drops else None,
+             "median_fidelity_drop": float(np.median(drops)) if drops else None}
+    return {"rule": asdict(rule), "stop_after": stop_after, "rows": rows, "total": total}
 
 
 def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4):
@@ -349,12 +382,20 @@ def main(argv=None) -> int:
     r = sub.add_parser("runs", help="train and ship notebook 11's own runs")
     r.add_argument("--runs-dir", default="reports/forecast/runs", help="where they train (resumable)")
     r.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: two on a CPU)")
+    r.add_argument("--figure-runs", default="", help="also ship the tables of the figures' runs found here that "
+                   "carry the probe (make figures leaves them in notebooks/outputs/runs), so that the study's design "
+                   "group is in the checkout")
     args = ap.parse_args(argv)
     if args.command == "runs":
-        configs = forecast_configs()
-        train_all(configs, Path(args.runs_dir), args.workers or default_workers())
-        for cfg in configs:
+        own = forecast_configs()
+        train_all(own, Path(args.runs_dir), args.workers or default_workers())
+        for cfg in own:
             print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, FORECAST_DIR, weights=False))
+        for cfg in (configs.figure_configs() if args.figure_runs else []):
+            run = find(cfg, args.figure_runs)
+            finished = run is not None and (run.folder / "convergence.json").is_file()
+            if finished and (run.folder / "signals.csv").is_file():
+                print("published", publish(run, cfg, FORECAST_DIR, weights=False))
         return 0
     rule = ForecastRule(**json.loads(args.rule)) if args.rule else DEFAULT_RULE
     rows = [judge(rule, f) for f in args.runs]
