@@ -6,7 +6,7 @@
 #   make pretrain  rebuild data/tiny-sd: continue data/tiny-sd-v1 by the pretraining notebook (about 5 h of CPU)
 #   make controlnets  rebuild data/controlnets (the shipped ControlNets, trained and measured; ~40 min of CPU)
 #   make architectures  rebuild data/architecture-runs (notebook 10's successor runs; about 3 h on 2 CPU cores)
-#   make forecast-runs  rebuild data/forecast-runs (notebook 11's own runs: controls and new conditions; ~40 min)
+#   make forecast-runs  rebuild data/forecast-runs (notebook 11's own runs: controls, new conditions, successors; ~2 h)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
@@ -78,7 +78,8 @@ controlnets: setup
 architectures: setup
 	$(VENV)/bin/cnkit architectures
 
-# Trains notebook 11's own runs (controls that never converge, conditions no other notebook uses) and ships their tables
-# in data/forecast-runs, which make figures reads.
+# Trains notebook 11's own runs (controls that never converge, conditions no other notebook uses, successors with the
+# probe) and ships their tables in data/forecast-runs, which make figures reads, with those of make figures' own runs
+# that carry the probe (the study's design group).
 forecast-runs: setup
-	$(VENV)/bin/cnkit forecast runs
+	$(VENV)/bin/cnkit forecast runs --figure-runs reports/runs
