@@ -336,15 +336,15 @@ def savings_summary(groups: dict[str, list[Path]], rule: ForecastRule, stop_afte
     return {"rule": asdict(rule), "stop_after": stop_after, "rows": rows, "total": total}
 
 
-def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4):
-    """Per run: the rule's signal (log scale) and validation's fidelity against step, the step the rule fired
-    (solid line) and validation's convergence step (dashed)."""
+def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4, probe_every: int = 0):
+    """Per run: the rule's signal (log scale; the readings at multiples of ``probe_every``) and validation's fidelity
+    against step, the step the rule fired (solid line) and validation's convergence step (dashed)."""
     import matplotlib.pyplot as plt  # noqa: PLC0415 - only the notebook's figure needs it
 
     rows = max(1, -(-len(folders) // columns))
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.4 * rows), squeeze=False)
     for ax, folder in zip(axes.flat, folders):
-        t, signals = truth(folder), run_signals(folder)
+        t, signals = truth(folder), run_signals(folder, probe_every)
         ax.plot(t["steps"], t["fidelity"], color="C0", marker=".", label="validation fidelity")
         ax.axhline(CONVERGENCE_THRESHOLDS.get(t["metric"], 0.5), color="C0", linestyle=":", linewidth=1)
         ax.set_ylim(0, 1)
