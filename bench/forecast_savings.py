@@ -65,6 +65,20 @@ def weights(run: Path) -> dict:
     return out
 
 
+def publish_tables(run: Path, dest: Path) -> Path:
+    """The run's tables and last sample grid, paths in them made relative to the checkout (a user's machine does
+    not have this one's)."""
+    from cnkit.experiments.bench_runs import RUN_FILES  # noqa: PLC0415
+
+    (dest / "samples").mkdir(parents=True, exist_ok=True)
+    for name in RUN_FILES:
+        if (run / name).is_file():
+            (dest / name).write_text((run / name).read_text().replace(f"{ROOT}/", ""))
+    grid = sorted((run / "samples").glob("step-*.png"))[-1]
+    (dest / "samples" / grid.name).write_bytes(grid.read_bytes())
+    return dest
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", default="", help="a training folder (default: a Fill50K-format one, made once)")
@@ -73,6 +87,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--stop-after", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "forecast-savings")
+    ap.add_argument("--publish", default="", help="also ship the schedule run's tables as data/forecast-runs/NAME "
+                    "(notebook 11 reads independent-* there as its group of Fill50K-format runs)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -107,6 +123,11 @@ def main(argv=None) -> dict:
         a, b = weights(runs["schedule"]), weights(runs["forecast"])
         summary["same_weights"] = a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if args.publish:
+        from cnkit.experiments.forecast import write_index  # noqa: PLC0415
+
+        print("published", publish_tables(runs["schedule"], ROOT / "data" / "forecast-runs" / args.publish))
+        print("index:", write_index())
     print(json.dumps({k: v for k, v in summary.items() if k not in ("schedule", "forecast")}, indent=1))
     for name in procs:
         print(name, {k: v for k, v in summary[name].items() if k != "validated_steps"})

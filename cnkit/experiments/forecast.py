@@ -370,6 +370,25 @@ def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4, 
     return fig
 
 
+def write_index(folder=FORECAST_DIR) -> Path:
+    """``README.md`` of ``data/forecast-runs``: what it holds and one line per run, from the run's own files."""
+    lines = ["# The forecast study's runs (tables only)", "",
+             "Written by `cnkit forecast runs` (`make forecast-runs`): notebook 11's own runs (controls that never "
+             "converge, conditions no other notebook trains on, successors trained again with the probe), the "
+             "figures' runs that carry the probe (the study's design group) and, as `independent-*`, runs on "
+             "Fill50K-format data the kit did not make (`bench/forecast_savings.py --publish`). Tables and the last "
+             "sample grid, no weights: notebook 11 reads `validation.csv`, `signals.csv` and `telemetry.csv`.", "",
+             "| run | steps | converged at step | final fidelity | probe readings |", "|---|---|---|---|---|"]
+    for run in sorted(p.parent for p in Path(folder).glob("*/convergence.json")):
+        c = json.loads((run / "convergence.json").read_text())
+        readings = len(read_table(run / "signals.csv")["step"]) if (run / "signals.csv").is_file() else 0
+        lines.append(f"| {run.name} | {c['steps']} | {c['converged_at_step']} | {c['metric']} "
+                     f"{c['fidelity_final']:.3f} | {readings} |")
+    index = Path(folder) / "README.md"
+    index.write_text("\n".join(lines) + "\n")
+    return index
+
+
 def main(argv=None) -> int:
     """``cnkit forecast judge RUN_DIR [...]``: the frozen forecast rule on finished runs, beside their validation.
     ``cnkit forecast runs``: train notebook 11's own runs (``configs.forecast_configs``: controls that never converge,
@@ -396,6 +415,7 @@ def main(argv=None) -> int:
             finished = run is not None and (run.folder / "convergence.json").is_file()
             if finished and (run.folder / "signals.csv").is_file():
                 print("published", publish(run, cfg, FORECAST_DIR, weights=False))
+        print("index:", write_index())
         return 0
     rule = ForecastRule(**json.loads(args.rule)) if args.rule else DEFAULT_RULE
     rows = [judge(rule, f) for f in args.runs]
