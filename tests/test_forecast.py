@@ -121,6 +121,8 @@ def test_the_study_judges_early_late_missed_from_the_start_false_alarm_and_quiet
     chosen, grid = study.design([runs["early"], runs["quiet"]])
     assert study.judge(chosen, runs["early"])["outcome"] == "early" and grid
     assert study.signal_cost(runs["early"]) == pytest.approx(0.13 / (100 - 7 - 0.13))
+    # probing every 20 steps instead of 10: the 7 readings at multiples of 20, against the same training time
+    assert study.signal_cost(runs["early"], probe_every=20) == pytest.approx(0.07 / (100 - 7 - 0.13))
 
 
 def test_savings_are_the_validations_before_firing_and_the_steps_after_a_confirmed_stop(tmp_path):

@@ -238,15 +238,20 @@ def study_groups(runs_dir, shipped_runs: bool = True, smoke: bool = False) -> di
     return groups
 
 
-def signal_cost(folder) -> float | None:
-    """The condition probe's share of the run's training time (its own clock, validations taken out)."""
+def signal_cost(folder, probe_every: int = 0) -> float | None:
+    """The condition probe's share of the run's training time (its own clock, validations taken out), counting only
+    the readings at multiples of ``probe_every`` (what probing that often costs; each reading's seconds are
+    measured)."""
     folder = Path(folder)
     if not (folder / "signals.csv").is_file():
         return None
-    probe = float(np.nansum(read_table(folder / "signals.csv")["seconds"]))
+    table = read_table(folder / "signals.csv")
+    seconds = np.asarray(table["seconds"], float)
+    every = np.array([not probe_every or int(st) % probe_every == 0 for st in table["step"]])
+    probe_all, probe = float(np.nansum(seconds)), float(np.nansum(seconds[every]))
     c = json.loads((folder / "convergence.json").read_text())
     validation = float(np.nansum(read_table(folder / "validation.csv")["seconds"]))
-    training = c.get("train_loop_s", 0.0) - validation - probe
+    training = c.get("train_loop_s", 0.0) - validation - probe_all
     return probe / training if training > 0 else None
 
 
@@ -269,7 +274,7 @@ def study(groups: dict[str, list[Path]], rule: ForecastRule | None = None, signa
     held_out = [r for r in rows if r["group"] != design_key and r["outcome"] != "no signal"]
     by_group = {g: score([r for r in rows if r["group"] == g and r["outcome"] != "no signal"]) for g in groups}
     test = score(held_out) if held_out else {}
-    costs = [c for g, folders in groups.items() for c in map(signal_cost, folders) if c is not None]
+    costs = [c for folders in groups.values() for f in folders if (c := signal_cost(f, probe_every)) is not None]
     measured = {"early_share": test.get("early_share"), "median_lead_steps": test.get("median_lead_steps"),
                 "false_alarms": test.get("false_alarms"),
                 "signal_cost_share": float(np.median(costs)) if costs else None}
