@@ -178,3 +178,12 @@ def test_the_study_reads_the_copy_of_a_run_that_carries_the_probe(tmp_path, monk
     (run_folder(cfg, shipped) / "signals.csv").unlink()  # shipped before the probe existed
     groups = study.study_groups(tmp_path / "runs")
     assert groups["successors and union (10)"] == [run_folder(cfg, forecast_dir)]
+
+
+def test_a_run_is_labelled_by_what_sets_it_apart(tmp_path):
+    folder = _fake_run(tmp_path / "zero-toy-fill-seed0-0123456789", [0.3], [0])
+    assert study.label(folder) == "zero-fill-seed0"
+    (folder / "train_config.json").write_text(json.dumps({"learning_rate": 1e-5, "timestep_sampling": "uniform"}))
+    assert study.label(folder) == "zero-fill-seed0 (lr 1e-05, uniform t)"
+    assert study.label(_fake_run(tmp_path / "independent-fill50k-like-seed0", [0.3], [0])) == \
+        "independent-fill50k-like-seed0"

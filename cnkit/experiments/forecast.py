@@ -28,6 +28,7 @@ import argparse
 import functools
 import itertools
 import json
+import re
 from dataclasses import asdict
 from pathlib import Path
 
@@ -97,6 +98,19 @@ def _truth(folder: str, stamp: tuple) -> dict:
     c = convergence(steps, table["fidelity"], CONVERGENCE_THRESHOLDS.get(metric, 0.5))
     return {"metric": metric, "steps": steps, "fidelity": list(table["fidelity"]),
             "elapsed_s": list(table["elapsed_s"]), "converged_at_step": c["converged_at_step"]}
+
+
+def label(folder) -> str:
+    """A run in a few words for tables and titles: its folder name without the key and the world's prefixes, and
+    the settings that set it apart from the kit's recipe (two controls share the name ``zero-toy-fill-seed0``)."""
+    folder = Path(folder)
+    name = re.sub(r"-[0-9a-f]{10}$", "", folder.name)  # the run key (cnkit.experiments.runs.run_key)
+    name = name.replace("-toy-", "-").replace("shapes-", "").replace("segmentation-depth-edges-outline", "4 maps")
+    cfg_file = folder / "train_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+    apart = ([f"lr {cfg['learning_rate']:g}"] if cfg.get("learning_rate", 1e-3) != 1e-3 else []) + (
+        [f"{cfg['timestep_sampling']} t"] if cfg.get("timestep_sampling", "cubic") != "cubic" else [])
+    return name + (f" ({', '.join(apart)})" if apart else "")
 
 
 def _seconds_at(t: dict, step: int) -> float:
@@ -330,7 +344,8 @@ def savings_summary(groups: dict[str, list[Path]], rule: ForecastRule, stop_afte
     loop = sum(r["train_loop_s"] or 0.0 for r in rows)
     val = sum(r["validation_s_saved"] + r.get("validation_s_saved_after_stop", 0.0) for r in rows)
     train = sum(r.get("train_s_saved", 0.0) for r in rows)
-    drops = [r["fidelity_final"] - r["fidelity_at_stop"] for r in rows if r.get("fidelity_at_stop") is not None]
+    drops = [r["fidelity_final"] - r["fidelity_at_stop"] for r in rows  # over the runs it did stop early
+             if r.get("stopped_at_step") is not None and r["stopped_at_step"] < r["last_step"]]
     total = {"runs": len(rows), "train_loop_s": loop, "validation_s_saved": val, "train_s_saved": train,
              "share_saved": (val + train) / loop if loop else None,
              "validation_s_total": sum(r["validation_s_total"] for r in rows),
@@ -365,7 +380,7 @@ def timelines_figure(folders: list[Path], rule: ForecastRule, columns: int = 4, 
                 ax.axvline(fired, color="C3", linewidth=1.5)
         if t["converged_at_step"] is not None:
             ax.axvline(t["converged_at_step"], color="C0", linestyle="--", linewidth=1.5)
-        ax.set_title(Path(folder).name.rsplit("-", 1)[0][:34], fontsize=9)
+        ax.set_title(label(folder)[:40], fontsize=9)
         ax.tick_params(labelsize=8)
     for ax in axes.flat[len(folders):]:
         ax.axis("off")
