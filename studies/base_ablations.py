@@ -3,6 +3,8 @@
     python studies/base_ablations.py vae  --out reports/base-ablations/vae-anchor1 --anchor 1.0 --lr 3e-4 --steps 800
     python studies/base_ablations.py unet --out reports/base-ablations/unet-colour --warm-start DIR [--colour-init]
         [--text-layers 4] [--lr 1e-3] [--batch-size 64] [--minutes 25] ...
+    python studies/base_ablations.py with-vae --vae RUN/checkpoints/vae/vae.safetensors --out DIR
+    python studies/base_ablations.py summarize --out RUN/ablations.json
 
 ``vae``: fine-tunes the shipped base's VAE on every world (``cnkit.training.pretrain.train_vae``) and reports, in
 ``vae.json``: the held-out PSNR per world, how far the old worlds' latents moved (MSE of the posterior means against
@@ -29,7 +31,7 @@ from accelerate import Accelerator
 
 from cnkit.data.splits import held_out_images
 from cnkit.experiments.evaluations import evaluate_base
-from cnkit.experiments.pretraining import judge_for
+from cnkit.experiments.pretraining import judge_for, read_curve
 from cnkit.models.bases import load_pipeline
 from cnkit.pixels import to_model_range
 from cnkit.training import pretrain as P
@@ -93,6 +95,82 @@ def unet(args) -> None:
     print((out / "curve.csv").read_text())
 
 
+def with_vae(args) -> None:
+    """A base with another VAE's weights (e.g. the production run's VAE stage), so ``unet`` ablations start where
+    the production UNet stage started and can share its latents (``--latents``)."""
+    from safetensors.torch import load_file  # noqa: PLC0415
+
+    pipe = load_pipeline(args.base)
+    pipe.vae.load_state_dict(load_file(args.vae))
+    pipe.save_pretrained(args.out)
+    print(f"{args.base} with the VAE of {args.vae} -> {args.out}")
+
+
+def _curve_at(path: Path, cpu_s: float | None = None) -> dict | None:
+    """The curve's row at step 0 (``cpu_s`` None) or its last row within ``cpu_s`` of UNet CPU time."""
+    if not path.is_file():
+        return None
+    rows = read_curve(path)
+    if cpu_s is None:
+        return rows[0]
+    start = rows[0]["cpu_s"]
+    within = [r for r in rows if r["cpu_s"] - start <= cpu_s]
+    return within[-1] if within else None
+
+
+def summarize(args) -> None:
+    """The card's "recipe choices, measured" table from the ablations' results under ``--root``, as
+    ``ablations.json`` (each row: choice, compared, measured, decision); absent results are left out."""
+    root, rows = Path(args.root), []
+    vae_runs = {d.name: json.loads((d / "vae.json").read_text()) for d in sorted(root.glob("vae-*"))
+                if (d / "vae.json").is_file()}
+
+    def vae_line(r):
+        old = r["old_unet_through_new_vae"]
+        return (f"old-world latents moved by MSE {r['old_worlds_latent_mse']:.4f} (their variance "
+                f"{r['old_worlds_latent_var']:.2f}); the old UNet through it: shapes {old['shapes']['correct']:.0%} "
+                f"right, fill colour {old['fill']['fill_colour']:.0%}; PSNR Fill50K-format "
+                f"{r['psnr_db']['fill50k']:.1f} dB, X11 {r['psnr_db']['fill-x11']:.1f} dB, kit's fill "
+                f"{r['psnr_db']['fill']:.1f} dB")
+
+    if "vae-anchor0.0" in vae_runs and "vae-anchor1.0" in vae_runs:
+        a0, a1 = vae_runs["vae-anchor0.0"], vae_runs["vae-anchor1.0"]
+        rows.append({"choice": "VAE: hold the old worlds' latents in place (vae_anchor)",
+                     "compared": f"anchor 0 vs 1.0, {a0['config']['steps']} steps at lr {a0['config']['lr']:g}",
+                     "measured": f"anchor 0: {vae_line(a0)}. Anchor 1.0: {vae_line(a1)}",
+                     "decision": "anchor 1.0: the old UNet, and every net trained on the old base, keep reading the "
+                                 "latents they knew; it gives up "
+                                 f"{a0['psnr_db']['fill-x11'] - a1['psnr_db']['fill-x11']:.1f} dB on the new colours "
+                                 "at this budget"})
+    if "vae-anchor1-lr1e-3" in vae_runs and "vae-anchor1-lr2e-3" in vae_runs:
+        lo, hi = vae_runs["vae-anchor1-lr1e-3"], vae_runs["vae-anchor1-lr2e-3"]
+        rows.append({"choice": "VAE learning rate (anchored)",
+                     "compared": f"1e-3 vs 2e-3, {lo['config']['steps']} steps",
+                     "measured": f"1e-3: {vae_line(lo)}. 2e-3: {vae_line(hi)}",
+                     "decision": "1e-3, the smaller move of the old latents (2e-3 moves them "
+                                 f"{hi['old_worlds_latent_mse'] / lo['old_worlds_latent_mse']:.2f}x as far for "
+                                 f"{hi['psnr_db']['fill-x11'] - lo['psnr_db']['fill-x11']:.1f} dB more on X11 "
+                                 "colours); the two were not compared at the production length"})
+    init, random = root / "unet-colour" / "curve.csv", root / "unet-random" / "curve.csv"
+    a, b = _curve_at(init), _curve_at(random)
+    if a and b:
+        line = lambda r: (f"X11 one disc {r['fill_x11_one_disc']:.0%}, fill colour {r['fill_x11_fill_colour']:.0%}, "
+                          f"background {r['fill_x11_background_colour']:.0%}")
+        measured = f"before training: from colours {line(a)}; random {line(b)}"
+        later_a, later_b = _curve_at(init, args.cpu_s), _curve_at(random, args.cpu_s)
+        if later_a and later_b and later_a["step"] > 0 and later_b["step"] > 0:
+            measured += (f". After {args.cpu_s / 60:.0f} CPU-minutes of the UNet stage (steps "
+                         f"{int(later_a['step'])} / {int(later_b['step'])}): from colours {line(later_a)}; random "
+                         f"{line(later_b)}")
+        rows.append({"choice": "new colour words' embeddings placed by their colours (colour_init)",
+                     "compared": "colour_init on vs off, the same warm start, VAE and latents",
+                     "measured": measured,
+                     "decision": "on" if a["fill_x11_fill_colour"] >= b["fill_x11_fill_colour"] else "off"})
+    out = Path(args.out)
+    out.write_text(json.dumps(rows, indent=1))
+    print(json.dumps(rows, indent=1))
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="what", required=True)
@@ -118,8 +196,16 @@ def main(argv=None) -> None:
     u.add_argument("--n-eval", type=int, default=64)
     for name, default in (("n-fill", 10000), ("n-shapes", 60000), ("n-fill50k", 30000), ("n-fill-x11", 30000)):
         u.add_argument(f"--{name}", type=int, default=default)
+    w = sub.add_parser("with-vae")
+    w.add_argument("--base", default="data/tiny-sd-v1")
+    w.add_argument("--vae", required=True, help="a vae.safetensors (e.g. RUN/checkpoints/vae/vae.safetensors)")
+    w.add_argument("--out", required=True)
+    m = sub.add_parser("summarize")
+    m.add_argument("--root", default="reports/base-ablations")
+    m.add_argument("--cpu-s", type=float, default=1800.0, help="compare the UNet ablations at this much CPU time")
+    m.add_argument("--out", required=True, help="ablations.json to write (the card reads RUN/ablations.json)")
     args = ap.parse_args(argv)
-    (vae if args.what == "vae" else unet)(args)
+    {"vae": vae, "unet": unet, "with-vae": with_vae, "summarize": summarize}[args.what](args)
 
 
 if __name__ == "__main__":

@@ -52,3 +52,20 @@ def test_evaluations_run_and_measure_what_they_generate(tiny_pipe, net):
     assert not np.array_equal(c["guidance, conditional branch only, unweighted"]["images"], none["images"])
     refs = E.segmentation_references(tiny_pipe, n=2, steps=2)
     assert refs["ground truth"]["miou"] == 1.0 and 0 <= refs["ground truth through the VAE"]["miou"] <= 1
+
+
+def test_vae_colour_round_trip_gives_back_the_palette_the_base_learned():
+    """The first base's VAE learned the kit's eight colours: they come back within CIEDE2000 10; the summary rates are
+    what the per-colour distances and per-prompt judgements say."""
+    from cnkit.colours import PALETTE, X11
+    from cnkit.models.bases import load_pipeline
+    from cnkit.params import repo_path
+
+    r = E.vae_colour_round_trip(load_pipeline(str(repo_path("data/tiny-sd-v1"))).vae, n=8)
+    de = r["delta_e_by_colour"]
+    assert sorted(de) == sorted(X11) and r["n"] == 8
+    assert all(de[name] <= 10 for name in PALETTE if name in X11)
+    assert r["colours_within_10"] == pytest.approx(np.mean([v <= 10 for v in de.values()]))
+    assert r["colours_median_delta_e"] == pytest.approx(np.median(list(de.values())), abs=0.01)
+    assert list(r["worst_colours"].values()) == sorted(r["worst_colours"].values(), reverse=True)
+    assert 0 <= r["fill_colour"] <= 1 and 0 <= r["background_colour"] <= 1

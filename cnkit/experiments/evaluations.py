@@ -17,6 +17,7 @@ images they were measured on, so a notebook's table and grid agree.
   in the conditional branch only, unweighted and with the three resolution weightings; fidelity and
   over-saturation.
 - ``segmentation_references`` (Table 2): the ceiling and floor of re-detected segmentation.
+- ``vae_colour_round_trip``: how much of Fill50K's palette the base's VAE gives back (what its UNet can learn to draw).
 """
 
 from __future__ import annotations
@@ -122,6 +123,41 @@ def evaluate_base(pipe, n: int = 256, seed: int = 0, steps: int = 25, guidance: 
         result["shapes"] = {"correct": rate(per, "correct"), "colours_and_counts": rate(per, "colours_ok")}
         result["per_image"]["shapes"], result["images"]["shapes"] = per, images
     return result
+
+
+@torch.no_grad()
+def vae_colour_round_trip(vae, n: int = 256, seed: int = 0, size: int = 64, batch: int = 64) -> dict:
+    """How well the VAE gives Fill50K's colours back: the held-out X11 prompts' own discs (radius size/4, in the
+    middle, in the prompted colours) encoded and decoded (posterior mean), then judged by ``metrics.analyse_fill_x11``
+    as ``evaluate_base`` judges a generation; and each of the 140 colours alone as a uniform image (the share within
+    CIEDE2000 10 after the round trip, the median, the worst five). The UNet learns to produce the encoder's
+    latents, so a colour the round trip loses is one the base draws wrong unless it finds a latent the encoder never
+    makes: these rates are what a perfect UNet on this VAE would score, not a hard cap."""
+    from ..colours import X11, delta_e  # noqa: PLC0415
+
+    rows = splits.held_out_x11_prompts(n, seed)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 <= (size / 4) ** 2
+    targets = np.empty((len(rows), size, size, 3), dtype=np.uint8)
+    for i, r in enumerate(rows):
+        targets[i] = r["background_rgb"]
+        targets[i][disc] = r["fill_rgb"]
+    round_trip = lambda imgs: np.concatenate([from_model_range(vae.decode(vae.encode(
+        to_model_range(imgs[i:i + batch])).latent_dist.mean).sample) for i in range(0, len(imgs), batch)])
+    judged = [metrics.analyse_fill_x11(img, r["fill_rgb"], r["background_rgb"])
+              for img, r in zip(round_trip(targets), rows)]
+    names = list(X11)
+    rgb = np.array([X11[k] for k in names], dtype=np.uint8)
+    flat = round_trip(np.broadcast_to(rgb[:, None, None, :], (len(rgb), size, size, 3)).copy())
+    seen = flat[:, size // 4: 3 * size // 4, size // 4: 3 * size // 4].reshape(len(rgb), -1, 3).mean(1)
+    de = delta_e(seen, rgb.astype(np.float64))
+    worst = np.argsort(-de)[:5]
+    return {"n": len(rows), "fill_colour": float(np.mean([j["fill_ok"] for j in judged])),
+            "background_colour": float(np.mean([j["background_ok"] for j in judged])),
+            "one_disc": float(np.mean([j["one_disc"] for j in judged])),
+            "colours_within_10": float(np.mean(de <= 10)), "colours_median_delta_e": float(np.median(de)),
+            "worst_colours": {names[i]: round(float(de[i]), 1) for i in worst},
+            "delta_e_by_colour": {k: round(float(v), 2) for k, v in zip(names, de)}}
 
 
 # --- one ControlNet, two composed -----------------------------------------------------------

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ..card import hardware, write_card
+from ..card import card_data, hardware, write_card
+from ..colours import X11, X11_WORDS
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS
 from ..files import write_json
 from ..training.pretrain import WORLD_COUNTS, PretrainConfig, pretrain, training_set
-from .evaluations import evaluate_base
+from .evaluations import evaluate_base, vae_colour_round_trip
 
 # The card's bars (issue 28): what the embedded base must do on held-out prompts, and its speed against the first
 # edition's 2.27 s for 8 images at 25 steps.
@@ -65,6 +66,7 @@ def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", pr
     data = training_set(cfg)
     train_prompts = set(data[1])
     pipe, stats = pretrain(cfg, log=log, judge=judge_for(cfg, train_prompts), data=data)
+    stats["vae_colour_round_trip"] = vae_colour_round_trip(pipe.vae, seed=cfg.seed)
     evaluation = evaluate_base(pipe, n=n_final, seed=cfg.seed, train_prompts=train_prompts, steps=denoising_steps)
     out = Path(cfg.out_dir)
     timing = speed(out / "pipeline", speed_repeats, steps=denoising_steps)
@@ -151,7 +153,7 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     bars = targets(evaluation, stats, speed)
     cpu = stats.get("cpu_s", {})
     machine_h = {k: (v or 0.0) / MACHINE_CORES / 3600 for k, v in cpu.items()}
-    rows = read_curve(curve) if curve else []
+    rows = (read_curve(curve) if isinstance(curve, (str, Path)) else list(curve)) if curve is not None else []
     start = stats.get("start", {})
     data = {"recipe": asdict(cfg), "stats": stats, "evaluation": {k: v for k, v in evaluation.items()
                                                                    if k not in ("per_image", "images")},
@@ -177,6 +179,15 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
         quality.append(f"| {key} | {shown} | {target} | {'yes' if b['held'] else 'no'} |")
     quality += ["", "VAE PSNR per world: " + ", ".join(f"{w} {v:.1f} dB" for w, v in
                                                         stats.get("vae_psnr_db_by_world", {}).items()) + "."]
+    trip = stats.get("vae_colour_round_trip")
+    if trip:
+        quality += ["", f"The VAE's round trip of Fill50K's colours (`vae_colour_round_trip`): "
+                        f"{_pct(trip['colours_within_10'])} of the 140 colours come back within CIEDE2000 10 "
+                        f"(median {trip['colours_median_delta_e']:.1f}; worst: " + ", ".join(
+                            f"{k} {v}" for k, v in trip["worst_colours"].items()) + f"); the {trip['n']} held-out "
+                        f"X11 prompts' own discs, encoded and decoded, score fill colour "
+                        f"{_pct(trip['fill_colour'])} and background {_pct(trip['background_colour'])} by the "
+                        "measure above: what a perfect UNet on this VAE would score."]
     curve_lines = ["| step | CPU h (machine) | fill one disc | X11 one disc | X11 fill colour | X11 background | "
                    "shapes correct |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -189,9 +200,9 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     return write_card(folder, "tiny-sd: the kit's embedded Stable Diffusion", {
         "What it is": "A Stable Diffusion 1.5-shaped text-to-image model (64x64 images, latents 4x16x16, SD 1.5's "
                       "UNet block layout, a small CLIP text encoder, an offline CLIP tokenizer with a whole-word "
-                      "token for every word of the toy worlds, Fill50K's 106 colour words among them), pretrained "
-                      "by cnkit on its toy worlds. Load it with the stock "
-                      "`StableDiffusionPipeline.from_pretrained('data/tiny-sd')`.",
+                      f"token for every word of the toy worlds, the {len(X11_WORDS)} words of Fill50K's {len(X11)} "
+                      "colour names among them), pretrained by cnkit on its toy worlds. Load it with the stock "
+                      f"`StableDiffusionPipeline.from_pretrained('data/{folder.name}')`.",
         "Recipe": f"`cnkit pretrain` (`cnkit.training.pretrain`), profile `{profile}`, seed {cfg.seed}; "
                   f"{continued}. VAE: {cfg.vae_steps} steps (batch {cfg.vae_batch_size}, {cfg.vae_crop}px crops, "
                   f"lr {cfg.vae_learning_rate}, anchor {cfg.vae_anchor}). UNet + text encoder: {cfg.steps} steps "
@@ -211,6 +222,25 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
         "Rebuild": "`make pretrain` (continues `data/tiny-sd` with this recipe and publishes the result here; an "
                    "interrupted run continues where it stopped).",
     }, data)
+
+
+def refresh_base_card(folder, ablations=None) -> Path:
+    """Rewrite a published base's card from what it recorded (recipe, stats, evaluation, speed, curve), with
+    ``ablations`` (a list as ``write_base_card`` takes, or a path to ``ablations.json``; None keeps the recorded
+    ones) and the VAE's colour round trip measured if the card lacks it. Nothing is retrained or re-evaluated."""
+    from ..models.bases import load_pipeline  # noqa: PLC0415
+
+    folder = Path(folder)
+    data = card_data(folder)
+    if isinstance(ablations, (str, Path)):
+        ablations = json.loads(Path(ablations).read_text())
+    stats = data["stats"]
+    if "vae_colour_round_trip" not in stats:
+        stats["vae_colour_round_trip"] = vae_colour_round_trip(load_pipeline(folder).vae, seed=data["recipe"]["seed"])
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    cfg = PretrainConfig(**data["recipe"])
+    return write_base_card(folder, cfg, stats, evaluation, data["speed_8_images_25_steps"], data["profile"],
+                           curve=data["curve"], ablations=data["ablations"] if ablations is None else ablations)
 
 
 def main(argv=None) -> dict:

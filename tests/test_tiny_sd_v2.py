@@ -1,0 +1,86 @@
+"""The second embedded base as published in data/tiny-sd-v2 (issue 28): its files are the ones its card lists, it
+loads offline with the stock pipeline and reads every word of Fill50K's colour names, and its card's numbers are
+computed from what it recorded and come back when measured again on a fixed sample."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from diffusers import StableDiffusionPipeline
+
+from cnkit import card, metrics
+from cnkit.colours import X11_WORDS
+from cnkit.data import splits
+from cnkit.experiments import pretraining
+from cnkit.generation import generate
+
+V2 = Path(__file__).resolve().parent.parent / "data" / "tiny-sd-v2"
+SAMPLE, MAX_FLIPS = 12, 2  # as test_tiny_sd_shipped: a generation on a decision boundary may flip across CPUs
+
+pytestmark = pytest.mark.skipif(not V2.is_dir(), reason="data/tiny-sd-v2 is not published")
+
+
+@pytest.fixture(scope="module")
+def v2():
+    pipe = StableDiffusionPipeline.from_pretrained(V2, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def recorded():
+    return card.card_data(V2), json.loads((V2 / "evaluation.json").read_text())
+
+
+def test_files_match_the_card_and_are_safetensors():
+    assert card.card_hashes(V2) == card.file_hashes(V2)
+    files = [p for p in V2.rglob("*") if p.is_file()]
+    assert sum(p.stat().st_size for p in files) <= 30 * 2**20
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")]
+
+
+def test_reads_every_colour_word_and_warns_for_others(v2):
+    assert generate.unknown_words_note(v2.tokenizer, [" ".join(X11_WORDS)]) is None
+    note = generate.unknown_words_note(v2.tokenizer, ["chartreusey circle with red background"])
+    assert note and "chartreusey" in note
+
+
+def test_card_rates_and_bars_are_computed_from_what_it_recorded(recorded):
+    data, evaluation = recorded
+    for world, keys in (("fill", ("one_disc", "fill_ok", "background_ok")),
+                        ("fill_x11", ("one_disc", "fill_ok", "background_ok")), ("shapes", ("correct",))):
+        per = evaluation["per_image"][world]
+        assert len(per) == evaluation["settings"]["n"] >= 256
+        rates = dict(zip(("one_disc", "fill_colour", "background_colour") if world != "shapes" else ("correct",),
+                         keys))
+        for rate, key in rates.items():
+            assert data["evaluation"][world][rate] == pytest.approx(np.mean([r[key] for r in per]), abs=1e-9)
+    bars = pretraining.targets(data["evaluation"], data["stats"], data["speed_8_images_25_steps"])
+    assert bars == data["targets"]
+    trip = data["stats"]["vae_colour_round_trip"]
+    assert trip["colours_within_10"] == pytest.approx(np.mean([v <= 10 for v in trip["delta_e_by_colour"].values()]))
+
+
+def test_vae_psnr_per_world_reproduces_the_card(v2, recorded):
+    from cnkit.training.pretrain import vae_psnr
+
+    data, _ = recorded
+    for world, psnr in data["stats"]["vae_psnr_db_by_world"].items():
+        now = vae_psnr(v2.vae, splits.held_out_images(64, data["recipe"]["seed"], world=world))
+        assert now == pytest.approx(psnr, abs=0.05), world
+
+
+def test_x11_outcomes_come_back_on_a_fixed_sample(v2, recorded):
+    _, evaluation = recorded
+    s = evaluation["settings"]
+    rows = splits.held_out_x11_prompts(s["n"], s["seed"])[:SAMPLE]
+    per = evaluation["per_image"]["fill_x11"][:SAMPLE]
+    assert [r["prompt"] for r in rows] == [p["prompt"] for p in per]
+    images = generate.generate_many(v2, [r["prompt"] for r in rows], None, [], [r["seed"] for r in rows],
+                                    steps=s["steps"], guidance=s["guidance"])
+    flips = 0
+    for r, p, img in zip(rows, per, images):
+        a = metrics.analyse_fill_x11(img, r["fill_rgb"], r["background_rgb"])
+        flips += (a["one_disc"], a["fill_ok"], a["background_ok"]) != (p["one_disc"], p["fill_ok"], p["background_ok"])
+    assert flips <= MAX_FLIPS
