@@ -18,7 +18,6 @@ from cnkit.generation import generate
 V2 = Path(__file__).resolve().parent.parent / "data" / "tiny-sd-v2"
 SAMPLE, MAX_FLIPS = 12, 2  # as test_tiny_sd_shipped: a generation on a decision boundary may flip across CPUs
 
-pytestmark = pytest.mark.skipif(not V2.is_dir(), reason="data/tiny-sd-v2 is not published")
 
 
 @pytest.fixture(scope="module")
@@ -84,3 +83,18 @@ def test_x11_outcomes_come_back_on_a_fixed_sample(v2, recorded):
         a = metrics.analyse_fill_x11(img, r["fill_rgb"], r["background_rgb"])
         flips += (a["one_disc"], a["fill_ok"], a["background_ok"]) != (p["one_disc"], p["fill_ok"], p["background_ok"])
     assert flips <= MAX_FLIPS
+
+
+def test_refreshing_the_card_adds_ablations_and_keeps_every_number(tmp_path, recorded):
+    import shutil
+
+    copy = tmp_path / "tiny-sd-v2"
+    shutil.copytree(V2, copy)
+    row = {"choice": "a choice", "compared": "a vs b", "measured": "a 1, b 2", "decision": "a"}
+    pretraining.refresh_base_card(copy, ablations=[row])
+    data, _ = recorded
+    new = card.card_data(copy)
+    assert new["ablations"] == [row] and "| a choice | a vs b | a 1, b 2 | a |" in (copy / "README.md").read_text()
+    for key in ("evaluation", "targets", "stats", "curve", "speed_8_images_25_steps"):
+        assert new[key] == data[key], key
+    assert card.card_hashes(copy) == card.file_hashes(copy)
