@@ -133,24 +133,25 @@ def summarize(args) -> None:
                 f"{r['psnr_db']['fill50k']:.1f} dB, X11 {r['psnr_db']['fill-x11']:.1f} dB, kit's fill "
                 f"{r['psnr_db']['fill']:.1f} dB")
 
-    if "vae-anchor0.0" in vae_runs and "vae-anchor1.0" in vae_runs:
-        a0, a1 = vae_runs["vae-anchor0.0"], vae_runs["vae-anchor1.0"]
-        rows.append({"choice": "VAE: hold the old worlds' latents in place (vae_anchor)",
-                     "compared": f"anchor 0 vs 1.0, {a0['config']['steps']} steps at lr {a0['config']['lr']:g}",
-                     "measured": f"anchor 0: {vae_line(a0)}. Anchor 1.0: {vae_line(a1)}",
-                     "decision": "anchor 1.0: the old UNet, and every net trained on the old base, keep reading the "
-                                 "latents they knew; it gives up "
-                                 f"{a0['psnr_db']['fill-x11'] - a1['psnr_db']['fill-x11']:.1f} dB on the new colours "
-                                 "at this budget"})
-    if "vae-anchor1-lr1e-3" in vae_runs and "vae-anchor1-lr2e-3" in vae_runs:
-        lo, hi = vae_runs["vae-anchor1-lr1e-3"], vae_runs["vae-anchor1-lr2e-3"]
-        rows.append({"choice": "VAE learning rate (anchored)",
-                     "compared": f"1e-3 vs 2e-3, {lo['config']['steps']} steps",
-                     "measured": f"1e-3: {vae_line(lo)}. 2e-3: {vae_line(hi)}",
-                     "decision": "1e-3, the smaller move of the old latents (2e-3 moves them "
-                                 f"{hi['old_worlds_latent_mse'] / lo['old_worlds_latent_mse']:.2f}x as far for "
-                                 f"{hi['psnr_db']['fill-x11'] - lo['psnr_db']['fill-x11']:.1f} dB more on X11 "
-                                 "colours); the two were not compared at the production length"})
+    # (choice, the two runs, their labels, what was compared, the decision from the pair): one row per pair that was run
+    pairs = [("VAE: hold the old worlds' latents in place (vae_anchor)", "vae-anchor0.0", "vae-anchor1.0",
+              ("anchor 0", "anchor 1.0"), lambda a, b: f"anchor 0 vs 1.0, {a['config']['steps']} steps at lr "
+                                                       f"{a['config']['lr']:g}",
+              lambda a, b: "anchor 1.0: the old UNet, and every net trained on the old base, keep reading the latents "
+                           f"they knew; it gives up {a['psnr_db']['fill-x11'] - b['psnr_db']['fill-x11']:.1f} dB on "
+                           "the new colours at this budget"),
+             ("VAE learning rate (anchored)", "vae-anchor1-lr1e-3", "vae-anchor1-lr2e-3", ("1e-3", "2e-3"),
+              lambda a, b: f"1e-3 vs 2e-3, {a['config']['steps']} steps",
+              lambda a, b: "1e-3, the smaller move of the old latents (2e-3 moves them "
+                           f"{b['old_worlds_latent_mse'] / a['old_worlds_latent_mse']:.2f}x as far for "
+                           f"{b['psnr_db']['fill-x11'] - a['psnr_db']['fill-x11']:.1f} dB more on X11 colours); the "
+                           "two were not compared at the production length")]
+    for choice, first, second, (label_a, label_b), compared, decide in pairs:
+        if first in vae_runs and second in vae_runs:
+            a, b = vae_runs[first], vae_runs[second]
+            rows.append({"choice": choice, "compared": compared(a, b),
+                         "measured": f"{label_a}: {vae_line(a)}. {label_b.capitalize()}: {vae_line(b)}",
+                         "decision": decide(a, b)})
     init, random = root / "unet-colour" / "curve.csv", root / "unet-random" / "curve.csv"
     a, b = _curve_at(init), _curve_at(random)
     if a and b:
@@ -158,14 +159,18 @@ def summarize(args) -> None:
                           f"background {r['fill_x11_background_colour']:.0%}")
         measured = f"before training: from colours {line(a)}; random {line(b)}"
         later_a, later_b = _curve_at(init, args.cpu_s), _curve_at(random, args.cpu_s)
+        judged_a, judged_b = a, b
         if later_a and later_b and later_a["step"] > 0 and later_b["step"] > 0:
+            judged_a, judged_b = later_a, later_b
             measured += (f". After {args.cpu_s / 60:.0f} CPU-minutes of the UNet stage (steps "
                          f"{int(later_a['step'])} / {int(later_b['step'])}): from colours {line(later_a)}; random "
                          f"{line(later_b)}")
         rows.append({"choice": "new colour words' embeddings placed by their colours (colour_init)",
                      "compared": "colour_init on vs off, the same warm start, VAE and latents",
                      "measured": measured,
-                     "decision": "on" if a["fill_x11_fill_colour"] >= b["fill_x11_fill_colour"] else "off"})
+                     # decided where both arms trained for the budget when they did, else where they started
+                     "decision": "on" if judged_a["fill_x11_fill_colour"] >= judged_b["fill_x11_fill_colour"]
+                     else "off"})
     out = Path(args.out)
     out.write_text(json.dumps(rows, indent=1))
     print(json.dumps(rows, indent=1))

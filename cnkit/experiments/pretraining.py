@@ -153,7 +153,7 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     bars = targets(evaluation, stats, speed)
     cpu = stats.get("cpu_s", {})
     machine_h = {k: (v or 0.0) / MACHINE_CORES / 3600 for k, v in cpu.items()}
-    rows = (read_curve(curve) if isinstance(curve, (str, Path)) else list(curve)) if curve is not None else []
+    rows = read_curve(curve) if isinstance(curve, (str, Path)) else list(curve or [])  # a csv, or rows a card kept
     start = stats.get("start", {})
     data = {"recipe": asdict(cfg), "stats": stats, "evaluation": {k: v for k, v in evaluation.items()
                                                                    if k not in ("per_image", "images")},
@@ -182,7 +182,8 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     trip = stats.get("vae_colour_round_trip")
     if trip:
         quality += ["", f"The VAE's round trip of Fill50K's colours (`vae_colour_round_trip`): "
-                        f"{_pct(trip['colours_within_10'])} of the 140 colours come back within CIEDE2000 10 "
+                        f"{_pct(trip['colours_within_10'])} of the {len(trip['delta_e_by_colour'])} colours come "
+                        "back within CIEDE2000 10 "
                         f"(median {trip['colours_median_delta_e']:.1f}; worst: " + ", ".join(
                             f"{k} {v}" for k, v in trip["worst_colours"].items()) + f"); the {trip['n']} held-out "
                         f"X11 prompts' own discs, encoded and decoded, score fill colour "
