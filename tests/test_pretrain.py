@@ -91,8 +91,11 @@ def test_continuing_a_base_widens_its_vocabulary_and_resumes_exactly(tmp_path, f
     extended = tmp_path / "extended"
     pretrain.pretrain(_warm(extended, first_base, steps=4), log=lambda *_: None)
     messages = []
-    pretrain.pretrain(_warm(extended, first_base, steps=6), log=messages.append)
+    _, resumed = pretrain.pretrain(_warm(extended, first_base, steps=6), log=messages.append)
     assert "unet: resumed at step 4" in messages
+    # the latents were encoded in the first sitting: their cost is still counted (it travels with the cache)
+    encoded = pretrain.latents_cpu_s(extended / "latents.safetensors")
+    assert encoded > 0 and resumed["cpu_s"]["latents"] == encoded
     a, b = _unet_weights(straight), _unet_weights(extended)
     assert all(torch.equal(a[k], b[k]) for k in a)
 

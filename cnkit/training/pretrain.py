@@ -269,9 +269,10 @@ def encode_latents(cfg: PretrainConfig, vae, images: np.ndarray, batch: int = 25
            "data": hashlib.sha256(images[:: max(1, len(images) // 64)].tobytes()).hexdigest()[:16]}
     if path.is_file():
         with safe_open(path, "pt") as f:
-            same = (f.metadata() or {}) == key
-        if same:
+            meta = f.metadata() or {}
+        if {k: meta.get(k) for k in key} == key:
             return load_file(path)
+    clock = _CPUClock()
     means, stds = [], []
     for i in tqdm(range(0, len(images), batch), desc="encode latents"):
         post = vae.encode(to_model_range(images[i:i + batch])).latent_dist  # float32 per batch: 4x less memory
@@ -279,9 +280,17 @@ def encode_latents(cfg: PretrainConfig, vae, images: np.ndarray, batch: int = 25
         stds.append(post.std)
     cached = {"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}
     tmp = path.with_suffix(".tmp")
-    save_file(cached, tmp, metadata=key)
+    # the encoding's CPU seconds travel with the cache, so a run resumed in a later sitting still counts them
+    save_file(cached, tmp, metadata={**key, "cpu_s": f"{clock():.1f}"})
     os.replace(tmp, path)  # never a half-written cache
     return cached
+
+
+def latents_cpu_s(path: Path) -> float:
+    """CPU seconds the cached latents cost to encode, as recorded with them (0.0 for a cache from before the
+    kit recorded it)."""
+    with safe_open(path, "pt") as f:
+        return float((f.metadata() or {}).get("cpu_s", 0.0))
 
 
 def _min_snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -511,13 +520,13 @@ def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint, judge, data=
     psnr = {w: vae_psnr(pipe.vae, held_out_images(64, cfg.seed, world=w)) for w in WORLD_COUNTS}
     log("vae: held-out PSNR " + ", ".join(f"{w} {v:.2f} dB" for w, v in psnr.items()))
 
-    t, cpu = time.perf_counter(), _CPUClock()
+    t = time.perf_counter()
     latents = encode_latents(cfg, pipe.vae, images)
     if not cfg.warm_start or cfg.vae_anchor == 0 and cfg.vae_steps:
         # a new latent space: scale it as SD's 0.18215 was chosen. An anchored one keeps the old scale (its UNet's)
         pipe.vae.register_to_config(scaling_factor=1.0 / float(latents["mean"].std()))
     timings["latents_s"] = time.perf_counter() - t
-    latents_cpu = cpu()
+    latents_cpu = latents_cpu_s(out / "latents.safetensors")
 
     t = time.perf_counter()
     before = vae_stats.get("cpu_s", 0.0) + latents_cpu
