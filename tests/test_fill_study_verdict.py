@@ -1,0 +1,31 @@
+"""studies/recipe_on_independent_fill.py's verdict: computed from the runs, and a seed where diffusers' script was
+not run compares nothing (the kit is not "faster" than a run that never happened)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "studies"))
+import recipe_on_independent_fill as study  # noqa: E402
+
+M = "disc_iou_truth_prompt"
+
+
+def _run(wall):
+    """A trainer's entry that stays >= 0.8 from ``wall`` seconds (None: never), and >= the lower bars too."""
+    lower = {str(t): {"stays_above_from_step": None if wall is None else 1, "wall_s": wall}
+             for t in study.LOWER_THRESHOLDS}
+    return {M: {"stays_above_from_step": None if wall is None else 1, "wall_s": wall, "lower_thresholds": lower}}
+
+
+def test_kit_faster_counts_only_seeds_where_the_stock_script_ran():
+    runs = {"kit": {"0": _run(100.0), "1": _run(300.0), "2": _run(50.0)},
+            "diffusers": {"0": _run(200.0), "1": _run(None)}}  # seed 1: stock never reached; seed 2: not run
+    v = study.verdict(runs, [0, 1, 2])
+    assert v["0.8"] == {"measure": M, "kit_reached_in_seeds": 3, "kit_faster_in_seeds": 2,
+                        "seeds_with_stock_script": 2, "seeds": 3}
+    assert v["held"] is True
+    slower = study.verdict({"kit": {"0": _run(300.0)}, "diffusers": {"0": _run(200.0)}}, [0])
+    assert slower["0.8"]["kit_faster_in_seeds"] == 0 and slower["held"] is False
+    alone = study.verdict({"kit": {"0": _run(100.0)}}, [0])  # --skip-diffusers
+    assert alone["0.8"]["kit_faster_in_seeds"] == 0 and alone["0.8"]["seeds_with_stock_script"] == 0
