@@ -45,7 +45,9 @@ zero-convolution telemetry is part of its loop and counted. Evaluation runs afte
 Writes ``OUT/results.csv`` (trainer, seed, step, wall_s, disc_iou_prompt, disc_iou_empty, the truth
 versions, the kit's own validation number) and ``OUT/summary.json`` (per trainer and seed: from which
 step, and after how many wall seconds, each measure stays >= 0.8, by ``cnkit.metrics.convergence``; the
-seconds per step; the commands). Rerunning skips finished trainings and evaluations.
+seconds per step; the commands) and ``OUT/table.md`` (the table for the docs). Rerunning skips finished trainings
+and evaluations; ``--collect`` trains nothing and rebuilds the three files from every finished run of ``--seeds``
+and ``--kit-variants`` (runs made by several invocations, e.g. one seed or one trainer at a time).
 """
 
 from __future__ import annotations
@@ -446,9 +448,7 @@ def steadiness(rows: list[dict], args) -> dict:
             values = [r[m] for r in mine]
             if not values:
                 continue
-            start = next((i for i, v in enumerate(values) if v >= 0.6), None)
-            after = values[start:] if start is not None else []
-            falls.append(max([a - b for a, b in zip(after, after[1:])] + [0.0]) if after else None)
+            falls.append(largest_fall(values))
             finals.append(values[-1])
         known = [f for f in falls if f is not None]
         out[trainer] = {"largest_fall_per_seed": falls, "final_per_seed": finals,
@@ -508,6 +508,9 @@ def main(argv=None) -> None:
     ap.add_argument("--kit-variants", nargs="+", choices=list(KIT_VARIANTS), default=["kit"],
                     help="the kit's trainer as its recipe is (kit) and clipping the gradient at 1 (kit-clip)")
     ap.add_argument("--skip-diffusers", action="store_true", help="train only the kit's variants (its nets kept)")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: results.csv and summary.json from the seeds' finished runs (e.g. after runs "
+                         "made by several invocations)")
     ap.add_argument("--launcher", choices=("accelerate", "python"), default="accelerate",
                     help="how diffusers' script is started: accelerate launch (1 process) or plain python")
     args = ap.parse_args(argv)
@@ -538,8 +541,10 @@ def main(argv=None) -> None:
         dcmd = diffusers_command(args, args.launcher, script, base, data, zero, run / "diffusers", seed)
         kcmds = {v: kit_command(args, base, data, run / v, seed, v) for v in args.kit_variants}
         commands[str(seed)] = {"diffusers": " ".join(dcmd), **{v: " ".join(c) for v, c in kcmds.items()}}
+        if args.collect:  # only what finished: nothing is trained
+            kcmds = {v: c for v, c in kcmds.items() if (run / v / "done.json").is_file()}
         nets, walls = {}, {}
-        if not args.skip_diffusers:
+        if not args.skip_diffusers and not (args.collect and not (run / "diffusers" / "done.json").is_file()):
             print(f"seed {seed}: diffusers' script ...", flush=True)
             d = train_diffusers(args, dcmd, run / "diffusers")
             print(f"seed {seed}: diffusers trained in {d['wall_s']:.0f} s", flush=True)
@@ -574,6 +579,38 @@ def main(argv=None) -> None:
     print(f"wrote {out / 'results.csv'} and {out / 'summary.json'} in {summary['study_wall_s']:.0f} s")
 
 
+def largest_fall(values: list[float], start_at: float = 0.6) -> float | None:
+    """The largest drop from one kept net to the next once the curve first reaches ``start_at`` (None: never)."""
+    start = next((i for i, v in enumerate(values) if v >= start_at), None)
+    if start is None:
+        return None
+    after = values[start:]
+    return max([a - b for a, b in zip(after, after[1:])] + [0.0])
+
+
+def markdown_table(rows: list[dict], runs: dict) -> str:
+    """The study's table (``table.md``), from the measured rows: per seed and trainer, seconds a step, the last
+    kept net's IoU against the true disc (the best), the same without a prompt, when it stays >= THRESHOLD and
+    the largest fall between kept nets after it first reaches 0.6."""
+    m = "disc_iou_truth_prompt"
+    lines = [f"| seed | trainer | s/step | IoU at the last step (max) | no prompt, flat CFG | stays >= {THRESHOLD} "
+             "from step (wall s) | largest fall after 0.6 |", "|---|---|---|---|---|---|---|"]
+    for seed in sorted({r["seed"] for r in rows}):
+        for trainer in sorted(runs, key=lambda t: (t != "diffusers", t)):
+            e = runs[trainer].get(str(seed))
+            if e is None:
+                continue
+            values = [r[m] for r in sorted((r for r in rows if r["trainer"] == trainer and r["seed"] == seed),
+                                           key=lambda r: r["step"])]
+            at, fall = e[m]["stays_above_from_step"], largest_fall(values)
+            rate = "" if e["s_per_step"] is None else f"{e['s_per_step']:.2f}"
+            lines.append(f"| {seed} | {trainer} | {rate} | {e[m]['final']:.2f} ({e[m]['max']:.2f}) | "
+                         f"{e['disc_iou_truth_empty']['final']:.2f} | "
+                         + ("never" if at is None else f"{at} ({e[m]['wall_s']:,.0f})") + " | "
+                         + ("" if fall is None else f"{fall:.2f}") + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(out: Path, rows: list[dict], args, commands, ceiling, checks, t0: float) -> dict:
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, RESULT_FIELDS)
@@ -583,6 +620,7 @@ def write_results(out: Path, rows: list[dict], args, commands, ceiling, checks, 
     summary = summarise(rows, args, commands, ceiling, checks)
     summary["study_wall_s"] = time.perf_counter() - t0
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "table.md").write_text(markdown_table(rows, summary["runs"]))
     return summary
 
 

@@ -29,3 +29,13 @@ def test_kit_faster_counts_only_seeds_where_the_stock_script_ran():
     assert slower["0.8"]["kit_faster_in_seeds"] == 0 and slower["held"] is False
     alone = study.verdict({"kit": {"0": _run(100.0)}}, [0])  # --skip-diffusers
     assert alone["0.8"]["kit_faster_in_seeds"] == 0 and alone["0.8"]["seeds_with_stock_script"] == 0
+
+
+def test_table_rows_come_from_the_measured_curves():
+    rows = [{"trainer": "kit", "seed": 0, "step": s, "disc_iou_truth_prompt": v, "disc_iou_truth_empty": 0.9}
+            for s, v in ((0, 0.2), (100, 0.65), (200, 0.85), (300, 0.75), (400, 0.82))]
+    entry = {"s_per_step": 0.9, "disc_iou_truth_empty": {"final": 0.9},
+             M: {"stays_above_from_step": 400, "wall_s": 380.0, "final": 0.82, "max": 0.85}}
+    table = study.markdown_table(rows, {"kit": {"0": entry}})
+    assert table.splitlines()[2] == "| 0 | kit | 0.90 | 0.82 (0.85) | 0.90 | 400 (380) | 0.10 |"
+    assert study.largest_fall([0.1, 0.5]) is None and study.largest_fall([0.7, 0.8]) == 0.0
