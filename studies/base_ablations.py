@@ -4,6 +4,7 @@
     python studies/base_ablations.py unet --out reports/base-ablations/unet-colour --warm-start DIR [--colour-init]
         [--text-layers 4] [--lr 1e-3] [--batch-size 64] [--minutes 25] ...
     python studies/base_ablations.py with-vae --vae RUN/checkpoints/vae/vae.safetensors --out DIR
+    python studies/base_ablations.py round-trip [--root reports/base-ablations]
     python studies/base_ablations.py summarize --out RUN/ablations.json
 
 ``vae``: fine-tunes the shipped base's VAE on every world (``cnkit.training.pretrain.train_vae``) and reports, in
@@ -11,6 +12,9 @@
 the old encoder's), and whether the old UNet still draws the kit's fill world through the new VAE (the test that
 matters for warm-starting the UNet and for the ControlNets trained on the old base). It also writes the base with the
 new VAE (old UNet and text encoder) to ``OUT/pipeline``, the warm start of the ``unet`` ablations.
+
+``round-trip``: adds to each VAE ablation's ``vae.json`` how many of Fill50K's 140 colours its VAE gives back
+(``cnkit.experiments.evaluations.vae_colour_round_trip``, the measure behind the X11 colour bars).
 
 ``unet``: the UNet and text-encoder stage from a warm start for a fixed CPU budget (``--minutes`` of process CPU
 time divided by the threads, i.e. minutes of this machine), scored every ``--eval-every`` steps on held-out prompts
@@ -106,6 +110,22 @@ def with_vae(args) -> None:
     print(f"{args.base} with the VAE of {args.vae} -> {args.out}")
 
 
+def round_trip(args) -> None:
+    from cnkit.experiments.evaluations import vae_colour_round_trip  # noqa: PLC0415
+
+    for d in sorted(Path(args.root).glob("vae-*")):
+        report_path = d / "vae.json"
+        if not report_path.is_file() or "colour_round_trip" in json.loads(report_path.read_text()):
+            continue
+        trip = vae_colour_round_trip(load_pipeline(str(d / "pipeline")).vae, seed=0)
+        report = json.loads(report_path.read_text())  # read again: nothing else is lost if this one was slow
+        report["colour_round_trip"] = {k: trip[k] for k in ("colours_within_10", "colours_median_delta_e",
+                                                            "fill_colour", "background_colour", "worst_colours")}
+        report_path.write_text(json.dumps(report, indent=1))
+        print(f"{d.name}: {trip['colours_within_10']:.1%} of the colours within CIEDE2000 10, held-out discs' fill "
+              f"{trip['fill_colour']:.1%}, background {trip['background_colour']:.1%}")
+
+
 def _curve_at(path: Path, cpu_s: float | None = None) -> dict | None:
     """The curve's row at step 0 (``cpu_s`` None) or its last row within ``cpu_s`` of UNet CPU time."""
     if not path.is_file():
@@ -131,7 +151,11 @@ def summarize(args) -> None:
                 f"{r['old_worlds_latent_var']:.2f}); the old UNet through it: shapes {old['shapes']['correct']:.0%} "
                 f"right, fill colour {old['fill']['fill_colour']:.0%}; PSNR Fill50K-format "
                 f"{r['psnr_db']['fill50k']:.1f} dB, X11 {r['psnr_db']['fill-x11']:.1f} dB, kit's fill "
-                f"{r['psnr_db']['fill']:.1f} dB")
+                f"{r['psnr_db']['fill']:.1f} dB" + trip_line(r))
+
+    def trip_line(r):  # measured by `round-trip` where it was run
+        trip = r.get("colour_round_trip")
+        return f"; {trip['colours_within_10']:.0%} of the 140 colours back within CIEDE2000 10" if trip else ""
 
     # (choice, the two runs, their labels, what was compared, the decision from the pair): one row per pair that was run
     pairs = [("VAE: hold the old worlds' latents in place (vae_anchor)", "vae-anchor0.0", "vae-anchor1.0",
@@ -205,12 +229,15 @@ def main(argv=None) -> None:
     w.add_argument("--base", default="data/tiny-sd-v1")
     w.add_argument("--vae", required=True, help="a vae.safetensors (e.g. RUN/checkpoints/vae/vae.safetensors)")
     w.add_argument("--out", required=True)
+    r = sub.add_parser("round-trip")
+    r.add_argument("--root", default="reports/base-ablations")
     m = sub.add_parser("summarize")
     m.add_argument("--root", default="reports/base-ablations")
     m.add_argument("--cpu-s", type=float, default=1800.0, help="compare the UNet ablations at this much CPU time")
     m.add_argument("--out", required=True, help="ablations.json to write (the card reads RUN/ablations.json)")
     args = ap.parse_args(argv)
-    {"vae": vae, "unet": unet, "with-vae": with_vae, "summarize": summarize}[args.what](args)
+    {"vae": vae, "unet": unet, "with-vae": with_vae, "round-trip": round_trip,
+     "summarize": summarize}[args.what](args)
 
 
 if __name__ == "__main__":
