@@ -153,6 +153,15 @@ def summarize(args) -> None:
                 f"{r['psnr_db']['fill50k']:.1f} dB, X11 {r['psnr_db']['fill-x11']:.1f} dB, kit's fill "
                 f"{r['psnr_db']['fill']:.1f} dB" + trip_line(r))
 
+    def anchor_cost(a, b):  # measured later (`round-trip`): what the anchor costs in colours given back
+        if "colour_round_trip" not in a or "colour_round_trip" not in b:
+            return ""
+        ta, tb = a["colour_round_trip"], b["colour_round_trip"]
+        return (f" and {100 * (ta['colours_within_10'] - tb['colours_within_10']):.0f} points of the colours given "
+                f"back ({100 * (ta['fill_colour'] - tb['fill_colour']):.0f} of the held-out discs' fill colours), and the "
+                "first base's nets fell below their bars on v2 even so (docs/nets_on_new_base.json): a third "
+                "edition should not anchor")
+
     def trip_line(r):  # measured by `round-trip` where it was run
         trip = r.get("colour_round_trip")
         return f"; {trip['colours_within_10']:.0%} of the 140 colours back within CIEDE2000 10" if trip else ""
@@ -163,7 +172,7 @@ def summarize(args) -> None:
                                                        f"{a['config']['lr']:g}",
               lambda a, b: "anchor 1.0: the old UNet, and every net trained on the old base, keep reading the latents "
                            f"they knew; it gives up {a['psnr_db']['fill-x11'] - b['psnr_db']['fill-x11']:.1f} dB on "
-                           "the new colours at this budget"),
+                           "the new colours at this budget" + anchor_cost(a, b)),
              ("VAE learning rate (anchored)", "vae-anchor1-lr1e-3", "vae-anchor1-lr2e-3", ("1e-3", "2e-3"),
               lambda a, b: f"1e-3 vs 2e-3, {a['config']['steps']} steps",
               lambda a, b: "1e-3, the smaller move of the old latents (2e-3 moves them "

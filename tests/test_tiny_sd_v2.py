@@ -98,3 +98,12 @@ def test_refreshing_the_card_adds_ablations_and_keeps_every_number(tmp_path, rec
     for key in ("evaluation", "targets", "stats", "curve", "speed_8_images_25_steps"):
         assert new[key] == data[key], key
     assert card.card_hashes(copy) == card.file_hashes(copy)
+
+
+def test_speed_is_timed_beside_the_first_edition_and_held_to_the_ratio():
+    timing = pretraining.speed(V2, repeats=1, steps=2, reference=pretraining.FIRST_EDITION)
+    assert timing["ratio"] == pytest.approx(timing["median_s"] / timing["reference_median_s"])
+    bar = pretraining.targets({}, {"vae_psnr_db": 0.0}, timing)["speed_vs_first_edition"]
+    assert bar == {"measured": timing["ratio"], "target": 1.5, "held": timing["ratio"] <= 1.5}
+    alone = pretraining.targets({}, {"vae_psnr_db": 0.0}, {"median_s": 9.0})  # no reference: the absolute bar
+    assert alone["speed_8_images_s"] == {"measured": 9.0, "target": pretraining.SPEED_BAR_S, "held": False}

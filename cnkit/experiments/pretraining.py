@@ -26,6 +26,7 @@ from ..card import card_data, hardware, write_card
 from ..colours import X11, X11_WORDS
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS
 from ..files import write_json
+from ..params import REPO_ROOT
 from ..training.pretrain import WORLD_COUNTS, PretrainConfig, pretrain, training_set
 from .evaluations import evaluate_base, vae_colour_round_trip
 
@@ -35,6 +36,10 @@ TARGETS = {"fill_x11.one_disc": 0.95, "fill_x11.fill_colour": 0.90, "fill_x11.ba
            "fill.one_disc": 0.98, "fill.fill_colour": 0.98, "fill.background_colour": 0.98, "shapes.correct": 0.75,
            "vae_psnr_db": 30.0}
 SPEED_BAR_S = 1.5 * 2.27
+# This machine's speed drifts by tens of percent between days (the first edition takes 3.7-4.1 s where it took
+# 2.27 s), so a base that has the first edition to compare with is timed beside it, in turns, and held to the ratio.
+SPEED_FACTOR = 1.5
+FIRST_EDITION = REPO_ROOT / "data" / "tiny-sd-v1"
 MACHINE_CORES = 2  # "CPU hours of this machine": process CPU seconds / 2 cores / 3600
 
 
@@ -44,17 +49,28 @@ def judge_for(cfg: PretrainConfig, train_prompts) -> callable:
     return lambda pipe: evaluate_base(pipe, n=cfg.n_eval, seed=cfg.seed, train_prompts=train_prompts)
 
 
-def speed(folder, repeats: int = 3, prompt: str = "red circle with blue background", steps: int = 25) -> dict:
-    """The stock ``StableDiffusionPipeline`` loading ``folder``: 8 images at ``steps`` steps, median of ``repeats``."""
-    stock = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
-    stock.set_progress_bar_config(disable=True)
-    times = []
+def speed(folder, repeats: int = 3, prompt: str = "red circle with blue background", steps: int = 25,
+          reference=None) -> dict:
+    """The stock ``StableDiffusionPipeline`` loading ``folder``: 8 images at ``steps`` steps, median of ``repeats``.
+    With ``reference`` (another base's folder, e.g. ``FIRST_EDITION``), the two are timed in turns in the same run
+    and ``ratio`` is this base's median over the reference's."""
+    folders = {"base": folder, **({"reference": reference} if reference else {})}
+    pipes = {k: StableDiffusionPipeline.from_pretrained(f, local_files_only=True) for k, f in folders.items()}
+    times = {k: [] for k in pipes}
+    for pipe in pipes.values():
+        pipe.set_progress_bar_config(disable=True)
     for _ in range(repeats):
-        start = time.perf_counter()
-        stock([prompt] * 8, num_inference_steps=steps, guidance_scale=5.0,
-              generator=torch.Generator().manual_seed(0), output_type="np")
-        times.append(time.perf_counter() - start)
-    return {"images": 8, "steps": steps, "median_s": float(np.median(times)), "threads": torch.get_num_threads()}
+        for key, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe([prompt] * 8, num_inference_steps=steps, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np")
+            times[key].append(time.perf_counter() - start)
+    out = {"images": 8, "steps": steps, "median_s": float(np.median(times["base"])),
+           "threads": torch.get_num_threads()}
+    if reference:
+        out |= {"reference": str(reference), "reference_median_s": float(np.median(times["reference"])),
+                "ratio": float(np.median(times["base"]) / np.median(times["reference"]))}
+    return out
 
 
 def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", profile: str = "full",
@@ -69,7 +85,8 @@ def build_base(cfg: PretrainConfig, n_final: int = 256, publish_to: str = "", pr
     stats["vae_colour_round_trip"] = vae_colour_round_trip(pipe.vae, seed=cfg.seed)
     evaluation = evaluate_base(pipe, n=n_final, seed=cfg.seed, train_prompts=train_prompts, steps=denoising_steps)
     out = Path(cfg.out_dir)
-    timing = speed(out / "pipeline", speed_repeats, steps=denoising_steps)
+    reference = FIRST_EDITION if cfg.warm_start and FIRST_EDITION.is_dir() else None
+    timing = speed(out / "pipeline", speed_repeats, steps=denoising_steps, reference=reference)
     curve = out / "curve.csv"
     ablations_file = out / "ablations.json"
     card = write_base_card(out / "pipeline", cfg, stats, {k: v for k, v in evaluation.items() if k != "images"},
@@ -99,8 +116,12 @@ def targets(evaluation: dict, stats: dict, speed: dict) -> dict[str, dict]:
                 continue
             value = evaluation[world][rate]
         out[key] = {"measured": value, "target": bar, "held": bool(value >= bar)}
-    out["speed_8_images_s"] = {"measured": speed["median_s"], "target": SPEED_BAR_S,
-                               "held": bool(speed["median_s"] <= SPEED_BAR_S)}
+    if "ratio" in speed:  # timed beside the first edition: the bar is the ratio
+        out["speed_vs_first_edition"] = {"measured": speed["ratio"], "target": SPEED_FACTOR,
+                                         "held": bool(speed["ratio"] <= SPEED_FACTOR)}
+    else:
+        out["speed_8_images_s"] = {"measured": speed["median_s"], "target": SPEED_BAR_S,
+                                   "held": bool(speed["median_s"] <= SPEED_BAR_S)}
     return out
 
 
@@ -172,10 +193,15 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
                "colour, the disc found without trusting colours (`cnkit.metrics.analyse_fill_x11`).", "",
                "| bar | measured | target | held |", "|---|---|---|---|"]
     for key, b in bars.items():
-        shown = (f"{b['measured']:.1f} dB" if key == "vae_psnr_db" else f"{b['measured']:.2f} s"
-                 if key.startswith("speed") else _pct(b["measured"]))
-        target = (f">= {b['target']:.0f} dB" if key == "vae_psnr_db" else f"<= {b['target']:.2f} s"
-                  if key.startswith("speed") else f">= {_pct(b['target'])}")
+        shown, target = _pct(b["measured"]), f">= {_pct(b['target'])}"
+        if key == "vae_psnr_db":
+            shown, target = f"{b['measured']:.1f} dB", f">= {b['target']:.0f} dB"
+        elif key == "speed_8_images_s":
+            shown, target = f"{b['measured']:.2f} s", f"<= {b['target']:.2f} s"
+        elif key == "speed_vs_first_edition":
+            shown = (f"{b['measured']:.2f}x ({speed['median_s']:.2f} s; the first edition beside it "
+                     f"{speed['reference_median_s']:.2f} s)")
+            target = f"<= {b['target']:.2f}x"
         quality.append(f"| {key} | {shown} | {target} | {'yes' if b['held'] else 'no'} |")
     quality += ["", "VAE PSNR per world: " + ", ".join(f"{w} {v:.1f} dB" for w, v in
                                                         stats.get("vae_psnr_db_by_world", {}).items()) + "."]
@@ -225,10 +251,11 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
     }, data)
 
 
-def refresh_base_card(folder, ablations=None) -> Path:
+def refresh_base_card(folder, ablations=None, speed=None) -> Path:
     """Rewrite a published base's card from what it recorded (recipe, stats, evaluation, speed, curve), with
     ``ablations`` (a list as ``write_base_card`` takes, or a path to ``ablations.json``; None keeps the recorded
-    ones) and the VAE's colour round trip measured if the card lacks it. Nothing is retrained or re-evaluated."""
+    ones), ``speed`` (a new ``speed()`` measurement; None keeps the recorded one) and the VAE's colour round trip
+    measured if the card lacks it. Nothing is retrained or re-evaluated."""
     from ..models.bases import load_pipeline  # noqa: PLC0415
 
     folder = Path(folder)
@@ -240,7 +267,7 @@ def refresh_base_card(folder, ablations=None) -> Path:
         stats["vae_colour_round_trip"] = vae_colour_round_trip(load_pipeline(folder).vae, seed=data["recipe"]["seed"])
     evaluation = json.loads((folder / "evaluation.json").read_text())
     cfg = PretrainConfig(**data["recipe"])
-    return write_base_card(folder, cfg, stats, evaluation, data["speed_8_images_25_steps"], data["profile"],
+    return write_base_card(folder, cfg, stats, evaluation, speed or data["speed_8_images_25_steps"], data["profile"],
                            curve=data["curve"], ablations=data["ablations"] if ablations is None else ablations)
 
 
