@@ -157,10 +157,10 @@ def summarize(args) -> None:
         if "colour_round_trip" not in a or "colour_round_trip" not in b:
             return ""
         ta, tb = a["colour_round_trip"], b["colour_round_trip"]
-        return (f" and {100 * (ta['colours_within_10'] - tb['colours_within_10']):.0f} points of the colours given "
-                f"back ({100 * (ta['fill_colour'] - tb['fill_colour']):.0f} of the held-out discs' fill colours), and the "
-                "first base's nets fell below their bars on v2 even so (docs/nets_on_new_base.json): a third "
-                "edition should not anchor")
+        colours, fills = ta["colours_within_10"] - tb["colours_within_10"], ta["fill_colour"] - tb["fill_colour"]
+        return (f" and {100 * colours:.0f} points of the colours given back ({100 * fills:.0f} of the held-out discs' "
+                "fill colours), and the first base's nets fell below their bars on v2 even so "
+                "(docs/nets_on_new_base.json): a third edition should not anchor")
 
     def trip_line(r):  # measured by `round-trip` where it was run
         trip = r.get("colour_round_trip")
