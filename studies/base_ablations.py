@@ -115,10 +115,10 @@ def round_trip(args) -> None:
 
     for d in sorted(Path(args.root).glob("vae-*")):
         report_path = d / "vae.json"
-        if not report_path.is_file() or "colour_round_trip" in json.loads(report_path.read_text()):
+        report = json.loads(report_path.read_text()) if report_path.is_file() else None
+        if report is None or "colour_round_trip" in report:
             continue
         trip = vae_colour_round_trip(load_pipeline(str(d / "pipeline")).vae, seed=0)
-        report = json.loads(report_path.read_text())  # read again: nothing else is lost if this one was slow
         report["colour_round_trip"] = {k: trip[k] for k in ("colours_within_10", "colours_median_delta_e",
                                                             "fill_colour", "background_colour", "worst_colours")}
         report_path.write_text(json.dumps(report, indent=1))

@@ -541,10 +541,11 @@ def main(argv=None) -> None:
         dcmd = diffusers_command(args, args.launcher, script, base, data, zero, run / "diffusers", seed)
         kcmds = {v: kit_command(args, base, data, run / v, seed, v) for v in args.kit_variants}
         commands[str(seed)] = {"diffusers": " ".join(dcmd), **{v: " ".join(c) for v, c in kcmds.items()}}
-        if args.collect:  # only what finished: nothing is trained
-            kcmds = {v: c for v, c in kcmds.items() if (run / v / "done.json").is_file()}
+        # --collect: only what finished; nothing is trained
+        wanted = {t: not args.collect or (run / t / "done.json").is_file() for t in ("diffusers", *kcmds)}
+        kcmds = {v: c for v, c in kcmds.items() if wanted[v]}
         nets, walls = {}, {}
-        if not args.skip_diffusers and not (args.collect and not (run / "diffusers" / "done.json").is_file()):
+        if not args.skip_diffusers and wanted["diffusers"]:
             print(f"seed {seed}: diffusers' script ...", flush=True)
             d = train_diffusers(args, dcmd, run / "diffusers")
             print(f"seed {seed}: diffusers trained in {d['wall_s']:.0f} s", flush=True)
