@@ -34,26 +34,28 @@ import torch
 from accelerate import Accelerator
 
 from cnkit.data.splits import held_out_images
-from cnkit.experiments.evaluations import evaluate_base
+from cnkit.experiments.evaluations import evaluate_base, vae_colour_round_trip
 from cnkit.experiments.pretraining import judge_for, read_curve
 from cnkit.models.bases import load_pipeline
 from cnkit.pixels import to_model_range
 from cnkit.training import pretrain as P
 
+ROUND_TRIP_KEYS = ("colours_within_10", "colours_median_delta_e", "fill_colour", "background_colour", "worst_colours")
+
 
 def vae(args) -> None:
     out = Path(args.out)
-    cfg = P.PretrainConfig(out_dir=str(out), warm_start="data/tiny-sd", vae_steps=args.steps,
+    cfg = P.PretrainConfig(out_dir=str(out), warm_start=args.warm_start, vae_steps=args.steps,
                            vae_learning_rate=args.lr, vae_anchor=args.anchor, n_fill=args.n_per_world,
                            n_shapes=args.n_per_world, n_fill50k=args.n_per_world, n_fill_x11=args.n_per_world,
                            checkpoint_every=200)
     out.mkdir(parents=True, exist_ok=True)
     pipe, old_vae, _ = P.starting_pipeline(cfg)
-    old = load_pipeline("data/tiny-sd")
+    old = load_pipeline(args.warm_start)
     images, _ = P.training_set(cfg)
     start, cpu = time.perf_counter(), time.process_time()
     P.train_vae(cfg, pipe.vae, images, Accelerator(), print, anchor=old_vae)
-    report = {"config": {"steps": args.steps, "lr": args.lr, "anchor": args.anchor},
+    report = {"config": {"steps": args.steps, "lr": args.lr, "anchor": args.anchor, "warm_start": args.warm_start},
               "wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
               "psnr_db": {w: P.vae_psnr(pipe.vae, held_out_images(64, 0, world=w)) for w in P.WORLD_COUNTS}}
     with torch.no_grad():  # how far the old worlds' latents moved
@@ -64,6 +66,8 @@ def vae(args) -> None:
     old.vae = pipe.vae  # the old UNet through the new VAE: does it still draw the worlds it knew?
     r = evaluate_base(old, n=args.n_eval, worlds=("fill", "shapes"))
     report["old_unet_through_new_vae"] = {"fill": r["fill"], "shapes": r["shapes"]}
+    trip = vae_colour_round_trip(pipe.vae, seed=0)
+    report["colour_round_trip"] = {k: trip[k] for k in ROUND_TRIP_KEYS}
     old.save_pretrained(out / "pipeline")
     (out / "vae.json").write_text(json.dumps(report, indent=1))
     print(json.dumps(report, indent=1))
@@ -111,16 +115,13 @@ def with_vae(args) -> None:
 
 
 def round_trip(args) -> None:
-    from cnkit.experiments.evaluations import vae_colour_round_trip  # noqa: PLC0415
-
     for d in sorted(Path(args.root).glob("vae-*")):
         report_path = d / "vae.json"
         report = json.loads(report_path.read_text()) if report_path.is_file() else None
         if report is None or "colour_round_trip" in report:
             continue
         trip = vae_colour_round_trip(load_pipeline(str(d / "pipeline")).vae, seed=0)
-        report["colour_round_trip"] = {k: trip[k] for k in ("colours_within_10", "colours_median_delta_e",
-                                                            "fill_colour", "background_colour", "worst_colours")}
+        report["colour_round_trip"] = {k: trip[k] for k in ROUND_TRIP_KEYS}
         report_path.write_text(json.dumps(report, indent=1))
         print(f"{d.name}: {trip['colours_within_10']:.1%} of the colours within CIEDE2000 10, held-out discs' fill "
               f"{trip['fill_colour']:.1%}, background {trip['background_colour']:.1%}")
@@ -217,6 +218,7 @@ def main(argv=None) -> None:
     v.add_argument("--steps", type=int, default=800)
     v.add_argument("--lr", type=float, default=3e-4)
     v.add_argument("--anchor", type=float, default=1.0)
+    v.add_argument("--warm-start", default="data/tiny-sd", help="the base whose VAE is fine-tuned")
     v.add_argument("--n-per-world", type=int, default=8000)
     v.add_argument("--n-eval", type=int, default=64)
     u = sub.add_parser("unet")

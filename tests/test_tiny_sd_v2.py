@@ -107,3 +107,18 @@ def test_speed_is_timed_beside_the_first_edition_and_held_to_the_ratio():
     assert bar == {"measured": timing["ratio"], "target": 1.5, "held": timing["ratio"] <= 1.5}
     alone = pretraining.targets({}, {"vae_psnr_db": 0.0}, {"median_s": 9.0})  # no reference: the absolute bar
     assert alone["speed_8_images_s"] == {"measured": 9.0, "target": pretraining.SPEED_BAR_S, "held": False}
+
+
+def test_cpu_hours_count_from_the_first_edition_through_a_chain_of_bases(tmp_path, recorded):
+    """The pretraining budget counts from the first edition: a base continuing v2 carries v2's hours too."""
+    own = sum(recorded[0]["cpu_hours_of_this_machine"].values())
+    assert pretraining.hours_since_first_edition(str(V2)) == pytest.approx(own)
+    assert pretraining.hours_since_first_edition(str(pretraining.FIRST_EDITION)) == 0.0
+    assert pretraining.hours_since_first_edition("") == 0.0
+    third = tmp_path / "third"
+    third.mkdir()
+    data = {"stats": {"start": {"from": str(V2)}}, "cpu_hours_of_this_machine": {"vae": 0.5, "unet": 1.0},
+            "cpu_hours_since_first_edition": own + 1.5}
+    (third / "README.md").write_text("# x\n\n## Recorded data\n\n```json\n" + json.dumps(data) + "\n```\n")
+    assert pretraining.hours_since_first_edition(str(third)) == pytest.approx(own + 1.5)
+    assert pretraining.hours_since_first_edition(str(tmp_path / "no-card")) is None

@@ -181,6 +181,9 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
             "targets": bars, "speed_8_images_25_steps": speed, "curve": rows, "ablations": ablations or [],
             "held_out_fill_pairs": HELD_OUT_FILL_PAIRS, "held_out_x11_pairs": len(HELD_OUT_X11_PAIRS),
             "hardware": hardware(), "profile": profile, "cpu_hours_of_this_machine": machine_h}
+    before = hours_since_first_edition(start.get("from"))
+    if before is not None:
+        data["cpu_hours_since_first_edition"] = before + sum(machine_h.values())
     worlds = ", ".join(f"{w} {getattr(cfg, f)}" for w, f in WORLD_COUNTS.items() if getattr(cfg, f))
     continued = (f"continues `{start['from']}` (its UNet and VAE; the text encoder widened to "
                  f"{start.get('vocabulary')} tokens, {start.get('carried_rows')} rows carried, "
@@ -239,7 +242,9 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
                   f"({stats['n_train_images']} in all; the held-out colour pairs never among them).",
         "CPU time": "Process CPU time (all threads), as hours of this 2-core machine: " + ", ".join(
             f"{k} {v:.2f} h" for k, v in machine_h.items()) + f"; in all {sum(machine_h.values()):.2f} h on "
-            f"{hardware()}. Scoring the curve is not counted.",
+            f"{hardware()}. Scoring the curve is not counted." + (
+                f" With the {before:.2f} h of the bases it continues, {data['cpu_hours_since_first_edition']:.2f} h "
+                "since the first edition (`data/tiny-sd-v1`): the pretraining budget's measure." if before else ""),
         "Quality against CPU time": "The EMA weights scored during training on "
                                     f"{int(cfg.n_eval)} held-out prompts per world (`curve.csv`):\n\n"
                                     + "\n".join(curve_lines),
@@ -249,6 +254,26 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
         "Rebuild": "`make pretrain` (continues `data/tiny-sd` with this recipe and publishes the result here; an "
                    "interrupted run continues where it stopped).",
     }, data)
+
+
+def hours_since_first_edition(warm_start) -> float | None:
+    """CPU hours (of this machine) that went into a base ``warm_start`` since the first edition: 0 for the first
+    edition or a base built from nothing, else its card's own hours plus those of the bases it continued; None
+    when its card cannot say (the budget of issue 28 counts from the first edition, so a chain of continued
+    bases must not hide the hours before its last link)."""
+    if not warm_start or warm_start == "nothing":
+        return 0.0
+    folder = Path(warm_start) if Path(warm_start).is_absolute() else REPO_ROOT / warm_start  # cards keep them relative
+    if folder.resolve() == FIRST_EDITION.resolve():
+        return 0.0
+    try:
+        data = card_data(folder)
+    except (OSError, IndexError, ValueError):
+        return None
+    if "cpu_hours_since_first_edition" in data:
+        return float(data["cpu_hours_since_first_edition"])
+    before = hours_since_first_edition(data.get("stats", {}).get("start", {}).get("from"))
+    return None if before is None else before + sum(data.get("cpu_hours_of_this_machine", {}).values())
 
 
 def refresh_base_card(folder, ablations=None, speed=None) -> Path:
