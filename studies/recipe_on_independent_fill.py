@@ -442,18 +442,18 @@ def steadiness(rows: list[dict], args) -> dict:
     the means over seeds. What decides whether the kit's recipe should clip its gradient."""
     m, out = "disc_iou_truth_prompt", {}
     for trainer in ("diffusers", *args.kit_variants):
-        falls, finals = [], []
+        falls, finals = {}, {}  # by seed: a seed this trainer has no run for is absent, not shifted
         for seed in args.seeds:
             mine = sorted((r for r in rows if r["trainer"] == trainer and r["seed"] == seed), key=lambda r: r["step"])
             values = [r[m] for r in mine]
             if not values:
                 continue
-            falls.append(largest_fall(values))
-            finals.append(values[-1])
-        known = [f for f in falls if f is not None]
-        out[trainer] = {"largest_fall_per_seed": falls, "final_per_seed": finals,
+            falls[seed] = largest_fall(values)
+            finals[seed] = values[-1]
+        known = [f for f in falls.values() if f is not None]
+        out[trainer] = {"largest_fall_by_seed": falls, "final_by_seed": finals,
                         "mean_largest_fall": float(np.mean(known)) if known else None,
-                        "mean_final": float(np.mean(finals)) if finals else None}
+                        "mean_final": float(np.mean(list(finals.values()))) if finals else None}
     return out
 
 

@@ -39,3 +39,16 @@ def test_table_rows_come_from_the_measured_curves():
     table = study.markdown_table(rows, {"kit": {"0": entry}})
     assert table.splitlines()[2] == "| 0 | kit | 0.90 | 0.82 (0.85) | 0.90 | 400 (380) | 0.10 |"
     assert study.largest_fall([0.1, 0.5]) is None and study.largest_fall([0.7, 0.8]) == 0.0
+
+
+def test_steadiness_keeps_each_seed_with_its_own_run():
+    """A seed a trainer has no run for is absent, not a shift of the next seed's numbers into its place."""
+    from types import SimpleNamespace
+
+    rows = [{"trainer": "diffusers", "seed": 2, "step": s, M: v} for s, v in ((0, 0.1), (100, 0.7), (200, 0.5))]
+    rows += [{"trainer": "kit", "seed": seed, "step": 0, M: 0.9} for seed in (0, 1, 2)]
+    out = study.steadiness(rows, SimpleNamespace(seeds=[0, 1, 2], kit_variants=["kit"]))
+    assert list(out["diffusers"]["largest_fall_by_seed"]) == [2]
+    assert abs(out["diffusers"]["largest_fall_by_seed"][2] - 0.2) < 1e-9
+    assert out["diffusers"]["final_by_seed"] == {2: 0.5}
+    assert sorted(out["kit"]["final_by_seed"]) == [0, 1, 2]
