@@ -72,6 +72,16 @@ def test_card_rates_and_bars_are_computed_from_what_it_recorded(recorded):
     assert trip["colours_within_10"] == pytest.approx(np.mean([v <= 10 for v in trip["delta_e_by_colour"].values()]))
 
 
+def test_card_says_how_to_rebuild_this_edition(edition, recorded):
+    """Each edition's own recipe, not ``make pretrain``'s defaults: v3 needs warm_start v2 and no anchor."""
+    from cnkit.training.pretrain import PretrainConfig
+
+    data, _ = recorded
+    line = pretraining.rebuild_command(PretrainConfig(**data["recipe"]), edition)
+    assert line in (edition / "README.md").read_text()
+    assert f"-p vae_anchor {data['recipe']['vae_anchor']} " in line and f"-p steps {data['recipe']['steps']} " in line
+
+
 def test_vae_psnr_per_world_reproduces_the_card(v2, recorded):
     from cnkit.training.pretrain import vae_psnr
 

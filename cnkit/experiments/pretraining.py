@@ -251,9 +251,24 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
         "Measured quality": "\n".join(quality),
         "Recipe choices, measured": "Short-budget ablations (`studies/base_ablations.py`):\n\n"
                                     + "\n".join(ablation_lines),
-        "Rebuild": "`make pretrain` (continues `data/tiny-sd` with this recipe and publishes the result here; an "
-                   "interrupted run continues where it stopped).",
+        "Rebuild": rebuild_command(cfg, folder),
     }, data)
+
+
+def rebuild_command(cfg: PretrainConfig, folder: Path) -> str:
+    """The card's "Rebuild" line: notebook 01 under papermill with this base's recipe, publishing to ``folder``
+    (``make pretrain`` runs the same notebook with its defaults; a base with another recipe needs its own flags)."""
+    warm = Path(cfg.warm_start) if cfg.warm_start else None
+    if warm is not None and warm.is_absolute() and warm.is_relative_to(REPO_ROOT):
+        warm = warm.relative_to(REPO_ROOT)
+    flags = {"warm_start": str(warm) if warm else "", "vae_steps": cfg.vae_steps,
+             "vae_learning_rate": cfg.vae_learning_rate, "vae_anchor": cfg.vae_anchor, "steps": cfg.steps,
+             "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "decay_steps": cfg.decay_steps,
+             "n_fill": cfg.n_fill, "n_shapes": cfg.n_shapes, "n_fill50k": cfg.n_fill50k, "n_fill_x11": cfg.n_fill_x11}
+    args = " ".join(f"-p {k} {v if v != '' else repr('')}" for k, v in flags.items())
+    return ("`papermill notebooks/01_pretrain_tiny_sd.ipynb out.ipynb --cwd notebooks -p profile full -p out_dir "
+            f"$PWD/reports/pretrain/{folder.name} {args} -p publish_to $PWD/data/{folder.name}` from the repository "
+            "root (an interrupted run continues where it stopped).")
 
 
 def hours_since_first_edition(warm_start) -> float | None:
