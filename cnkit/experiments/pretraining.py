@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
-from ..card import card_data, hardware, write_card
+from ..card import card_data, hardware, portable, write_card
 from ..colours import X11, X11_WORDS
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS
 from ..files import write_json
@@ -258,10 +258,7 @@ def write_base_card(folder, cfg: PretrainConfig, stats: dict, evaluation: dict, 
 def rebuild_command(cfg: PretrainConfig, folder: Path) -> str:
     """The card's "Rebuild" line: notebook 01 under papermill with this base's recipe, publishing to ``folder``
     (``make pretrain`` runs the same notebook with its defaults; a base with another recipe needs its own flags)."""
-    warm = Path(cfg.warm_start) if cfg.warm_start else None
-    if warm is not None and warm.is_absolute() and warm.is_relative_to(REPO_ROOT):
-        warm = warm.relative_to(REPO_ROOT)
-    flags = {"warm_start": str(warm) if warm else "", "vae_steps": cfg.vae_steps,
+    flags = {"warm_start": portable(cfg.warm_start), "vae_steps": cfg.vae_steps,
              "vae_learning_rate": cfg.vae_learning_rate, "vae_anchor": cfg.vae_anchor, "steps": cfg.steps,
              "batch_size": cfg.batch_size, "learning_rate": cfg.learning_rate, "decay_steps": cfg.decay_steps,
              "n_fill": cfg.n_fill, "n_shapes": cfg.n_shapes, "n_fill50k": cfg.n_fill50k, "n_fill_x11": cfg.n_fill_x11}

@@ -57,6 +57,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..card import portable
 from ..data import toyworld
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS, held_out_images
 from ..files import write_atomic, write_json
@@ -537,6 +538,8 @@ def _pretrain(cfg: PretrainConfig, tiny_config, log, on_checkpoint, judge, data=
     pipe.unet.eval()
     pipe.text_encoder.eval()
     pipe.unet.to(memory_format=torch.contiguous_format)
+    for module in (pipe, pipe.unet, pipe.vae):  # the warm start's path is the builder's: ship it machine-free
+        module.register_to_config(_name_or_path=portable(module.config.get("_name_or_path", "")))
     pipe.save_pretrained(out / "pipeline")
     unet_state = Checkpoint(out / "checkpoints" / "unet").state() or {}
     stats = {"vae_psnr_db": min(psnr.values()), "vae_psnr_db_by_world": psnr,
