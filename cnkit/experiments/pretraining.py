@@ -26,7 +26,7 @@ from ..card import card_data, hardware, portable, write_card
 from ..colours import X11, X11_WORDS
 from ..data.splits import HELD_OUT_FILL_PAIRS, HELD_OUT_X11_PAIRS
 from ..files import write_json
-from ..params import REPO_ROOT
+from ..params import REPO_ROOT, repo_path
 from ..training.pretrain import WORLD_COUNTS, PretrainConfig, pretrain, training_set
 from .evaluations import evaluate_base, vae_colour_round_trip
 
@@ -275,7 +275,7 @@ def hours_since_first_edition(warm_start) -> float | None:
     bases must not hide the hours before its last link)."""
     if not warm_start or warm_start == "nothing":
         return 0.0
-    folder = Path(warm_start) if Path(warm_start).is_absolute() else REPO_ROOT / warm_start  # cards keep them relative
+    folder = repo_path(warm_start)  # cards keep them relative to the checkout
     if folder.resolve() == FIRST_EDITION.resolve():
         return 0.0
     try:
