@@ -508,12 +508,18 @@ def main(argv=None) -> None:
     ap.add_argument("--kit-variants", nargs="+", choices=list(KIT_VARIANTS), default=["kit"],
                     help="the kit's trainer as its recipe is (kit) and clipping the gradient at 1 (kit-clip)")
     ap.add_argument("--skip-diffusers", action="store_true", help="train only the kit's variants (its nets kept)")
+    ap.add_argument("--skip-kit", action="store_true",
+                    help="train only diffusers' script: e.g. in a second process beside a --skip-diffusers one, each "
+                         "on other seeds at a time, both with OMP_NUM_THREADS=1, so that both trainers run under "
+                         "the same load; --collect then joins them")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: results.csv and summary.json from the seeds' finished runs (e.g. after runs "
                          "made by several invocations)")
     ap.add_argument("--launcher", choices=("accelerate", "python"), default="accelerate",
                     help="how diffusers' script is started: accelerate launch (1 process) or plain python")
     args = ap.parse_args(argv)
+    if args.skip_kit and args.skip_diffusers:
+        ap.error("--skip-kit and --skip-diffusers together train nothing: drop one (or use --collect)")
     script = args.diffusers.resolve() / "examples" / "controlnet" / "train_controlnet.py"
     if not script.is_file() and not args.skip_diffusers:
         ap.error(f"{script} does not exist: --diffusers must be a diffusers checkout")
@@ -543,7 +549,7 @@ def main(argv=None) -> None:
         commands[str(seed)] = {"diffusers": " ".join(dcmd), **{v: " ".join(c) for v, c in kcmds.items()}}
         # --collect: only what finished; nothing is trained
         wanted = {t: not args.collect or (run / t / "done.json").is_file() for t in ("diffusers", *kcmds)}
-        kcmds = {v: c for v, c in kcmds.items() if wanted[v]}
+        kcmds = {v: c for v, c in kcmds.items() if wanted[v] and not args.skip_kit}
         nets, walls = {}, {}
         if not args.skip_diffusers and wanted["diffusers"]:
             print(f"seed {seed}: diffusers' script ...", flush=True)
