@@ -82,4 +82,4 @@ architectures: setup
 # probe) and ships their tables in data/forecast-runs, which make figures reads, with those of make figures' own runs
 # that carry the probe (the study's design group).
 forecast-runs: setup
-	$(VENV)/bin/cnkit forecast runs --figure-runs reports/runs
+	$(VENV)/bin/cnkit forecast runs --figure-runs reports/full/runs

@@ -3,6 +3,7 @@ forecast acting on a run (validation opened when it fires, a stop after confirme
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -187,3 +188,24 @@ def test_a_run_is_labelled_by_what_sets_it_apart(tmp_path):
     assert study.label(folder) == "zero-fill-seed0 (lr 1e-05, uniform t)"
     assert study.label(_fake_run(tmp_path / "independent-fill50k-like-seed0", [0.3], [0])) == \
         "independent-fill50k-like-seed0"
+
+
+def test_make_forecast_runs_reads_the_figures_runs_where_make_figures_trains_them(monkeypatch):
+    """The study's design group is make figures' runs: the Makefile must point where `cnkit figures --profile full`
+    leaves them (it once named reports/runs, where nothing is, and shipped none of them)."""
+    import re
+
+    from cnkit.experiments import shipped
+    from cnkit.experiments.runs import FIGURE_RUNS
+    from cnkit.params import REPO_ROOT
+    from cnkit.surfaces import report
+
+    make = (REPO_ROOT / "Makefile").read_text()
+    given = re.search(r"cnkit forecast runs --figure-runs (\S+)", make).group(1)
+    assert REPO_ROOT / given == FIGURE_RUNS
+    assert report.report_dir("full") / "runs" == FIGURE_RUNS  # cnkit figures --profile full trains there
+    seen = {}
+    monkeypatch.setattr(shipped, "build", lambda name, runs_dir, *a, **k: seen.setdefault("shipped", Path(runs_dir)))
+    monkeypatch.setattr(shipped, "compose", lambda *a, **k: None)
+    shipped.main(["--only", "fill-outline"])
+    assert seen["shipped"] == FIGURE_RUNS

@@ -422,7 +422,7 @@ def main(argv=None) -> int:
     r.add_argument("--runs-dir", default="reports/forecast/runs", help="where they train (resumable)")
     r.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: two on a CPU)")
     r.add_argument("--figure-runs", default="", help="also ship the tables of the figures' runs found here that "
-                   "carry the probe (make figures leaves them in notebooks/outputs/runs), so that the study's design "
+                   "carry the probe (make figures leaves them in reports/full/runs), so that the study's design "
                    "group is in the checkout")
     args = ap.parse_args(argv)
     if args.command == "runs":

@@ -30,6 +30,9 @@ from ..params import REPO_ROOT
 from ..training.train import LATER_SETTINGS, TrainConfig, Trainer, attach_watchers
 
 THRESHOLDS = CONVERGENCE_THRESHOLDS  # the name notebooks use
+# where `make figures` (cnkit figures --profile full) trains the figures' runs: make controlnets and make forecast-runs
+# read them there
+FIGURE_RUNS = REPO_ROOT / "reports" / "full" / "runs"
 
 
 def _slug(text: str) -> str:

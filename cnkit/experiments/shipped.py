@@ -27,7 +27,7 @@ from ..models.bases import load_pipeline
 from ..params import REPO_ROOT, repo_path
 from ..training.train import TrainConfig
 from .evaluations import evaluate_composition, evaluate_controlnet
-from .runs import train
+from .runs import FIGURE_RUNS, train
 
 ROOT = REPO_ROOT
 OUT = ROOT / "data" / "controlnets"
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
     # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
-    ap.add_argument("--runs-dir", default=str(ROOT / "reports" / "full" / "runs"))
+    ap.add_argument("--runs-dir", default=str(FIGURE_RUNS))
     args = ap.parse_args(argv)
     for name in args.only or SHIPPED:
         build(name, Path(args.runs_dir))

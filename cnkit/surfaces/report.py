@@ -38,6 +38,12 @@ from ..summary import read_summary
 ROOT = REPO_ROOT
 
 
+def report_dir(name: str) -> Path:
+    """``reports/<name>``: a report's executed notebooks, its index and, in ``runs/``, the training runs its notebooks
+    share (``reports/full/runs``, make figures', is ``runs.FIGURE_RUNS``)."""
+    return ROOT / "reports" / name
+
+
 def notebooks(only: list[str] | None = None) -> list[Path]:
     found = []
     for path in sorted((ROOT / "notebooks").glob("*.ipynb")):
@@ -237,7 +243,7 @@ def main(argv=None) -> int:
                          "(0: cnkit.experiments.configs.default_workers(), 2 on a CPU; 1: one after another)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    run_dir = ROOT / "reports" / (args.run or args.profile)
+    run_dir = report_dir(args.run or args.profile)
     paths = notebooks(args.only)
     # From scratch: nothing of an earlier make figures here (no trained run, no executed notebook).
     from_scratch = not (any(run_dir.glob("runs/*/convergence.json")) or any(run_dir.glob("*/.cnkit-stamp")))
