@@ -10,8 +10,9 @@ from cnkit.experiments.runs import run_folder
 
 def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(tmp_path):
     configs = [experiments.ablation("zero", 0, smoke=True), experiments.ablation("gaussian", 0, smoke=True)]
-    lines = []
-    results = experiments.train_all(configs, tmp_path, workers=2, log=lines.append)
+    lines, shipped = [], []
+    results = experiments.train_all(configs, tmp_path, workers=2, log=lines.append, on_done=shipped.append)
+    assert sorted(map(repr, shipped)) == sorted(map(repr, configs))  # each handed on as it finished
     assert sorted(r["name"] for r in results) == sorted(run_folder(c, tmp_path).name for c in configs)
     for cfg in configs:
         folder = run_folder(cfg, tmp_path)
@@ -20,8 +21,9 @@ def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(
         assert (tmp_path / "logs" / f"{folder.name}.log").is_file()  # the worker's progress, not the terminal's
     assert len(list((tmp_path / "cache").glob("encoded-*/store.json"))) == 1  # encoded once, under a lock
     assert "2 to train, 2 at a time" in lines[0] and len(lines) == 3
-    again = []
-    assert experiments.train_all(configs, tmp_path, workers=2, log=again.append) == []
+    again, found = [], []
+    assert experiments.train_all(configs, tmp_path, workers=2, log=again.append, on_done=found.append) == []
+    assert len(found) == 2  # finished runs found at the start are handed on too
     assert "2 of 2 found, 0 to train" in again[0]
 
 

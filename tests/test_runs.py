@@ -112,3 +112,29 @@ def test_run_folders_are_named_by_architecture_seed_and_the_datasets_last_letter
     assert name.startswith("union-shapes-segmentation-depth-edges-outline-seed2-") and "--" not in name
     fill = runs.run_folder(experiments.ablation("gaussian", 1), "r").name
     assert fill.startswith("gaussian-toy-fill-seed1-")
+
+
+def test_runs_know_a_base_by_its_files_not_by_its_folder_name(base_dir, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(base_dir, tmp_path / "same-base-other-name")
+    (copy / "README.md").write_text("a card says what a base is; it changes nothing it computes")
+    assert runs.run_key(_cfg(copy)) == runs.run_key(_cfg(base_dir))  # one base under two names shares its runs
+    republished = shutil.copytree(base_dir, tmp_path / "republished")
+    key_before = runs.run_key(_cfg(republished))
+    weights = republished / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight: what `make pretrain` publishing in place does, in the small
+    weights.write_bytes(bytes(data))
+    assert runs.run_key(_cfg(republished)) != key_before  # stale runs of the old edition are not reused
+    hub = TrainConfig(base="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    assert runs.run_key(hub) != runs.run_key(TrainConfig(base="some/other-model"))  # a hub id is its own identity
+
+
+def test_configs_move_to_another_base_with_nothing_else_changed(base_dir):
+    from dataclasses import asdict
+
+    moved = experiments.on_base(experiments.bench_configs(), str(base_dir))
+    for cfg, before in zip(moved, experiments.bench_configs(), strict=True):
+        assert cfg.base == str(base_dir) and asdict(cfg) | {"base": before.base} == asdict(before)
+    assert experiments.on_base(experiments.bench_configs(), "") == experiments.bench_configs()

@@ -117,12 +117,17 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="reports/architectures/runs", help="where the runs train (resumable)")
     ap.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: two on a CPU)")
     ap.add_argument("--shipped-dir", default=str(SHIPPED_DIR))
+    ap.add_argument("--base", default="", help="train them on this base instead of the recipe's (a new edition of "
+                    "the default before it replaces it: runs are keyed by the base's files, not its name)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    configs = experiments.bench_configs()
-    experiments.train_all(configs, Path(args.runs_dir), args.workers or experiments.default_workers())
-    for cfg in configs:
-        print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, args.shipped_dir))
+    configs = experiments.on_base(experiments.bench_configs(), args.base)
+
+    def ship(cfg):  # each run as it finishes, so an interrupted rebuild keeps what it trained
+        print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, args.shipped_dir), flush=True)
+        write_index(args.shipped_dir, configs)
+
+    experiments.train_all(configs, Path(args.runs_dir), args.workers or experiments.default_workers(), on_done=ship)
     print("index:", write_index(args.shipped_dir, configs))
     return 0
 

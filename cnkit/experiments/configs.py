@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import sys
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -153,6 +153,13 @@ def all_configs(smoke: bool = False) -> list:
     return figure_configs(smoke) + bench_configs(smoke)
 
 
+def on_base(configs: list, base: str = "") -> list:
+    """``configs`` trained on ``base`` instead of the recipe's (``""``: as they are). Runs are keyed by what a base's
+    files hold (``cnkit.experiments.runs.run_key``), so runs trained on a folder that later becomes the default
+    (``data/tiny-sd``) are the default's runs."""
+    return [replace(c, base=base) for c in configs] if base else list(configs)
+
+
 def default_workers() -> int:
     """Runs trained side by side: one on an accelerator; two on a CPU (each with half the threads)."""
     return 1 if torch.cuda.is_available() else max(1, min(2, torch.get_num_threads()))
@@ -188,33 +195,41 @@ def schedule(configs: list) -> list:
     return [configs[i] for *_, i in sorted(keyed)]
 
 
-def train_all(configs: list, runs_dir, workers: int = 1, log=print) -> list[dict]:
+def train_all(configs: list, runs_dir, workers: int = 1, log=print, on_done=None) -> list[dict]:
     """Train every configuration's run (finished ones are only read back), ``workers`` at a time, in
     ``schedule`` order; each worker gets an equal share of this process's threads. A run's results do not
-    depend on ``workers`` except through its thread count, which changes floating-point summation order only."""
+    depend on ``workers`` except through its thread count, which changes floating-point summation order only.
+    ``on_done(cfg)`` is called for each run as soon as it is finished (those found finished first), so that what a
+    long command ships (``make architectures``) is shipped as it goes, not lost with an interruption."""
     runs_dir = str(runs_dir)
     todo = schedule(configs)
     left = [c for c in todo if find(c, runs_dir) is None]
     log(f"training runs: {len(todo) - len(left)} of {len(todo)} found, {len(left)} to train, {workers} at a time")
     done, results = len(todo) - len(left), []
+    for cfg in todo:
+        if on_done is not None and cfg not in left:
+            on_done(cfg)
 
-    def report(r: dict) -> None:
+    def report(cfg, r: dict) -> None:
         nonlocal done
         done += 1
         log(f"  [{done}/{len(todo)}] {r['name']}: {r['metric']} {r['fidelity_initial']:.3f} -> "
             f"{r['fidelity_final']:.3f}, converged at {r['converged_at_step']}, {r['wall_time_s']:.0f} s")
         results.append(r)
+        if on_done is not None:
+            on_done(cfg)
 
     if workers <= 1 or len(left) <= 1:
         for cfg in left:
-            report(_summary(train(cfg, runs_dir)))
+            report(cfg, _summary(train(cfg, runs_dir)))
         return results
     threads = max(1, torch.get_num_threads() // workers)
     # spawn: a fresh interpreter per worker (forking a process that holds torch's thread pools can hang).
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_init,
                              initargs=(threads,)) as pool:
-        for future in as_completed([pool.submit(_train_logged, asdict(c), runs_dir) for c in left]):
-            report(future.result())
+        futures = {pool.submit(_train_logged, asdict(c), runs_dir): c for c in left}
+        for future in as_completed(futures):
+            report(futures[future], future.result())
     return results
 
 
@@ -224,9 +239,10 @@ def main(argv=None) -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--bench", action="store_true", help="notebook 10's successor runs too (bench_configs)")
     ap.add_argument("--workers", type=int, default=0, help="runs trained at a time (0: default_workers())")
+    ap.add_argument("--base", default="", help="train them on this base instead of the recipe's (on_base)")
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    configs = all_configs(args.smoke) if args.bench else figure_configs(args.smoke)
+    configs = on_base(all_configs(args.smoke) if args.bench else figure_configs(args.smoke), args.base)
     train_all(configs, Path(args.runs_dir), args.workers or default_workers())
     return 0
 

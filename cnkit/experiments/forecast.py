@@ -424,13 +424,17 @@ def main(argv=None) -> int:
     r.add_argument("--figure-runs", default="", help="also ship the tables of the figures' runs found here that "
                    "carry the probe (make figures leaves them in reports/full/runs), so that the study's design "
                    "group is in the checkout")
+    r.add_argument("--base", default="", help="train (and look for) them on this base instead of the recipe's")
     args = ap.parse_args(argv)
     if args.command == "runs":
-        own = forecast_configs()
-        train_all(own, Path(args.runs_dir), args.workers or default_workers())
-        for cfg in own:
-            print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, FORECAST_DIR, weights=False))
-        for cfg in (configs.figure_configs() if args.figure_runs else []):
+        own = configs.on_base(forecast_configs(), args.base)
+
+        def ship(cfg):  # each run as it finishes, so an interrupted rebuild keeps what it trained
+            print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, FORECAST_DIR, weights=False),
+                  flush=True)
+
+        train_all(own, Path(args.runs_dir), args.workers or default_workers(), on_done=ship)
+        for cfg in (configs.on_base(configs.figure_configs(), args.base) if args.figure_runs else []):
             run = find(cfg, args.figure_runs)
             finished = run is not None and (run.folder / "convergence.json").is_file()
             if finished and (run.folder / "signals.csv").is_file():

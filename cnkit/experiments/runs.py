@@ -25,7 +25,7 @@ import torch
 from ..files import write_json
 from ..metrics import CONVERGENCE_THRESHOLDS, convergence
 from ..models import architectures
-from ..models.bases import load_pipeline
+from ..models.bases import load_pipeline, weights_identity
 from ..params import REPO_ROOT
 from ..training.train import LATER_SETTINGS, TrainConfig, Trainer, attach_watchers
 
@@ -46,9 +46,12 @@ NOT_IDENTITY = ("out_dir", "report_to", "num_workers", "signals_every", "forecas
 
 
 def run_key(cfg: TrainConfig) -> str:
-    """A run's identity: every setting that changes its numbers (settings added later count only when set)."""
+    """A run's identity: every setting that changes its numbers (settings added later count only when set), the
+    base by what its files hold (``weights_identity``), not by its name: runs on a base since republished in place
+    are not reused, and runs on one base under another name are."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in NOT_IDENTITY
                 and not (k in LATER_SETTINGS and v == LATER_SETTINGS[k])}
+    settings["base"] = weights_identity(cfg.base)
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
 
 

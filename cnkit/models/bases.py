@@ -9,6 +9,9 @@ VAE's downsampling factor (64 = 16 x 4 for the tiny base, 512 = 64 x 8 for SD 1.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
+from pathlib import Path
 from typing import Any
 
 from diffusers import StableDiffusionPipeline
@@ -126,3 +129,31 @@ def load_pipeline(base) -> StableDiffusionPipeline:
     if key not in _LOADED:
         _LOADED[key] = load_base(base)
     return _LOADED[key]
+
+
+# A base folder's own notes, which say what it is but never change what it computes.
+NOT_WEIGHTS = ("README.md", "evaluation.json")
+
+
+def weights_identity(base) -> str:
+    """What a base computes with, as a short digest: for a local folder, of every file of it that decides the
+    pipeline's numbers (weights, configs, tokenizer; not its card or evaluation), so that a base republished in
+    place (``make pretrain``) never passes for the one before it and one base under two folder names is one base;
+    for a hub id, the id (its files are the hub's to keep). Runs are keyed by it (``cnkit.experiments.runs``)."""
+    folder = repo_path(base)
+    if not folder.is_dir():
+        return str(base)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    stamp = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _digest(str(folder), stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest(folder: str, stamp: tuple) -> str:
+    # hashed once per process and state of the files (an SD 1.5 folder's ~4 GB take seconds)
+    h = hashlib.sha256()
+    for name, *_ in stamp:
+        with open(Path(folder) / name, "rb") as f:
+            h.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+    return "sha256:" + h.hexdigest()[:16]
