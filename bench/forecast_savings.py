@@ -41,8 +41,10 @@ def config(args, dataset: Path, name: str):
 
     extra = ({"forecast": True, "validate_on": "forecast", "stop_after_convergence": args.stop_after}
              if name == "forecast" else {})
+    base = {"base": args.base} if args.base else {}
     return TrainConfig(dataset=str(dataset), steps=args.steps, validate_every=args.validate_every,
-                       checkpoint_every=args.steps, seed=args.seed, validation_size=32, signals_every=20, **extra)
+                       checkpoint_every=args.steps, seed=args.seed, validation_size=32, signals_every=20, **base,
+                       **extra)
 
 
 def worker(args, dataset: Path, name: str) -> None:
@@ -89,6 +91,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "forecast-savings")
     ap.add_argument("--publish", default="", help="also ship the schedule run's tables as data/forecast-runs/NAME "
                     "(notebook 11 reads independent-* there as its group of Fill50K-format runs)")
+    ap.add_argument("--publish-dir", type=Path, default=ROOT / "data" / "forecast-runs")
+    ap.add_argument("--base", default="", help="the runs' base (default: the recipe's, data/tiny-sd)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -101,7 +105,7 @@ def main(argv=None) -> dict:
         log = open(args.out / f"{name}.log", "a")  # noqa: SIM115 - closed when the process ends, below
         cmd = [sys.executable, __file__, f"--worker={name}", f"--dataset={dataset}", f"--steps={args.steps}",
                f"--validate-every={args.validate_every}", f"--stop-after={args.stop_after}", f"--seed={args.seed}",
-               f"--out={args.out}"]
+               f"--out={args.out}", f"--base={args.base}"]
         procs[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), log)
     for name, (proc, log) in procs.items():
         if proc.wait():
@@ -126,8 +130,8 @@ def main(argv=None) -> dict:
     if args.publish:
         from cnkit.experiments.forecast import write_index  # noqa: PLC0415
 
-        print("published", publish_tables(runs["schedule"], ROOT / "data" / "forecast-runs" / args.publish))
-        print("index:", write_index())
+        print("published", publish_tables(runs["schedule"], args.publish_dir / args.publish))
+        print("index:", write_index(args.publish_dir))
     print(json.dumps({k: v for k, v in summary.items() if k not in ("schedule", "forecast")}, indent=1))
     for name in procs:
         print(name, {k: v for k, v in summary[name].items() if k != "validated_steps"})

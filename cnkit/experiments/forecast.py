@@ -425,21 +425,23 @@ def main(argv=None) -> int:
                    "carry the probe (make figures leaves them in reports/full/runs), so that the study's design "
                    "group is in the checkout")
     r.add_argument("--base", default="", help="train (and look for) them on this base instead of the recipe's")
+    r.add_argument("--shipped-dir", default=str(FORECAST_DIR), help="where their tables are shipped")
     args = ap.parse_args(argv)
     if args.command == "runs":
         own = configs.on_base(forecast_configs(), args.base)
 
         def ship(cfg):  # each run as it finishes, so an interrupted rebuild keeps what it trained
-            print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, FORECAST_DIR, weights=False),
+            print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, args.shipped_dir, weights=False),
                   flush=True)
+            write_index(args.shipped_dir)
 
         train_all(own, Path(args.runs_dir), args.workers or default_workers(), on_done=ship)
         for cfg in (configs.on_base(configs.figure_configs(), args.base) if args.figure_runs else []):
             run = find(cfg, args.figure_runs)
             finished = run is not None and (run.folder / "convergence.json").is_file()
             if finished and (run.folder / "signals.csv").is_file():
-                print("published", publish(run, cfg, FORECAST_DIR, weights=False))
-        print("index:", write_index())
+                print("published", publish(run, cfg, args.shipped_dir, weights=False))
+        print("index:", write_index(args.shipped_dir))
         return 0
     rule = ForecastRule(**json.loads(args.rule)) if args.rule else DEFAULT_RULE
     rows = [judge(rule, f) for f in args.runs]

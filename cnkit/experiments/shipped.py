@@ -142,13 +142,14 @@ def matching_net(choices: dict[str, str], condition: str | None, world: str | No
     return (same_world or [name for name, _ in fits] or [None])[0]
 
 
-def train_config(name: str) -> TrainConfig:
-    return TrainConfig(**SHIPPED[name]["train"])
+def train_config(name: str, base: str = "") -> TrainConfig:
+    """Net ``name``'s training run: the recipe with its overrides, on ``base`` (``""``: the recipe's, the default)."""
+    return TrainConfig(**{**SHIPPED[name]["train"], **({"base": base} if base else {})})
 
 
-def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
+def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print, base: str = "") -> dict:
     spec = SHIPPED[name]
-    cfg = train_config(name)
+    cfg = train_config(name, base)
     start = time.perf_counter()
     run = train(cfg, runs_dir, log=log)
     folder = out_root / name
@@ -200,13 +201,14 @@ def build(name: str, runs_dir: Path, out_root: Path = OUT, log=print) -> dict:
     return data
 
 
-def compose(out_root: Path = OUT, n: int = 32, log=print) -> dict:
+def compose(out_root: Path = OUT, n: int = 32, log=print, base: str = "") -> dict:
     """Both shapes nets in one call on scenes built for it; the result goes in data/controlnets/README.md."""
-    pipe = load_pipeline(TrainConfig().base)
+    base = base or TrainConfig().base
+    pipe = load_pipeline(base)
     result = evaluate_composition(pipe, str(out_root / "shapes-segmentation"), str(out_root / "shapes-outline"), n=n)
     summary = {k: v for k, v in result.items() if k != "per_item"}
     lines = ["# ControlNets shipped with cnkit", "",
-             "Trained by `make controlnets` (`cnkit controlnets`) on `data/tiny-sd`; each folder is a stock "
+             f"Trained by `make controlnets` (`cnkit controlnets`) on `{base}`; each folder is a stock "
              "diffusers ControlNet with its own card.", "", "| name | what it does | measured |", "|---|---|---|"]
     for name, spec in SHIPPED.items():
         card = out_root / name / "README.md"
@@ -232,11 +234,15 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="*", choices=list(SHIPPED))
     # make figures' runs folder: the fill net is notebook 02's recipe run, trained once for both.
     ap.add_argument("--runs-dir", default=str(FIGURE_RUNS))
+    ap.add_argument("--base", default="", help="train and measure them on this base instead of the default (a new "
+                    "edition before it becomes the default)")
+    ap.add_argument("--out", default=str(OUT), help="where the nets and their cards are written")
     args = ap.parse_args(argv)
+    out = Path(args.out)
     for name in args.only or SHIPPED:
-        build(name, Path(args.runs_dir))
-    if all((OUT / name / "README.md").is_file() for name in ("shapes-segmentation", "shapes-outline")):
-        compose()
+        build(name, Path(args.runs_dir), out, base=args.base)
+    if all((out / name / "README.md").is_file() for name in ("shapes-segmentation", "shapes-outline")):
+        compose(out, base=args.base)
     return 0
 
 
