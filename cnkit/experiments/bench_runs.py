@@ -127,7 +127,10 @@ def main(argv=None) -> int:
         print("published", publish(Run(run_folder(cfg, args.runs_dir)), cfg, args.shipped_dir), flush=True)
         write_index(args.shipped_dir, configs)
 
-    experiments.train_all(configs, Path(args.runs_dir), args.workers or experiments.default_workers(), on_done=ship)
+    # a run already shipped under its key is that run (an interrupted rebuild continues on another machine)
+    todo = [c for c in configs if find(c, args.shipped_dir) is None]
+    print(f"{len(configs) - len(todo)} of {len(configs)} already shipped in {args.shipped_dir}", flush=True)
+    experiments.train_all(todo, Path(args.runs_dir), args.workers or experiments.default_workers(), on_done=ship)
     print("index:", write_index(args.shipped_dir, configs))
     return 0
 
