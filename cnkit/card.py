@@ -4,7 +4,6 @@ test can tell that the shipped weights are the ones the card describes."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import platform
 import re
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .files import file_sha256
 from .params import REPO_ROOT
 
 HASHES_BEGIN, HASHES_END = "<!-- sha256 begin -->", "<!-- sha256 end -->"
@@ -20,7 +20,7 @@ HASHES_BEGIN, HASHES_END = "<!-- sha256 begin -->", "<!-- sha256 end -->"
 def file_hashes(folder) -> dict[str, str]:
     """SHA-256 of every file under ``folder`` except the card itself, by relative path."""
     folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+    return {str(p.relative_to(folder)): file_sha256(p)
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != "README.md"}
 
 

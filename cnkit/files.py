@@ -12,10 +12,17 @@ Commands that write weights (``cnkit init``, ``cnkit export``, ``cnkit sd15``) c
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+
+
+def file_sha256(path) -> str:
+    """A file's SHA-256 (hex), streamed rather than read whole: an SD 1.5 UNet file is 3.4 GB."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def temporary_sibling(path: Path) -> Path:

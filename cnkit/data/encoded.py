@@ -44,6 +44,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..files import file_sha256
 from .readers import fingerprint
 
 FORMAT_VERSION = 2  # 2: per-shard entries with size and SHA-256, the dataset's fingerprint in the spec
@@ -95,11 +96,6 @@ def encoders_fingerprint(pipe) -> str:
     h.update(json.dumps(sorted(pipe.tokenizer.get_vocab().items())).encode())
     h.update(str(pipe.tokenizer.model_max_length).encode())
     return h.hexdigest()[:16]
-
-
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _fix(folder: Path) -> str:

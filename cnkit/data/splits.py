@@ -19,7 +19,6 @@ gets the same seed, whatever the batching, and two measurements never share nois
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import numpy as np
@@ -27,6 +26,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ..colours import delta_e
+from ..files import file_sha256
 from ..pixels import fit, is_condition_set
 from . import toyworld
 from .readers import Example, PairFolder, fingerprint, is_toy, load
@@ -103,11 +103,6 @@ def training_items(dataset: str, size: int, n_train: int, data_seed: int = 0, va
     return _Head(ds, len(ds) - validation_size)
 
 
-def _digest(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def split_overlap(dataset: str, validation_size: int) -> str | None:
     """A note when items of a folder's held-out tail repeat training items (the same image and condition bytes,
     whatever their names), else None: validation would measure items the net was trained on. Files are hashed
@@ -131,7 +126,7 @@ def split_overlap(dataset: str, validation_size: int) -> str | None:
     def key(fs) -> tuple | None:
         if any(os.stat(f).st_size not in sizes for f in fs):
             return None
-        return tuple(digests.setdefault(f, _digest(f)) for f in fs)
+        return tuple(digests.setdefault(f, file_sha256(f)) for f in fs)
 
     held_keys = {key(fs): ds.rows[cut + k]["_line"] for k, fs in enumerate(held)}
     repeats = []

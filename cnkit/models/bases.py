@@ -16,6 +16,7 @@ from typing import Any
 
 from diffusers import StableDiffusionPipeline
 
+from ..files import file_sha256
 from ..params import repo_path
 
 
@@ -145,8 +146,13 @@ def weights_identity(base) -> str:
         return str(base)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in NOT_WEIGHTS
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    stamp = tuple((p.relative_to(folder).as_posix(), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stamp = tuple((p.relative_to(folder).as_posix(), *_size_and_time(p)) for p in files)
     return _digest(str(folder), stamp)
+
+
+def _size_and_time(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=16)
@@ -154,6 +160,5 @@ def _digest(folder: str, stamp: tuple) -> str:
     # hashed once per process and state of the files (an SD 1.5 folder's ~4 GB take seconds)
     h = hashlib.sha256()
     for name, *_ in stamp:
-        with open(Path(folder) / name, "rb") as f:
-            h.update(name.encode() + b"\0" + hashlib.file_digest(f, "sha256").digest())
+        h.update(name.encode() + b"\0" + bytes.fromhex(file_sha256(Path(folder) / name)))
     return "sha256:" + h.hexdigest()[:16]
