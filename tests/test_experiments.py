@@ -25,6 +25,9 @@ def test_runs_train_side_by_side_share_one_encoding_and_are_then_only_read_back(
     assert experiments.train_all(configs, tmp_path, workers=2, log=again.append, on_done=found.append) == []
     assert len(found) == 2  # finished runs found at the start are handed on too
     assert "2 of 2 found, 0 to train" in again[0]
+    other = experiments.ablation("zero", 1, smoke=True)  # a run folder is a shipped folder too: only new ones are left
+    assert experiments.not_shipped([*configs, other], tmp_path, log=again.append) == [other]
+    assert again[-1] == f"2 of 3 already shipped in {tmp_path}"
 
 
 def test_every_run_the_figure_notebooks_train_is_in_all_configs():

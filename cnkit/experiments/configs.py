@@ -11,7 +11,7 @@ on two threads
 Budgets are chosen to keep the whole of ``make figures`` within 3 hours on 2 CPU cores: the
 ablation trains the full recipe (600 steps, validated every 25); the dataset-size and Table 2 runs
 train 400 steps (every recipe seed has converged by step 325) and validate every 100. Notebook 10's
-successor runs (``bench_configs``) would add about three hours more, so ``make figures`` reads them shipped
+successor runs (``bench_configs``) would add about five hours more, so ``make figures`` reads them shipped
 (``cnkit.experiments.bench_runs``) and ``make architectures`` retrains them.
 """
 
@@ -118,7 +118,7 @@ def figure_configs(smoke: bool = False) -> list:
 
 
 def bench_configs(smoke: bool = False) -> list:
-    """Notebook 10's other runs (the successors on both tasks and the union net): about three hours more on 2 CPU
+    """Notebook 10's other runs (the successors on both tasks and the union net): about five hours more on 2 CPU
     cores, so the kit ships them finished (``cnkit.experiments.bench_runs``, ``make architectures`` retrains them)."""
     return ([architecture_run(a, t, s, smoke) for t in ARCHITECTURE_TASKS for a in SUCCESSORS for s in SEEDS]
             + [architecture_run("union", "segmentation", s, smoke) for s in SEEDS])
@@ -193,6 +193,14 @@ def schedule(configs: list) -> list:
         rank[group] = rank.get(group, -1) + 1
         keyed.append((-c.steps, rank[group], i))
     return [configs[i] for *_, i in sorted(keyed)]
+
+
+def not_shipped(configs: list, shipped_dir, log=print) -> list:
+    """The configurations without a finished run under their key in ``shipped_dir``: a run already shipped is that
+    run, so a rebuild interrupted on one checkout continues on another (its training folder is not there)."""
+    todo = [c for c in configs if find(c, shipped_dir) is None]
+    log(f"{len(configs) - len(todo)} of {len(configs)} already shipped in {shipped_dir}")
+    return todo
 
 
 def train_all(configs: list, runs_dir, workers: int = 1, log=print, on_done=None) -> list[dict]:

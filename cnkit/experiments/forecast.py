@@ -435,7 +435,8 @@ def main(argv=None) -> int:
                   flush=True)
             write_index(args.shipped_dir)
 
-        train_all(own, Path(args.runs_dir), args.workers or default_workers(), on_done=ship)
+        todo = configs.not_shipped(own, args.shipped_dir)  # an interrupted rebuild continues on another checkout
+        train_all(todo, Path(args.runs_dir), args.workers or default_workers(), on_done=ship)
         for cfg in (configs.on_base(configs.figure_configs(), args.base) if args.figure_runs else []):
             run = find(cfg, args.figure_runs)
             finished = run is not None and (run.folder / "convergence.json").is_file()
