@@ -3,9 +3,9 @@
 #                  full profile into reports/ (the main job)
 #   make test      set up, then ruff, the unit tests, every notebook by papermill (smoke), nbval
 #   make lab       set up, then JupyterLab on the kit
-#   make pretrain  rebuild data/tiny-sd: continue data/tiny-sd-v1 by the pretraining notebook (about 5 h of CPU)
+#   make pretrain  rebuild data/tiny-sd: continue data/tiny-sd-v2 by the pretraining notebook (about 1.8 h of CPU)
 #   make controlnets  rebuild data/controlnets (the shipped ControlNets, trained and measured; ~40 min of CPU)
-#   make architectures  rebuild data/architecture-runs (notebook 10's successor runs; about 3 h on 2 CPU cores)
+#   make architectures  rebuild data/architecture-runs (notebook 10's successor runs; about 5 h on 2 CPU cores)
 #   make forecast-runs  rebuild data/forecast-runs (notebook 11's own runs: controls, new conditions, successors; ~2 h)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

@@ -27,8 +27,8 @@ def test_shipped_controlnet_matches_its_card_and_loads(name):
 
 def test_two_nets_composed_in_one_call_satisfy_both_conditions():
     """The two shipped shapes nets in one call on the first 4 held-out two-shape scenes, regenerated here (the
-    32-scene numbers, mIoU 0.84 and edge F1 0.72, are in data/controlnets/README.md; on these 4 they are 0.71 and
-    0.57; the base alone re-detects a segmentation mIoU of 0.43): each condition is followed where it speaks."""
+    32-scene numbers, mIoU 0.89 and edge F1 0.92, are in data/controlnets/README.md; on these 4 they are 0.88 and
+    0.96): each condition is followed where it speaks."""
     from cnkit.experiments.evaluations import evaluate_composition
     from cnkit.models.bases import load_pipeline
 

@@ -39,14 +39,37 @@ def test_size_and_formats():
     assert not [p for p in files if p.suffix in (".bin", ".pt", ".pkl", ".ckpt")], "safetensors only"
 
 
-def test_vae_reconstruction_reproduces_the_card(shipped):
-    """The card's VAE PSNR (bar: 30 dB), recomputed on the same 64 held-out images."""
+def test_vae_reconstruction_of_the_kits_worlds_reproduces_the_card(shipped):
+    """The card's VAE PSNR on the kit's own worlds, recomputed on the same 64 held-out images each, holds the 30 dB
+    bar; the card's bar is the lowest world's (Fill50K's colours, 27.0 dB: not held, and the card says so)."""
     from cnkit.data.splits import held_out_images
+    from cnkit.experiments import pretraining
     from cnkit.training.pretrain import vae_psnr
 
     data = card.card_data(TINY)
-    psnr = vae_psnr(shipped.vae, held_out_images(64, data["recipe"]["seed"]))
-    assert psnr == pytest.approx(data["stats"]["vae_psnr_db"], abs=0.05) and psnr >= 30
+    by_world = data["stats"]["vae_psnr_db_by_world"]
+    for world in ("fill", "shapes"):
+        psnr = vae_psnr(shipped.vae, held_out_images(64, data["recipe"]["seed"], world=world))
+        assert psnr == pytest.approx(by_world[world], abs=0.05) and psnr >= 30, world
+    lowest = min(by_world.values())
+    assert data["stats"]["vae_psnr_db"] == lowest
+    assert data["targets"]["vae_psnr_db"]["held"] == (lowest >= pretraining.TARGETS["vae_psnr_db"])
+
+
+def test_make_pretrain_rebuilds_the_default():
+    """Notebook 01's defaults (what ``make pretrain`` runs) are the shipped base's recipe, so the card's rebuild line
+    and ``make pretrain`` are one recipe."""
+    import ast
+
+    nb = json.loads((TINY.parent.parent / "notebooks" / "01_pretrain_tiny_sd.ipynb").read_text())
+    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
+    defaults = {node.target.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
+                if isinstance(node, ast.AnnAssign)}  # typed literals only (tests/test_notebooks.py holds them to it)
+    recipe = card.card_data(TINY)["recipe"]
+    assert {"warm_start", "vae_anchor", "steps", "decay_steps"} <= defaults.keys() & recipe.keys()
+    for name, value in defaults.items():
+        if name in recipe and name != "out_dir":
+            assert value == recipe[name], name
 
 
 def test_draws_the_prompted_circle(shipped):
@@ -70,8 +93,8 @@ def test_evaluation_reproduces_the_card_on_a_fixed_sample(shipped):
         assert card_rates["fill"][rate] >= 0.95
     shapes_correct = np.mean([r["correct"] for r in recorded["per_image"]["shapes"]])
     assert abs(card_rates["shapes"]["correct"] - shapes_correct) < 1e-9
-    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met (3.5% as shipped): issue 19 pretrains
-    # further on a GPU; its assertion belongs here then.
+    # The shapes bar (>= 75% prompted shapes, counts and colours) is not met (53.1% as shipped, the third edition;
+    # the card says so): issue 19 pretrains further on a GPU; its assertion belongs here then.
     # Without the training prompts to exclude, draw a longer list and match the recorded prompts.
     fills, shapes = splits.held_out_prompts(8 * SAMPLE, s["seed"])
     fills = fills[:SAMPLE]
