@@ -9,6 +9,7 @@ from pathlib import Path
 
 import papermill as pm
 import pytest
+from notebook_cells import notebook_parameters
 
 NOTEBOOKS = sorted((Path(__file__).parent.parent / "notebooks").glob("*.ipynb"))
 
@@ -43,15 +44,6 @@ def test_headless_notebooks_run_through_papermill(path, tmp_path):
     assert {p.name for p in out_dir.iterdir()} >= set(meta["outputs"])
 
 
-def _parameters(path: Path) -> dict:
-    import ast
-
-    nb = json.loads(path.read_text())
-    cell = next(c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", []))
-    return {node.target.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
-            if isinstance(node, ast.AnnAssign)}
-
-
 def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
     """Notebooks 02-04 default to TrainConfig's defaults (the kit's recipe), so with their defaults they train
     one run between them; 06-09 default to the budgets cnkit.experiments.configs trains ahead of them."""
@@ -64,18 +56,18 @@ def test_training_notebooks_default_to_the_kits_recipe_so_they_share_one_run():
     # settings outside a run's identity (its out_dir, the live forecast that only watches) may differ
     recipe = {k: v for k, v in asdict(TrainConfig()).items() if k not in NOT_IDENTITY}
     for stem in ("02_train_controlnet", "03_zero_conv_growth", "04_sudden_convergence"):
-        found = _parameters(NOTEBOOKS[0].parent / f"{stem}.ipynb")
+        found = notebook_parameters(NOTEBOOKS[0].parent / f"{stem}.ipynb")
         assert {k: found[k] for k in recipe if k in found} == {k: recipe[k] for k in recipe if k in found}, stem
         assert {"base", "dataset", "variant", "steps", "batch_size", "learning_rate", "seed"} <= set(found)
-    nb04 = _parameters(NOTEBOOKS[0].parent / "04_sudden_convergence.ipynb")
+    nb04 = notebook_parameters(NOTEBOOKS[0].parent / "04_sudden_convergence.ipynb")
     assert nb04["compare_uniform"] and (nb04["seed"], nb04["n_seeds"]) == (experiments.SEEDS[0], len(experiments.SEEDS))
-    nb06 = _parameters(NOTEBOOKS[0].parent / "06_ablation_architectures.ipynb")
+    nb06 = notebook_parameters(NOTEBOOKS[0].parent / "06_ablation_architectures.ipynb")
     assert tuple(nb06["variants"]) == experiments.VARIANTS and nb06["steps"] == recipe["steps"]
-    nb08 = _parameters(NOTEBOOKS[0].parent / "08_dataset_size.ipynb")
+    nb08 = notebook_parameters(NOTEBOOKS[0].parent / "08_dataset_size.ipynb")
     assert tuple(nb08["sizes"]) == experiments.DATASET_SIZES and nb08["steps"] == experiments.SHORT["steps"]
-    nb09 = _parameters(NOTEBOOKS[0].parent / "09_composition_and_reconstruction.ipynb")
+    nb09 = notebook_parameters(NOTEBOOKS[0].parent / "09_composition_and_reconstruction.ipynb")
     assert nb09["steps"] == experiments.SHORT["steps"]
-    nb10 = _parameters(NOTEBOOKS[0].parent / "10_control_architectures.ipynb")
+    nb10 = notebook_parameters(NOTEBOOKS[0].parent / "10_control_architectures.ipynb")
     # figure_configs trains ControlNet's runs; bench_configs' (shipped) are the others
     assert nb10["architectures"] == ["controlnet", *experiments.SUCCESSORS, "union"] and nb10["shipped_runs"]
     assert nb10["tasks"] == list(experiments.ARCHITECTURE_TASKS)

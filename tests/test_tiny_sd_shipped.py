@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from notebook_cells import notebook_parameters
 
 from cnkit import card, metrics
 from cnkit.data import splits
@@ -59,17 +60,11 @@ def test_vae_reconstruction_of_the_kits_worlds_reproduces_the_card(shipped):
 def test_make_pretrain_rebuilds_the_default():
     """Notebook 01's defaults (what ``make pretrain`` runs) are the shipped base's recipe, so the card's rebuild line
     and ``make pretrain`` are one recipe."""
-    import ast
-
-    nb = json.loads((TINY.parent.parent / "notebooks" / "01_pretrain_tiny_sd.ipynb").read_text())
-    cell = next(c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", []))
-    defaults = {node.target.id: ast.literal_eval(node.value) for node in ast.parse("".join(cell["source"])).body
-                if isinstance(node, ast.AnnAssign)}  # typed literals only (tests/test_notebooks.py holds them to it)
+    defaults = notebook_parameters(TINY.parent.parent / "notebooks" / "01_pretrain_tiny_sd.ipynb")
     recipe = card.card_data(TINY)["recipe"]
-    assert {"warm_start", "vae_anchor", "steps", "decay_steps"} <= defaults.keys() & recipe.keys()
-    for name, value in defaults.items():
-        if name in recipe and name != "out_dir":
-            assert value == recipe[name], name
+    shared = (defaults.keys() & recipe.keys()) - {"out_dir"}  # where a run is written is not part of its recipe
+    assert {"warm_start", "vae_anchor", "steps", "decay_steps"} <= shared
+    assert {k: defaults[k] for k in shared} == {k: recipe[k] for k in shared}
 
 
 def test_draws_the_prompted_circle(shipped):
