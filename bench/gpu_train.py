@@ -3,9 +3,11 @@
 
     python bench/gpu_train.py                      # SD 1.5-shaped random base, 512 px, batch 8 and 32, bf16
     python bench/gpu_train.py --tiny --size 64 --batches 2 --steps 4      # the same code on a CPU, in seconds
+    python bench/gpu_train.py --batches 8 --gradient-checkpointing --json out.json   # memory with checkpointing
 
 The base is ``cnkit.models.sd15``'s (SD 1.5's exact architecture, random weights: speed and memory do not depend on the
-weights' values). Each (loop, batch) runs in its own process, so peak memory is its own. The reference loop does, each
+weights' values), built once and saved to a temporary folder that every run loads. Each (loop, batch) runs in its
+own process, so peak memory is its own. The reference loop does, each
 step, what ``train_controlnet.py`` does with ``--mixed_precision bf16``: the VAE (in bf16), the text encoder and the
 UNet frozen in bf16, the ControlNet's weights in fp32 under autocast, VAE-encode the batch's images, encode its
 prompts, add noise, ControlNet + UNet, MSE, backward, gradient clipping at 1.0, AdamW. cnkit's trainer encodes the
@@ -33,14 +35,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _base(tiny: bool):
+def _save_base(tiny: bool, folder: Path) -> Path:
+    """The base, built once (SD 1.5's shape takes most of a minute to initialise) and saved for every run to load."""
     if tiny:
         from cnkit.models.tiny import build_tiny_sd
 
-        return build_tiny_sd(seed=0)
-    from cnkit.models.sd15 import build_sd15_shaped
+        build_tiny_sd(seed=0).save_pretrained(folder)
+        return folder
+    from cnkit.models.sd15 import save_sd15_shaped
 
-    return build_sd15_shaped(seed=0)
+    return save_sd15_shaped(folder, seed=0)
+
+
+def _base(folder):
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline.from_pretrained(folder)
 
 
 def _sync(device) -> None:
@@ -62,12 +72,11 @@ def run_cnkit(args, batch: int) -> dict:
     from cnkit.training.train import TrainConfig, Trainer
 
     with tempfile.TemporaryDirectory() as tmp:
-        base = Path(tmp) / "base"
-        _base(args.tiny).save_pretrained(base)
-        trainer = Trainer(TrainConfig(base=str(base), dataset="toy:fill", steps=args.steps, batch_size=batch,
+        trainer = Trainer(TrainConfig(base=args.base_dir, dataset="toy:fill", steps=args.steps, batch_size=batch,
                                       n_train=max(4 * batch, 64), resolution=args.size, validate_every=0,
                                       checkpoint_every=10**9, out_dir=str(Path(tmp) / "run"),
-                                      mixed_precision=args.mixed_precision, telemetry_every=10**9))
+                                      mixed_precision=args.mixed_precision, telemetry_every=10**9,
+                                      gradient_checkpointing=args.gradient_checkpointing))
         device = trainer.accelerator.device
         times, last = [], [None]
 
@@ -105,11 +114,13 @@ def run_reference(args, batch: int) -> dict:
     acc = Accelerator(mixed_precision=args.mixed_precision, cpu=not torch.cuda.is_available())
     device = acc.device
     weight_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args.mixed_precision, torch.float32)
-    pipe = _base(args.tiny)
+    pipe = _base(args.base_dir)
     vae, text_encoder, tokenizer, unet = pipe.vae, pipe.text_encoder, pipe.tokenizer, pipe.unet
     for m in (vae, text_encoder, unet):
         m.requires_grad_(False).to(device, dtype=weight_dtype)
     controlnet = make_controlnet(unet, "zero", vae_scale_factor=vae_scale_factor(vae), seed=0).to(device).train()
+    if args.gradient_checkpointing:  # train_controlnet.py's --gradient_checkpointing: the ControlNet's only
+        controlnet.enable_gradient_checkpointing()
     opt = torch.optim.AdamW(controlnet.parameters(), lr=1e-5)
     controlnet, opt = acc.prepare(controlnet, opt)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
@@ -156,7 +167,13 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--mixed-precision", default="bf16", choices=["no", "bf16", "fp16"])
     ap.add_argument("--tiny", action="store_true", help="the embedded tiny architecture (CPU smoke run)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="both loops recompute activations in the backward pass (cnkit: ControlNet and UNet; "
+                         "the reference, as train_controlnet.py: the ControlNet)")
+    ap.add_argument("--json", default="", help="also write the table's numbers and the versions to this file")
     ap.add_argument("--child", nargs=2, metavar=("LOOP", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--base-dir", default="", help="a saved base to load (e.g. from `cnkit sd15 --out DIR`) instead "
+                                                  "of building one")
     args = ap.parse_args(argv)
     if args.warmup >= args.steps:
         ap.error("--steps must exceed --warmup")
@@ -164,29 +181,44 @@ def main(argv=None) -> int:
         loop, batch = args.child[0], int(args.child[1])
         print(json.dumps((run_cnkit if loop == "cnkit" else run_reference)(args, batch)))
         return 0
+    import diffusers
     import torch
 
     where = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"{'tiny' if args.tiny else 'SD 1.5-shaped'} base, {args.size} px, {args.mixed_precision}, {where}; "
-          f"median of {args.steps - args.warmup} steps after {args.warmup} warm-up")
+    versions = {"device": where, "torch": torch.__version__, "diffusers": diffusers.__version__}
+    print(f"{'tiny' if args.tiny else 'SD 1.5-shaped'} base, {args.size} px, {args.mixed_precision}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}, {where} (torch {torch.__version__}, "
+          f"diffusers {diffusers.__version__}); median of {args.steps - args.warmup} steps after {args.warmup} warm-up")
     print("| batch | loop | s/step | images/s | peak memory (GiB) | one-off encode (s) |")
     print("|---|---|---|---|---|---|")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    summary = {}
-    for batch in args.batches:
-        for loop in ("reference", "cnkit"):
-            cmd = [sys.executable, __file__, "--child", loop, str(batch), "--size", str(args.size), "--steps",
-                   str(args.steps), "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision]
-            done = subprocess.run(cmd + (["--tiny"] if args.tiny else []), env=env, capture_output=True, text=True,
-                                  cwd=ROOT)
-            if done.returncode:
-                print(f"| {batch} | {loop} | failed: {done.stderr.strip().splitlines()[-1][:200]} | | | |")
-                continue
-            r = json.loads(done.stdout.strip().splitlines()[-1])
-            s = statistics.median(r["step_s"])
-            summary[(batch, loop)] = (batch / s, r["peak_gib"])
-            encode = f"{r['encode_s']:.1f}" if r["encode_s"] is not None else "-"
-            print(f"| {batch} | {loop} | {s:.3f} | {batch / s:.1f} | {r['peak_gib']:.1f} | {encode} |", flush=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1"}
+    summary, rows = {}, []
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        base = Path(args.base_dir) if args.base_dir else _save_base(args.tiny, Path(tmp) / "base")
+        if not args.base_dir:
+            print(f"base built and saved in {time.perf_counter() - t0:.0f} s", flush=True)
+        for batch in args.batches:
+            for loop in ("reference", "cnkit"):
+                cmd = [sys.executable, __file__, "--child", loop, str(batch), "--size", str(args.size), "--steps",
+                       str(args.steps), "--warmup", str(args.warmup), "--mixed-precision", args.mixed_precision,
+                       "--base-dir", str(base)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+                done = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+                if done.returncode:
+                    print(f"| {batch} | {loop} | failed: {done.stderr.strip().splitlines()[-1][:200]} | | | |")
+                    rows.append({"batch": batch, "loop": loop, "error": done.stderr[-4000:]})
+                    continue
+                r = json.loads(done.stdout.strip().splitlines()[-1])
+                s = statistics.median(r["step_s"])
+                summary[(batch, loop)] = (batch / s, r["peak_gib"])
+                rows.append({"batch": batch, "loop": loop, "s_per_step": s, "images_per_s": batch / s, **r})
+                encode = f"{r['encode_s']:.1f}" if r["encode_s"] is not None else "-"
+                print(f"| {batch} | {loop} | {s:.3f} | {batch / s:.1f} | {r['peak_gib']:.1f} | {encode} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**versions, "size": args.size, "mixed_precision": args.mixed_precision,
+                                               "gradient_checkpointing": args.gradient_checkpointing, "rows": rows},
+                                              indent=1))
     for batch in args.batches:
         if (batch, "cnkit") in summary and (batch, "reference") in summary:
             (kit, kit_mem), (ref, ref_mem) = summary[(batch, "cnkit")], summary[(batch, "reference")]

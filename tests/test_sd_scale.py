@@ -9,7 +9,12 @@ run the validation hook once. Images are 128 px (latents 16x16) so that it runs 
 shapes are SD's. Training peaks at about 13.5 GiB RSS on a CPU (fp32 weights, gradients and AdamW state of the 361M
 ControlNet, the 860M UNet, and the base's memory-mapped files; README, "Real SD 1.5").
 
-Each stage's wall time and peak RSS are written to ``reports/test-artifacts/sd_scale.json`` (and printed with -s).
+Each stage's wall time and peak RSS (and peak GPU memory on a GPU) are written to
+``reports/test-artifacts/sd_scale.json`` (and printed with -s).
+
+On a GPU the same flow runs at SD's own size with the memory options (issue 32; ``bench/gpu_check.sh``):
+``CNKIT_SD_SCALE_RESOLUTION=512``, ``CNKIT_SD_SCALE_TRAIN_ARGS="--mixed_precision=bf16 --gradient_checkpointing=true"``,
+and ``CNKIT_SD_SCALE_BASE=<folder>`` to load a base saved by ``cnkit sd15`` instead of building one.
 Peak RSS is per stage: VmHWM is reset at each stage's start (``/proc/self/clear_refs``), so a stage's number includes
 what earlier stages still hold (the base cached by ``cnkit.generation.generate``, for example).
 """
@@ -27,7 +32,10 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "reports" / "test-artifacts"
-RESOLUTION = 128
+RESOLUTION = int(os.environ.get("CNKIT_SD_SCALE_RESOLUTION", "128"))
+EXTRA_TRAIN_ARGS = os.environ.get("CNKIT_SD_SCALE_TRAIN_ARGS", "").split()
+SAVED_BASE = os.environ.get("CNKIT_SD_SCALE_BASE", "")
+MIXED_PRECISION = next((a.split("=", 1)[1] for a in EXTRA_TRAIN_ARGS if a.startswith("--mixed_precision=")), "no")
 MEASURED: dict[str, dict] = {}
 
 
@@ -55,6 +63,8 @@ class stage:
         except OSError:
             pass
         self.rss_before = _vm("VmRSS")
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
         self.t0 = time.perf_counter()
         return self
 
@@ -66,6 +76,8 @@ class stage:
                                "rss_after_gib": _round(_vm("VmRSS")),
                                "rss_after_file_backed_gib": _round(_vm("RssFile")),
                                "live_tensors_after_gib": _live_tensors_gib(), **self.extra}
+        if torch.cuda.is_available():
+            MEASURED[self.name]["peak_gpu_gib"] = _round(torch.cuda.max_memory_allocated() / 2**30)
         _write_measurements()
         return False
 
@@ -94,7 +106,9 @@ def _write_measurements():
     import cnkit.training.train
 
     info = {"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "resolution": RESOLUTION,
-            "kit": cnkit.training.train.__file__}
+            "train_args": EXTRA_TRAIN_ARGS, "kit": cnkit.training.train.__file__,
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+            "torch": torch.__version__}
     (ARTIFACTS / "sd_scale.json").write_text(json.dumps({"machine": info, "stages": MEASURED}, indent=1))
 
 
@@ -111,6 +125,8 @@ def base(tmp_path_factory):
     """(a) The SD-1.5-shaped base, built and saved once; the caller's RNG is untouched."""
     from cnkit.models.sd15 import folder_size, save_sd15_shaped
 
+    if SAVED_BASE:
+        return Path(SAVED_BASE)
     folder = tmp_path_factory.mktemp("sd15") / "base"
     with stage("build_and_save") as s:
         rng = torch.random.get_rng_state()
@@ -132,7 +148,7 @@ def dataset(tmp_path_factory):
 def _train_args(base, dataset, out_dir, steps):
     return [f"--base={base}", f"--dataset={dataset}", f"--steps={steps}", "--batch_size=1",
             f"--resolution={RESOLUTION}", "--validate_every=0", "--checkpoint_every=1", "--validation_size=4",
-            f"--out_dir={out_dir}"]
+            f"--out_dir={out_dir}", *EXTRA_TRAIN_ARGS]
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +280,7 @@ def test_validation_generates_at_the_training_resolution(base, dataset, tmp_path
     with stage("validation_1_item_1_step") as s:
         trainer = Trainer(TrainConfig(base=str(base), dataset=str(dataset), steps=1, batch_size=1,
                                       resolution=RESOLUTION, validate_every=1, validation_size=4,
-                                      out_dir=str(tmp_path / "run")))
+                                      mixed_precision=MIXED_PRECISION, out_dir=str(tmp_path / "run")))
         Validation(n=1, steps=1, batch=1).attach(trainer)
         trainer.out.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()

@@ -98,7 +98,7 @@ def adapter_pipeline(pipe, scheduler, adapters, scales=None, starts=None, ends=N
     run = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler},
                                   requires_safety_checker=False)
     run.set_progress_bar_config(disable=True)
-    return run
+    return run.to(pipe.device)  # adapters are read onto the CPU; the base may be on a GPU
 
 
 def run_adapter_pipeline(run: StableDiffusionPipeline, conditions, num_images_per_prompt: int = 1, **call):

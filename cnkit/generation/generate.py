@@ -232,7 +232,7 @@ def _control_pipeline(pipe, scheduler, nets: list[tuple], latent_size: int, guid
     control = StableDiffusionControlNetPipeline(**{**pipe.components, "scheduler": scheduler}, controlnet=nets,
                                                 requires_safety_checker=False)
     control.set_progress_bar_config(disable=True)
-    return control
+    return control.to(pipe.device)  # nets are read onto the CPU; the base may be on a GPU
 
 
 @dataclass

@@ -14,6 +14,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import torch
 from diffusers import StableDiffusionPipeline
 
 from ..files import file_sha256
@@ -122,14 +123,20 @@ def is_loaded(base) -> bool:
 
 
 def load_pipeline(base) -> StableDiffusionPipeline:
-    """``load_base``, once per process (generation and evaluations call it per image set); a pipeline
-    passed in is returned as it is."""
+    """``load_base``, once per process (generation and evaluations call it per image set), on
+    ``generation_device()``; a pipeline passed in is returned as it is."""
     if isinstance(base, StableDiffusionPipeline):
         return base
     key = str(base)
     if key not in _LOADED:
-        _LOADED[key] = load_base(base)
+        _LOADED[key] = load_base(base, generation_device())
     return _LOADED[key]
+
+
+def generation_device() -> str | None:
+    """Where generation runs: the GPU when there is one (SD 1.5 at 512 px takes minutes an image on a CPU), else
+    the CPU (None: where the weights were loaded). Seeds stay CPU generators, so an image does not depend on it."""
+    return "cuda" if torch.cuda.is_available() else None
 
 
 # A base folder's own notes, which say what it is but never change what it computes.

@@ -143,8 +143,9 @@ class InjectionTelemetry:
         p = {k: v.to(dev) for k, v in self.probe.items()}
         was_training = adapter.training
         adapter.eval()
-        try:
-            return adapter.watched_outputs(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p["cond"])
+        try:  # under the training step's autocast: with mixed precision the locked UNet is half on a GPU
+            with trainer.accelerator.autocast():
+                return adapter.watched_outputs(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p["cond"])
         finally:
             adapter.train(was_training)
 
@@ -233,7 +234,8 @@ class ConditionProbe:
         try:
             out = {}
             for which in ("true", "shuffled", "blank"):
-                pred = adapter.predict_noise(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p[which])
+                with trainer.accelerator.autocast():  # as the training step (a half UNet on a GPU)
+                    pred = adapter.predict_noise(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p[which])
                 out[which] = float(torch.nn.functional.mse_loss(pred.float(), p["noise"]))
             return out
         finally:
@@ -311,10 +313,11 @@ class Validation:
         was_training = net.training
         net.eval()
         prompts = [self.prompt if self.prompt is not None else it.prompt for it in self.items]
-        images = generate_many(trainer.pipe, prompts, [[it.condition] for it in self.items], [net],
-                               seeds("validation", len(self.items)), steps=self.steps, guidance=self.guidance,
-                               batch=self.batch, size=trainer.resolution,
-                               progress=f"validation at step {trainer.step} ({len(self.items)} images)")
+        with trainer.accelerator.autocast():  # with mixed precision on a GPU: half UNet, fp32 net and VAE
+            images = generate_many(trainer.pipe, prompts, [[it.condition] for it in self.items], [net],
+                                   seeds("validation", len(self.items)), steps=self.steps, guidance=self.guidance,
+                                   batch=self.batch, size=trainer.resolution,
+                                   progress=f"validation at step {trainer.step} ({len(self.items)} images)")
         net.train(was_training)
         return images
 
