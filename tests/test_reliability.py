@@ -140,6 +140,37 @@ def test_a_run_interrupted_before_a_setting_existed_resumes_after_the_upgrade(ba
         Trainer(_cfg(base_dir, tmp_path, steps=3, lora_rank=4)).run()
 
 
+@pytest.mark.parametrize("legacy", [False, True], ids=["clock kept", "checkpoint from before the clock was kept"])
+def test_a_resumed_run_counts_the_time_of_its_earlier_sittings(base_dir, tmp_path, legacy):
+    """A resumed run's clocks (validation's elapsed_s, the training loop's seconds) run on from the sitting before;
+    where the checkpoint cannot say how long that was, they say "unknown" rather than restart at zero."""
+    from cnkit.experiments.runs import read_table
+    from cnkit.training.train import attach_watchers
+
+    cfg = _cfg(base_dir, tmp_path, validate_every=2, validation_size=2)
+    tr = Trainer(cfg)
+    attach_watchers(tr)
+    tr.add_callback("on_step_end", lambda t: (_ for _ in ()).throw(KeyboardInterrupt) if t.step == 3 else None)
+    with pytest.raises(KeyboardInterrupt):
+        tr.run()
+    state_file = tr.checkpoint_dir / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["step"] == 2 and state["elapsed_s"] > state["train_loop_s"] > 0
+    if legacy:
+        state_file.write_text(json.dumps({k: v for k, v in state.items() if k not in ("elapsed_s", "train_loop_s")}))
+    again = Trainer(cfg)
+    attach_watchers(again)
+    result = again.run()
+    assert result["resumed"] and result["steps"] == 4
+    elapsed = read_table(tmp_path / "validation.csv")["elapsed_s"]
+    assert len(elapsed) == 3  # steps 0 and 2 in the first sitting, 4 in the second
+    if legacy:
+        assert result["train_loop_s_all_sittings"] is None and np.isnan(elapsed[-1])
+    else:
+        assert result["train_loop_s_all_sittings"] == pytest.approx(state["train_loop_s"] + result["wall_time_s"])
+        assert elapsed[2] > elapsed[1] > elapsed[0] and elapsed[2] > state["elapsed_s"]
+
+
 def test_an_out_dir_that_is_a_file_is_named(base_dir, tmp_path):
     f = tmp_path / "a-file"
     f.write_text("x")

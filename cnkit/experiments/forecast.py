@@ -96,8 +96,19 @@ def _truth(folder: str, stamp: tuple) -> dict:
     metric = table["metric"][0]
     steps = [int(s) for s in table["step"]]
     c = convergence(steps, table["fidelity"], CONVERGENCE_THRESHOLDS.get(metric, 0.5))
+    elapsed = np.asarray(table["elapsed_s"], float)
     return {"metric": metric, "steps": steps, "fidelity": list(table["fidelity"]),
-            "elapsed_s": list(table["elapsed_s"]), "converged_at_step": c["converged_at_step"]}
+            "elapsed_s": list(table["elapsed_s"]), "converged_at_step": c["converged_at_step"],
+            # A run resumed before the kit kept the earlier sittings' clocks restarts its clock (or logs nan).
+            "clock_whole": bool(np.all(np.isfinite(elapsed)) and np.all(np.diff(elapsed) > 0))}
+
+
+def whole_train_loop_s(c: dict) -> float | None:
+    """A finished run's training loop in seconds over all its sittings (its ``convergence.json``), or None where
+    it recorded its last sitting's only (resumed from a checkpoint that predates the kit's keeping the clocks)."""
+    if c.get("resumed") and c.get("clock") != "all sittings":
+        return None
+    return c.get("train_loop_s")
 
 
 def label(folder) -> str:
@@ -135,6 +146,7 @@ def judge(rule: ForecastRule, folder, probe_every: int = 0) -> dict:
            "converged_at_step": conv, "outcome": outcome,
            "lead_steps": conv - fired if fired is not None and conv is not None else None,
            "lead_s": (_seconds_at(t, conv) - _seconds_at(t, fired)) if fired is not None and conv is not None
+           and t["clock_whole"]
            else None, "final_fidelity": t["fidelity"][-1], "metric": t["metric"]}
     return row
 
@@ -265,8 +277,9 @@ def signal_cost(folder, probe_every: int = 0) -> float | None:
     probe_all, probe = float(np.nansum(seconds)), float(np.nansum(seconds[every]))
     c = json.loads((folder / "convergence.json").read_text())
     validation = float(np.nansum(read_table(folder / "validation.csv")["seconds"]))
-    training = c.get("train_loop_s", 0.0) - validation - probe_all
-    return probe / training if training > 0 else None
+    loop = whole_train_loop_s(c)
+    training = None if loop is None else loop - validation - probe_all
+    return probe / training if training is not None and training > 0 else None
 
 
 # The signals every run of the kit has logged since its first (telemetry.csv and the loss); the probe's came later,
@@ -314,17 +327,18 @@ def savings(folder, rule: ForecastRule, stop_after: int | None = None, probe_eve
     skipped = [s for s in t["steps"] if 0 < s < last and (fired is None or s < fired)]
     out = {"run": folder.name, "fired_at_step": fired, "last_step": last, "validations": len(t["steps"]),
            "validations_skipped": len(skipped), "validation_s_saved": float(sum(seconds[s] for s in skipped)),
-           "validation_s_total": float(sum(seconds.values())), "train_loop_s": c.get("train_loop_s")}
+           "validation_s_total": float(sum(seconds.values())), "train_loop_s": whole_train_loop_s(c)}
     if stop_after is not None:
         threshold = CONVERGENCE_THRESHOLDS.get(t["metric"], 0.5)
         confirmed = next((s for s, f in zip(t["steps"], t["fidelity"])
                           if fired is not None and s >= fired and f >= threshold), None)
         stop = None if confirmed is None else min(confirmed + stop_after, last)
         at_stop = None if stop is None else float(np.interp(stop, t["steps"], t["fidelity"]))
-        per_step = (c.get("train_loop_s", 0.0) - out["validation_s_total"]) / max(1, last)
+        loop = out["train_loop_s"]
+        per_step = None if loop is None else (loop - out["validation_s_total"]) / max(1, last)
         out.update(confirmed_at_step=confirmed, stopped_at_step=stop, fidelity_at_stop=at_stop,
                    fidelity_final=t["fidelity"][-1],
-                   train_s_saved=0.0 if stop is None else per_step * (last - stop),
+                   train_s_saved=0.0 if stop is None else None if per_step is None else per_step * (last - stop),
                    validation_s_saved_after_stop=float(sum(v for s, v in seconds.items()
                                                            if stop is not None and stop < s < last)))
     return out
@@ -341,14 +355,17 @@ def savings_summary(groups: dict[str, list[Path]], rule: ForecastRule, stop_afte
         for f in folders:
             if rule.signal in run_signals(f, probe_every):
                 rows.append({"group": g, **savings(f, rule, stop_after, probe_every)})
-    loop = sum(r["train_loop_s"] or 0.0 for r in rows)
-    val = sum(r["validation_s_saved"] + r.get("validation_s_saved_after_stop", 0.0) for r in rows)
-    train = sum(r.get("train_s_saved", 0.0) for r in rows)
+    # Shares of time over the runs whose whole clock is known; the others still count in steps and fidelity.
+    timed = [r for r in rows if r["train_loop_s"] is not None]
+    loop = sum(r["train_loop_s"] for r in timed)
+    val = sum(r["validation_s_saved"] + r.get("validation_s_saved_after_stop", 0.0) for r in timed)
+    train = sum(r.get("train_s_saved") or 0.0 for r in timed)
     drops = [r["fidelity_final"] - r["fidelity_at_stop"] for r in rows  # over the runs it did stop early
              if r.get("stopped_at_step") is not None and r["stopped_at_step"] < r["last_step"]]
-    total = {"runs": len(rows), "train_loop_s": loop, "validation_s_saved": val, "train_s_saved": train,
+    total = {"runs": len(rows), "runs_timed": len(timed), "train_loop_s": loop, "validation_s_saved": val,
+             "train_s_saved": train,
              "share_saved": (val + train) / loop if loop else None,
-             "validation_s_total": sum(r["validation_s_total"] for r in rows),
+             "validation_s_total": sum(r["validation_s_total"] for r in timed),
              "stopped_early": sum(r.get("stopped_at_step") is not None and r["stopped_at_step"] < r["last_step"]
                                   for r in rows),
              "largest_fidelity_drop": max(drops) if drops else None,

@@ -208,14 +208,19 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
         "samples_seen": result["samples_seen"], "micro_batches": result["micro_batches"],
         "samples_per_step": cfg.samples_per_step(trainer.accelerator.num_processes),
         "num_processes": trainer.accelerator.num_processes, "threads": torch.get_num_threads(),
-        # Wall time of this process: loading, encoding (unless cached), training and validation.
-        "wall_time_s": wall, "train_loop_s": result["wall_time_s"], "resumed": result["resumed"],
+        # Wall time (loading, encoding unless cached, training, validation) and the training loop's, over all the
+        # run's sittings; a run resumed from a checkpoint that predates the kit's keeping the earlier sittings'
+        # clocks has its last sitting's only, and "clock" says which.
+        "wall_time_s": wall + (trainer.clock_before["elapsed_s"] or 0.0),
+        "train_loop_s": result["wall_time_s"] + (trainer.clock_before["train_loop_s"] or 0.0),
+        "clock": "all sittings" if None not in trainer.clock_before.values() else "the last sitting only",
+        "resumed": result["resumed"],
         "validation_size": len(validation.items), "validation_prompt": validation_prompt,
         "notes": trainer.notes, "config": asdict(cfg),
         "forecast": trainer.forecast.summary() if getattr(trainer, "forecast", None) else None,
     }
     at = report["converged_at_step"]
     report["converged_at_elapsed_s"] = (table["elapsed_s"][table["step"].index(at)]
-                                        if at is not None and not result["resumed"] else None)
+                                        if at is not None and report["clock"] == "all sittings" else None)
     write_json(folder / "convergence.json", report)  # whole or not at all: a kill leaves the run unfinished
     return Run(folder)

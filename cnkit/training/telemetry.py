@@ -233,10 +233,10 @@ class ConditionProbe:
         adapter.eval()
         try:
             out = {}
-            for which in ("true", "shuffled", "blank"):
-                with trainer.accelerator.autocast():  # as the training step (a half UNet on a GPU)
+            with trainer.accelerator.autocast():  # as the training step (a half UNet on a GPU)
+                for which in ("true", "shuffled", "blank"):
                     pred = adapter.predict_noise(trainer.pipe.unet, p["noisy"], p["t"], p["text"], p[which])
-                out[which] = float(torch.nn.functional.mse_loss(pred.float(), p["noise"]))
+                    out[which] = float(torch.nn.functional.mse_loss(pred.float(), p["noise"]))
             return out
         finally:
             adapter.train(was_training)
@@ -256,7 +256,8 @@ class ConditionProbe:
 
 
 # fidelity is the primary metric (named in "metric"); edge_f1 and miou are filled for the shapes world.
-# seconds: this validation's cost; elapsed_s: wall time since the run (this process) started.
+# seconds: this validation's cost; elapsed_s: wall time since the run started, over all its sittings (nan for a run
+# resumed from a checkpoint that predates the kit's keeping the earlier sittings' clocks).
 VALIDATION_FIELDS = ["step", "samples_seen", "metric", "fidelity", "fidelity_min", "fidelity_max", "edge_f1", "miou",
                      "loss", "seconds", "elapsed_s"]
 
@@ -337,7 +338,7 @@ class Validation:
                "fidelity": float(np.mean(primary)), "fidelity_min": float(np.min(primary)),
                "fidelity_max": float(np.max(primary)),
                **{k: float(np.mean(scores[k])) if k in scores else "" for k in ("edge_f1", "miou")},
-               "loss": loss, "seconds": time.perf_counter() - start, "elapsed_s": time.perf_counter() - trainer.started}
+               "loss": loss, "seconds": time.perf_counter() - start, "elapsed_s": trainer.elapsed()}
         self.table.append([row])
         trainer.last_validation = row
         trainer.trigger("on_validation")

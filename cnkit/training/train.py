@@ -218,6 +218,10 @@ class Trainer:
         self.out = Path(cfg.out_dir)
         self.cache_dir = Path(cache_dir) if cache_dir else self.out / "cache"
         self.started = time.perf_counter()  # wall clock of this process's part of the run
+        # The clocks of the sittings before this one (a resumed run), from the checkpoint; None where a checkpoint
+        # written before the kit kept them cannot say: the run's whole time is then unknown, not this sitting's.
+        self.clock_before: dict[str, float | None] = {"elapsed_s": 0.0, "train_loop_s": 0.0}
+        self._loop_started: float | None = None
         # On a machine without an accelerator, `accelerate launch --multi_gpu --num_processes N` (or
         # torchrun) starts N CPU processes; Accelerate only joins them (gloo) when told it runs on the CPU.
         on_cpu = not (torch.cuda.is_available() or torch.backends.mps.is_available())
@@ -310,6 +314,17 @@ class Trainer:
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.checkpoint_dir, state_file="trainer_state.json")
 
+    def elapsed(self) -> float:
+        """Wall seconds since the run started, over all its sittings (nan when an earlier sitting's is unknown)."""
+        before = self.clock_before["elapsed_s"]
+        return math.nan if before is None else before + time.perf_counter() - self.started
+
+    def train_loop_s(self) -> float | None:
+        """Seconds in the training loop over all sittings (None when an earlier sitting's are unknown)."""
+        before = self.clock_before["train_loop_s"]
+        this = 0.0 if self._loop_started is None else time.perf_counter() - self._loop_started
+        return None if before is None else before + this
+
     def save_checkpoint(self) -> None:
         """The adapter's folder (for the paper's net a stock diffusers ControlNet folder, safetensors) plus the
         optimizer's state and step, replacing the last one so that a complete checkpoint exists at every instant
@@ -325,6 +340,7 @@ class Trainer:
             "step": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
             "num_processes": self.accelerator.num_processes, "config": asdict(self.cfg),
             "loss_history": self.loss_history, "stopped": self.stop_reason,
+            "elapsed_s": None if math.isnan(self.elapsed()) else self.elapsed(), "train_loop_s": self.train_loop_s(),
             "data": self.data.state() if hasattr(self.data, "state") else None})
         self.trigger("on_checkpoint")
 
@@ -338,6 +354,7 @@ class Trainer:
             self.step = state["step"]
             self.loss_history = [tuple(x) for x in state["loss_history"]]
             self.stop_reason = state.get("stopped")
+            self.clock_before = {k: state.get(k) for k in self.clock_before}
             if hasattr(self.data, "load_state"):  # on the fly: what the earlier sittings counted, for notes.json
                 self.data.load_state(state.get("data") or {})
         except Exception as e:  # noqa: BLE001 - missing, damaged or pickled files: said by checkpoint_error
@@ -418,7 +435,7 @@ class Trainer:
         label = f"controlnet ({cfg.variant})" if cfg.architecture == "controlnet" else cfg.architecture
         bar = tqdm(total=cfg.steps, initial=self.step, desc=label,
                    disable=not acc.is_main_process)
-        start = time.perf_counter()
+        start = self._loop_started = time.perf_counter()
         while self.step < cfg.steps and not self.stop_reason:
             self.optimizer.zero_grad(set_to_none=True)
             total = 0.0
@@ -451,8 +468,11 @@ class Trainer:
         self.trigger("on_train_end")
         if cfg.report_to:
             acc.end_training()
+        before = self.clock_before["train_loop_s"]
         return {"steps": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
-                "wall_time_s": self.wall_time_s, "resumed": resumed, "stopped": self.stop_reason}
+                "wall_time_s": self.wall_time_s,
+                "train_loop_s_all_sittings": None if before is None else before + self.wall_time_s,
+                "resumed": resumed, "stopped": self.stop_reason}
 
     def _record_notes(self) -> None:
         """The training set's notes (what was changed on the way in) into ``notes.json``."""
