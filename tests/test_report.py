@@ -62,6 +62,12 @@ def test_the_index_states_make_figures_own_time_over_interrupted_sittings(tmp_pa
     second.save(finished=True)
     text = report.write_index(run_dir, [path]).read_text()
     assert "ran from scratch" in text and "in 2 sittings" in text and "**15 min** end to end," in text
+    assert "machines that differed" not in text
+    record = json.loads((run_dir / "timing.json").read_text())  # the second sitting ran on another machine
+    record["sittings"][1]["hardware"] = "another CPU"
+    (run_dir / "timing.json").write_text(json.dumps(record))
+    text = report.write_index(run_dir, [path]).read_text()
+    assert "machines that differed between sittings:" in text and "another CPU (5 min)" in text
     third = report.Clock(run_dir, from_scratch=False)  # after a finished one: a new record
     third.save(finished=True)
     assert "resuming an earlier report" in report.write_index(run_dir, [path]).read_text()

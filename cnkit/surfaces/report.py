@@ -156,7 +156,9 @@ class Clock:
             self.record = old  # an interrupted make figures: this sitting continues its record
         else:
             self.record = {"from_scratch": from_scratch, "only": only, "hardware": hardware(), "sittings": []}
-        self.sitting = {"started": _now(), "finished": None, "wall_s": 0.0, "training_runs_s": None, "notebooks": {}}
+        # Each sitting names its machine: a make figures resumed in another session may run on another CPU.
+        self.sitting = {"started": _now(), "finished": None, "wall_s": 0.0, "training_runs_s": None,
+                        "hardware": hardware(), "notebooks": {}}
         self.record["sittings"].append(self.sitting)
         self.t0, self.every_s = time.perf_counter(), every_s
         # The heartbeat thread saves while the main thread records: one lock around both.
@@ -213,11 +215,17 @@ def _measured_line(run_dir: Path) -> str:
             else f"resuming an earlier report ({ran} notebooks ran, the others were cached)")
     if len(sittings) > 1:
         what += f", in {len(sittings)} sittings (interrupted and resumed)"
-    training = [s["training_runs_s"] for s in sittings if s["training_runs_s"] is not None]
-    runs = f", of which {sum(training) / 60:.0f} min training the runs ahead of the notebooks" if training else ""
+    # A sitting interrupted while training records no training time, so a sum over some sittings would mislead.
+    training = [s["training_runs_s"] for s in sittings]
+    runs = (f", of which {sum(training) / 60:.0f} min training the runs ahead of the notebooks"
+            if training and None not in training else "")
     state = "" if sittings[-1]["finished"] else " so far (its last sitting did not finish: rerun to resume)"
+    machines = list(dict.fromkeys(s.get("hardware", t["hardware"]) for s in sittings))
+    where = machines[0] if len(machines) == 1 else "machines that differed between sittings: " + "; ".join(
+        f"{m} ({sum(s['wall_s'] for s in sittings if s.get('hardware', t['hardware']) == m) / 60:.0f} min)"
+        for m in machines)
     return (f"Measured: `make figures` here ran {what}, from {sittings[0]['started']}: "
-            f"**{sum(s['wall_s'] for s in sittings) / 60:.0f} min** end to end{state}{runs}, on {t['hardware']} "
+            f"**{sum(s['wall_s'] for s in sittings) / 60:.0f} min** end to end{state}{runs}, on {where} "
             "(set-up of the venv not included).")
 
 
