@@ -17,7 +17,7 @@ $PY -c "import torch, diffusers, transformers, accelerate; print('torch', torch.
   | tee -a "$OUT_DIR/gpu.txt"
 BASE=$(mktemp -d)/sd15
 start=$SECONDS
-$PY -c "from cnkit.models.sd15 import save_sd15_shaped; save_sd15_shaped('$BASE', seed=0)" 2>&1 | tail -2
+$PY -m cnkit sd15 --out "$BASE" --seed 0 2>&1 | tail -2
 echo "SD 1.5-shaped base saved in $((SECONDS - start)) s"
 timeout 200 $PY bench/gpu_train.py --base-dir "$BASE" --json "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.txt"
 timeout 110 $PY bench/gpu_train.py --base-dir "$BASE" --batches 8 --gradient-checkpointing \
