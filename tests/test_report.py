@@ -30,6 +30,17 @@ def test_a_notebook_runs_once_per_source_and_parameters(tmp_path):
     assert report.run_notebook(path, run_dir, "full")[0] == "ran"  # other parameters: run again
 
 
+def test_a_notebook_runs_again_when_the_shipped_data_it_reads_is_rebuilt(tmp_path):
+    path = _notebook(tmp_path / "99_test.ipynb", "pass", [])
+    run_dir, data = tmp_path / "reports", tmp_path / "data"
+    (data / "forecast-runs").mkdir(parents=True)
+    (data / "forecast-runs" / "README.md").write_text("| run | converged |\n| a | 100 |\n")
+    assert report.run_notebook(path, run_dir, "smoke", data_dir=data)[0] == "ran"
+    assert report.run_notebook(path, run_dir, "smoke", data_dir=data)[0] == "cached"
+    (data / "forecast-runs" / "README.md").write_text("| run | converged |\n| a | 125 |\n")  # make forecast-runs again
+    assert report.run_notebook(path, run_dir, "smoke", data_dir=data)[0] == "ran"
+
+
 def test_the_index_shows_claim_measurement_verdict_figures_and_tables(tmp_path):
     path = _notebook(tmp_path / "99_test.ipynb", "pass", ["fig.png", "extra.png", "table.md", "summary.json"],
                      key_figures=["fig.png"])

@@ -7,9 +7,11 @@ lands beside its outputs. ``reports/<run>/index.md`` gets one section per notebo
 figures it declares (``metadata.cnkit.outputs``) and its ``summary.json`` if it writes one. The
 figures named in ``metadata.cnkit.key_figures`` are copied to ``docs/`` for the README.
 
-A notebook is skipped when its last run in this folder finished with the same notebook source
-and parameters (a stamp file holds their hash), so an interrupted ``make figures`` resumes where it
-stopped. Notebooks that set ``metadata.cnkit.surfaces.report = false`` (pretraining) are never run here.
+A notebook is skipped when its last run in this folder finished with the same notebook source,
+parameters and shipped data (a stamp file holds their hash; the shipped data by the index or card that
+each ``data/`` folder's rebuild rewrites), so an interrupted ``make figures`` resumes where it stopped
+and a rebuilt base or rebuilt shipped runs are read again. Notebooks that set
+``metadata.cnkit.surfaces.report = false`` (pretraining) are never run here.
 """
 
 from __future__ import annotations
@@ -53,9 +55,13 @@ def notebooks(only: list[str] | None = None) -> list[Path]:
     return found
 
 
-def _stamp(path: Path, parameters: dict) -> str:
+def _stamp(path: Path, parameters: dict, data_dir: Path | None = None) -> str:
     h = hashlib.sha256(path.read_bytes())
     h.update(json.dumps(parameters, sort_keys=True).encode())
+    # Notebooks read the shipped base, nets and runs: each shipped folder's README (its card or index, which every
+    # rebuild rewrites) stands for it, so that a rebuilt one is not answered from a report made on the old one.
+    for index in sorted((data_dir or ROOT / "data").glob("*/README.md")):
+        h.update(index.parent.name.encode() + index.read_bytes())
     return h.hexdigest()
 
 
@@ -67,11 +73,12 @@ def _title(nb: dict, fallback: str) -> str:
     return fallback
 
 
-def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False) -> tuple[str, float]:
+def run_notebook(path: Path, run_dir: Path, profile: str, force: bool = False,
+                 data_dir: Path | None = None) -> tuple[str, float]:
     out_dir = run_dir / path.stem
     meta = json.loads(path.read_text()).get("metadata", {}).get("cnkit", {})
     parameters = {**meta.get("headless_parameters", {}), "profile": profile, "out_dir": str(out_dir)}
-    stamp_file, stamp = out_dir / ".cnkit-stamp", _stamp(path, parameters)
+    stamp_file, stamp = out_dir / ".cnkit-stamp", _stamp(path, parameters, data_dir)
     if not force and stamp_file.is_file() and stamp_file.read_text() == stamp:
         return "cached", 0.0
     out_dir.mkdir(parents=True, exist_ok=True)
