@@ -179,6 +179,16 @@ def score(rows: list[dict]) -> dict:
             "median_lead_steps": float(np.median(leads)) if leads else None}
 
 
+def scores_table(by_group: dict[str, dict]) -> str:
+    """``study``'s score per group as a markdown table (notebook 11 prints one per rule it judges)."""
+    from ..viz import markdown_table  # noqa: PLC0415 - matplotlib only where a table is drawn
+
+    return markdown_table(["group", "runs", "converging", "fired early", "late", "from the start", "missed",
+                           "false alarms", "quiet", "median lead (steps)"],
+                          [[g, s["runs"], s["converging"], s["early"], s["late"], s["from_start"], s["missed"],
+                            s["false_alarms"], s["quiet"], s["median_lead_steps"]] for g, s in by_group.items()])
+
+
 def candidate_rules() -> list[ForecastRule]:
     """The grid the design searches: each signal's level (or decade) against a range of thresholds, and the gap's
     growth in decades per 100 steps, over 1-3 readings."""

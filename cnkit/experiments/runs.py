@@ -211,9 +211,9 @@ def train(cfg: TrainConfig, runs_dir, threshold: float | None = None, validation
         # Wall time (loading, encoding unless cached, training, validation) and the training loop's, over all the
         # run's sittings; a run resumed from a checkpoint that predates the kit's keeping the earlier sittings'
         # clocks has its last sitting's only, and "clock" says which.
-        "wall_time_s": wall + (trainer.clock_before["elapsed_s"] or 0.0),
-        "train_loop_s": result["wall_time_s"] + (trainer.clock_before["train_loop_s"] or 0.0),
-        "clock": "all sittings" if None not in trainer.clock_before.values() else "the last sitting only",
+        "wall_time_s": wall + (trainer.earlier["elapsed_s"] if trainer.earlier else 0.0),
+        "train_loop_s": result["train_loop_s_all_sittings"] if trainer.earlier else result["wall_time_s"],
+        "clock": "all sittings" if trainer.earlier else "the last sitting only",
         "resumed": result["resumed"],
         "validation_size": len(validation.items), "validation_prompt": validation_prompt,
         "notes": trainer.notes, "config": asdict(cfg),

@@ -227,10 +227,12 @@ def _measured_line(run_dir: Path) -> str:
     runs = (f", of which {sum(training) / 60:.0f} min training the runs ahead of the notebooks"
             if training and None not in training else "")
     state = "" if sittings[-1]["finished"] else " so far (its last sitting did not finish: rerun to resume)"
-    machines = list(dict.fromkeys(s.get("hardware", t["hardware"]) for s in sittings))
-    where = machines[0] if len(machines) == 1 else "machines that differed between sittings: " + "; ".join(
-        f"{m} ({sum(s['wall_s'] for s in sittings if s.get('hardware', t['hardware']) == m) / 60:.0f} min)"
-        for m in machines)
+    minutes: dict[str, float] = {}  # per machine, in the order the sittings met them
+    for s in sittings:
+        machine = s.get("hardware", t["hardware"])  # records from before sittings named theirs
+        minutes[machine] = minutes.get(machine, 0.0) + s["wall_s"] / 60
+    where = next(iter(minutes)) if len(minutes) == 1 else "machines that differed between sittings: " + "; ".join(
+        f"{m} ({v:.0f} min)" for m, v in minutes.items())
     return (f"Measured: `make figures` here ran {what}, from {sittings[0]['started']}: "
             f"**{sum(s['wall_s'] for s in sittings) / 60:.0f} min** end to end{state}{runs}, on {where} "
             "(set-up of the venv not included).")

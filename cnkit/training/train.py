@@ -220,7 +220,7 @@ class Trainer:
         self.started = time.perf_counter()  # wall clock of this process's part of the run
         # The clocks of the sittings before this one (a resumed run), from the checkpoint; None where a checkpoint
         # written before the kit kept them cannot say: the run's whole time is then unknown, not this sitting's.
-        self.clock_before: dict[str, float | None] = {"elapsed_s": 0.0, "train_loop_s": 0.0}
+        self.earlier: dict[str, float] | None = {"elapsed_s": 0.0, "train_loop_s": 0.0}
         self._loop_started: float | None = None
         # On a machine without an accelerator, `accelerate launch --multi_gpu --num_processes N` (or
         # torchrun) starts N CPU processes; Accelerate only joins them (gloo) when told it runs on the CPU.
@@ -316,14 +316,16 @@ class Trainer:
 
     def elapsed(self) -> float:
         """Wall seconds since the run started, over all its sittings (nan when an earlier sitting's is unknown)."""
-        before = self.clock_before["elapsed_s"]
-        return math.nan if before is None else before + time.perf_counter() - self.started
+        if self.earlier is None:
+            return math.nan
+        return self.earlier["elapsed_s"] + time.perf_counter() - self.started
 
-    def train_loop_s(self) -> float | None:
-        """Seconds in the training loop over all sittings (None when an earlier sitting's are unknown)."""
-        before = self.clock_before["train_loop_s"]
-        this = 0.0 if self._loop_started is None else time.perf_counter() - self._loop_started
-        return None if before is None else before + this
+    def train_loop_s(self, this_sitting: float | None = None) -> float | None:
+        """Seconds in the training loop over all sittings (None when an earlier sitting's are unknown);
+        ``this_sitting``: this sitting's, when measured (default: up to now)."""
+        if this_sitting is None:
+            this_sitting = 0.0 if self._loop_started is None else time.perf_counter() - self._loop_started
+        return None if self.earlier is None else self.earlier["train_loop_s"] + this_sitting
 
     def save_checkpoint(self) -> None:
         """The adapter's folder (for the paper's net a stock diffusers ControlNet folder, safetensors) plus the
@@ -354,7 +356,8 @@ class Trainer:
             self.step = state["step"]
             self.loss_history = [tuple(x) for x in state["loss_history"]]
             self.stop_reason = state.get("stopped")
-            self.clock_before = {k: state.get(k) for k in self.clock_before}
+            self.earlier = ({k: state[k] for k in ("elapsed_s", "train_loop_s")}
+                            if state.get("train_loop_s") is not None else None)
             if hasattr(self.data, "load_state"):  # on the fly: what the earlier sittings counted, for notes.json
                 self.data.load_state(state.get("data") or {})
         except Exception as e:  # noqa: BLE001 - missing, damaged or pickled files: said by checkpoint_error
@@ -468,10 +471,8 @@ class Trainer:
         self.trigger("on_train_end")
         if cfg.report_to:
             acc.end_training()
-        before = self.clock_before["train_loop_s"]
         return {"steps": self.step, "samples_seen": self.samples_seen, "micro_batches": self.micro_batches,
-                "wall_time_s": self.wall_time_s,
-                "train_loop_s_all_sittings": None if before is None else before + self.wall_time_s,
+                "wall_time_s": self.wall_time_s, "train_loop_s_all_sittings": self.train_loop_s(self.wall_time_s),
                 "resumed": resumed, "stopped": self.stop_reason}
 
     def _record_notes(self) -> None:
